@@ -1,0 +1,99 @@
+//! The single-threaded GPU pool of one scheduler: each GPU's `free_at` and the grant policies.
+//!
+//! This is the view a policy plans with: when each GPU's last planned batch ends. The service
+//! shares the same facts across shards in a lock-free table (`symphony-shards::sync`); here one
+//! owner reads and writes them.
+
+use crate::policy::GrantPolicy;
+
+#[derive(Debug, Clone)]
+pub struct GpuPool {
+    free_at_ns: Vec<u64>,
+    min_free_at_ns: u64,
+}
+
+impl GpuPool {
+    pub fn new(gpu_count: u32) -> GpuPool {
+        assert!(gpu_count > 0);
+        GpuPool {
+            free_at_ns: vec![0; gpu_count as usize],
+            min_free_at_ns: 0,
+        }
+    }
+
+    pub fn gpu_count(&self) -> u32 {
+        self.free_at_ns.len() as u32
+    }
+
+    #[inline]
+    pub fn free_at_ns(&self, gpu: u32) -> u64 {
+        self.free_at_ns[gpu as usize]
+    }
+
+    /// The earliest time any GPU is free.
+    #[inline]
+    pub fn min_free_at_ns(&self) -> u64 {
+        self.min_free_at_ns
+    }
+
+    /// Number of GPUs free at or before `at_ns`.
+    pub fn free_count_at(&self, at_ns: u64) -> u32 {
+        self.free_at_ns.iter().filter(|&&f| f <= at_ns).count() as u32
+    }
+
+    /// Records that `gpu` is busy until `free_at_ns` (a plan was granted on it).
+    #[inline]
+    pub fn occupy(&mut self, gpu: u32, free_at_ns: u64) {
+        let slot = &mut self.free_at_ns[gpu as usize];
+        assert!(free_at_ns >= *slot, "plans on one GPU never overlap");
+        *slot = free_at_ns;
+        self.min_free_at_ns = self.free_at_ns.iter().copied().min().expect("gpus > 0");
+    }
+
+    /// Marks `gpu` free at `free_at_ns` even if a plan on it was to run longer (preemption).
+    pub fn release(&mut self, gpu: u32, free_at_ns: u64) {
+        self.free_at_ns[gpu as usize] = free_at_ns;
+        self.min_free_at_ns = self.free_at_ns.iter().copied().min().expect("gpus > 0");
+    }
+
+    /// The GPU a grant for a batch starting at `exec_at_ns` takes: one with
+    /// `free_at <= exec_at`, chosen by `policy`; `None` when no GPU qualifies.
+    #[inline]
+    pub fn pick(&self, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
+        let qualifying = self
+            .free_at_ns
+            .iter()
+            .enumerate()
+            .filter(|&(_, &f)| f <= exec_at_ns);
+        let picked = match policy {
+            GrantPolicy::LowestIndex => qualifying.map(|(i, _)| i).next(),
+            GrantPolicy::EarliestFree => qualifying.min_by_key(|&(i, &f)| (f, i)).map(|(i, _)| i),
+            GrantPolicy::BestFit => qualifying
+                .max_by_key(|&(i, &f)| (f, std::cmp::Reverse(i)))
+                .map(|(i, _)| i),
+        };
+        picked.map(|i| i as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_policies_pick_as_specified() {
+        let mut pool = GpuPool::new(4);
+        pool.occupy(0, 50);
+        pool.occupy(1, 10);
+        pool.occupy(2, 30);
+        pool.occupy(3, 90);
+        assert_eq!(pool.min_free_at_ns(), 10);
+        // Qualifying for exec_at 40: GPUs 1 (10) and 2 (30).
+        assert_eq!(pool.pick(40, GrantPolicy::LowestIndex), Some(1));
+        assert_eq!(pool.pick(40, GrantPolicy::EarliestFree), Some(1));
+        assert_eq!(pool.pick(40, GrantPolicy::BestFit), Some(2));
+        assert_eq!(pool.pick(60, GrantPolicy::LowestIndex), Some(0));
+        assert_eq!(pool.pick(5, GrantPolicy::LowestIndex), None);
+        assert_eq!(pool.free_count_at(50), 3);
+    }
+}

@@ -1,0 +1,463 @@
+//! Symphony's deferred batch scheduler (spec sections 2 to 6), every knob selectable.
+//!
+//! Per model: an EDF queue split into `prefix | suffix` (section 3), a rate meter feeding the
+//! target batch size (section 4), and one candidate batch with its schedulable window
+//! (section 5). Across models: a [`GpuPool`] and the earliest-`invalid_after`-first hand-off of
+//! freed GPUs to waiting candidates (section 6).
+//!
+//! The control plane runs once per event and model; the data plane is the queue walk. Nothing
+//! here allocates in steady state: queues and the output keep their capacity.
+//!
+//! Our default configuration ([`PolicyKind::Symphony`]) adds one thing to the reference
+//! (`adaptive`): a model whose batch is already as large as the current load can make it stops
+//! deferring when GPUs are saturated. See `docs/internals/scheduling.md`, "Beyond the anchors".
+
+use std::collections::VecDeque;
+
+use super::{Completion, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, Output, Policy, PolicyKind};
+use crate::gpu_pool::GpuPool;
+use crate::profile::Profile;
+use crate::rate::RateMeter;
+use crate::request::Request;
+use crate::timers::TimerQueue;
+
+/// The deferred family's choices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    pub drop: DropPolicy,
+    pub condition: Condition,
+    pub grant: GrantPolicy,
+    /// Ours (off in the reference configuration): when the measured demand reaches this
+    /// fraction of the GPUs, stop deferring: condition `immediately` with `saturated_drop`.
+    pub saturation_threshold: Option<f64>,
+    pub saturated_drop: DropPolicy,
+}
+
+impl Config {
+    /// The configuration of `kind`, with `knobs`' overrides applied.
+    pub fn of(kind: PolicyKind, knobs: &Knobs) -> Config {
+        let base = match kind {
+            PolicyKind::Symphony => Config {
+                drop: DropPolicy::WindowDrop,
+                condition: Condition::Frontrun,
+                grant: GrantPolicy::LowestIndex,
+                saturation_threshold: Some(knobs.saturation_threshold),
+                saturated_drop: knobs.saturated_drop,
+            },
+            PolicyKind::SymphonyRef => Config {
+                drop: DropPolicy::WindowDrop,
+                condition: Condition::Frontrun,
+                grant: GrantPolicy::EarliestFree,
+                saturation_threshold: None,
+                saturated_drop: DropPolicy::WindowDrop,
+            },
+            PolicyKind::Eager => Config {
+                drop: DropPolicy::DropTimeout,
+                condition: Condition::Immediately,
+                grant: GrantPolicy::EarliestFree,
+                saturation_threshold: None,
+                saturated_drop: DropPolicy::DropTimeout,
+            },
+            other => panic!("{other} is not of the deferred family"),
+        };
+        Config {
+            drop: knobs.drop.unwrap_or(base.drop),
+            condition: knobs.condition.unwrap_or(base.condition),
+            grant: knobs.grant.unwrap_or(base.grant),
+            saturation_threshold: base.saturation_threshold,
+            saturated_drop: base.saturated_drop,
+        }
+    }
+}
+
+/// A model's candidate batch and its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub batch_size: u32,
+    /// `D`: the earliest deadline in the batch.
+    pub deadline_ns: u64,
+    /// When the batch wants to start, GPUs aside: `max(earliest, min(choice, latest))`.
+    pub exec_at_ns: u64,
+    /// `D - (pre + l(b) + post)`: past this the batch cannot start in time.
+    pub invalid_after_ns: u64,
+}
+
+#[derive(Debug)]
+struct ModelState {
+    profile: Profile,
+    slo_ns: u64,
+    /// EDF order; `queue[..prefix_len]` is the prefix, the rest the suffix.
+    queue: VecDeque<Request>,
+    prefix_len: usize,
+    meter: RateMeter,
+    target_batch_size: u32,
+    last_exec_at_ns: u64,
+    /// Waiting for a GPU: its window opened but no GPU frees in time.
+    waiting: Option<Window>,
+    /// GPU-seconds per second this model needs at its rate and target batch.
+    demand: f64,
+}
+
+/// Symphony's deferred batch scheduler over one GPU pool.
+#[derive(Debug)]
+pub struct Deferred {
+    config: Config,
+    knobs: Knobs,
+    models: Vec<ModelState>,
+    pool: GpuPool,
+    timers: TimerQueue,
+    /// Models waiting for a GPU (small: at most one entry per model).
+    waiting: Vec<u32>,
+    queued_count: usize,
+    /// Sum of the models' demands, GPU-seconds per second.
+    demand_total: f64,
+    /// Demand at or past `saturation_threshold` of the GPUs: deferral is switched off.
+    saturated: bool,
+}
+
+impl Deferred {
+    pub fn new(config: Config, models: &[ModelConfig], gpu_count: u32, knobs: &Knobs) -> Deferred {
+        let models = models
+            .iter()
+            .map(|m| {
+                let mut state = ModelState {
+                    profile: m.profile.clone(),
+                    slo_ns: m.slo_ns,
+                    queue: VecDeque::with_capacity(4 * m.profile.batch_size_max() as usize),
+                    prefix_len: 0,
+                    meter: RateMeter::new(knobs.rate_sample_ns, knobs.rate_window_ns),
+                    target_batch_size: 1,
+                    last_exec_at_ns: 0,
+                    waiting: None,
+                    demand: 0.0,
+                };
+                state.target_batch_size = target_batch_size(&m.profile, m.slo_ns, None, knobs);
+                state
+            })
+            .collect::<Vec<_>>();
+        Deferred {
+            config,
+            knobs: knobs.clone(),
+            timers: TimerQueue::new(models.len()),
+            waiting: Vec::with_capacity(models.len()),
+            models,
+            pool: GpuPool::new(gpu_count),
+            queued_count: 0,
+            demand_total: 0.0,
+            saturated: false,
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    pub fn target_batch_size(&self, model: u32) -> u32 {
+        self.models[model as usize].target_batch_size
+    }
+
+    /// Whether deferral is switched off because the GPUs are saturated (ours).
+    pub fn is_saturated(&self) -> bool {
+        self.saturated
+    }
+
+    fn drop_policy(&self) -> DropPolicy {
+        if self.saturated {
+            self.config.saturated_drop
+        } else {
+            self.config.drop
+        }
+    }
+
+    fn condition(&self) -> Condition {
+        if self.saturated {
+            Condition::Immediately
+        } else {
+            self.config.condition
+        }
+    }
+
+    /// A sample boundary passed for model `index`: new target batch size and demand.
+    fn on_rate_sample(&mut self, index: usize) {
+        let model = &mut self.models[index];
+        let rate_rps = model.meter.rate_rps();
+        model.target_batch_size = target_batch_size(&model.profile, model.slo_ns, rate_rps, &self.knobs);
+        let Some(threshold) = self.config.saturation_threshold else {
+            return;
+        };
+        let b = model.target_batch_size;
+        let demand = rate_rps.unwrap_or(0.0) * model.profile.exec_ns(b) as f64 / 1e9 / f64::from(b);
+        self.demand_total += demand - model.demand;
+        model.demand = demand;
+        self.saturated = self.demand_total >= threshold * f64::from(self.pool.gpu_count());
+    }
+
+    /// Sections 2 and 3: forms model `index`'s candidate batch for a GPU free at
+    /// `gpu_free_at_ns`, dropping the heads that cannot be served. Returns `(b, D)`.
+    fn form_batch(&mut self, index: usize, now_ns: u64, gpu_free_at_ns: u64, out: &mut Output) -> Option<(u32, u64)> {
+        let drop = self.drop_policy();
+        let knobs = &self.knobs;
+        let ModelState {
+            profile,
+            queue,
+            prefix_len,
+            target_batch_size,
+            ..
+        } = &mut self.models[index];
+        let batch_size_max = profile.batch_size_max() as usize;
+        // fin(b) = max(now + d_ctrl + d_data*b, gpu_free_at) + pre + l(b) + post
+        let fin = |b: usize| -> u64 {
+            let b = b.min(batch_size_max) as u32;
+            (now_ns + knobs.lead_ns(b)).max(gpu_free_at_ns) + profile.exec_ns(b)
+        };
+        if queue.is_empty() {
+            return None;
+        }
+        let target = match drop {
+            DropPolicy::DropTimeout => 1,
+            DropPolicy::WindowDrop | DropPolicy::WindowFcfs => *target_batch_size as usize,
+        };
+        // Ours, once saturated: keep a fraction of the target, so a model that fell behind
+        // drops a few heads rather than spiralling into tiny batches.
+        let target = if self.saturated {
+            ((target as f64 * knobs.saturated_target_fraction).ceil() as usize).max(1)
+        } else {
+            target
+        };
+        let mut b;
+        if drop == DropPolicy::WindowFcfs {
+            // Never drop the head: late requests ride along in order.
+            *prefix_len = 0;
+            b = target.min(queue.len()).min(batch_size_max);
+        } else {
+            // 1. Heads that do not fit a whole-suffix batch move to the prefix.
+            while *prefix_len < queue.len() && queue[*prefix_len].deadline_ns < fin(queue.len() - *prefix_len) {
+                *prefix_len += 1;
+            }
+            // 2. The target size, bounded by the suffix.
+            b = target.min(queue.len() - *prefix_len).min(batch_size_max);
+            if b == 0 {
+                // Every queued request failed even a batch of one: none can be served.
+                self.queued_count -= queue.len();
+                out.drops.extend(queue.drain(..));
+                *prefix_len = 0;
+                return None;
+            }
+            // 3. Prefix heads that miss a batch of `b` are dropped.
+            while *prefix_len > 0 && queue[0].deadline_ns < fin(b) {
+                out.drops.push(queue.pop_front().expect("prefix is not empty"));
+                *prefix_len -= 1;
+                self.queued_count -= 1;
+            }
+        }
+        // 4. The batch deadline: the head of the prefix, else of the suffix.
+        let deadline_ns = queue[0].deadline_ns;
+        // 5. Free lunch: grow while the deadline still holds.
+        let limit = queue.len().min(batch_size_max);
+        while b < limit && deadline_ns >= fin(b + 1) {
+            b += 1;
+        }
+        debug_assert!(b >= 1);
+        Some((b as u32, deadline_ns))
+    }
+
+    /// Section 5: the window of a candidate `(b, D)` formed at `now_ns`.
+    fn window(&self, index: usize, now_ns: u64, batch_size: u32, deadline_ns: u64) -> Window {
+        let knobs = &self.knobs;
+        let model = &self.models[index];
+        let profile = &model.profile;
+        let exec_ns = profile.exec_ns(batch_size);
+        let earliest_ns = now_ns + knobs.lead_ns(batch_size);
+        let latest_ns = deadline_ns.saturating_sub(knobs.jitter_ns + exec_ns);
+        // No larger batch exists: nothing to wait for.
+        let frontrun_ns = profile
+            .exec_ns_checked(batch_size + 1)
+            .map_or(earliest_ns, |exec_next_ns| {
+                deadline_ns.saturating_sub(knobs.jitter_ns + exec_next_ns + knobs.d_data_ns)
+            });
+        let choice_ns = match self.condition() {
+            Condition::Frontrun => frontrun_ns,
+            Condition::Latest => latest_ns,
+            Condition::TargetBatchSize if batch_size >= model.target_batch_size => earliest_ns,
+            Condition::TargetBatchSize => frontrun_ns,
+            Condition::TargetQueuingDelay => match model.meter.rate_rps() {
+                Some(rate_rps) if rate_rps > 0.0 => {
+                    let gap_ns = f64::from(model.target_batch_size) / rate_rps * 1e9;
+                    model.last_exec_at_ns.saturating_add(gap_ns as u64)
+                }
+                _ => frontrun_ns,
+            },
+            Condition::Immediately => earliest_ns,
+        };
+        Window {
+            batch_size,
+            deadline_ns,
+            exec_at_ns: earliest_ns.max(choice_ns.min(latest_ns)),
+            invalid_after_ns: deadline_ns.saturating_sub(exec_ns),
+        }
+    }
+
+    /// Recomputes model `index`'s candidate after any change, granting GPUs while its window
+    /// is open, and re-arms its timer.
+    fn update(&mut self, index: usize, now_ns: u64, out: &mut Output) {
+        loop {
+            let min_free_at_ns = self.pool.min_free_at_ns();
+            let Some((b, deadline_ns)) = self.form_batch(index, now_ns, min_free_at_ns, out) else {
+                self.set_waiting(index, None);
+                self.timers.cancel(index as u32);
+                return;
+            };
+            let window = self.window(index, now_ns, b, deadline_ns);
+            let lead_ns = self.knobs.lead_ns(b);
+            if min_free_at_ns > window.exec_at_ns {
+                // No GPU frees in time: wait for the hand-off, and recompute when the batch
+                // can no longer start in time.
+                self.set_waiting(index, Some(window));
+                self.timers.set(index as u32, window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1));
+                return;
+            }
+            self.set_waiting(index, None);
+            let request_at_ns = window.exec_at_ns - lead_ns;
+            if request_at_ns > now_ns {
+                self.timers.set(index as u32, request_at_ns);
+                return;
+            }
+            let gpu = self
+                .pool
+                .pick(window.exec_at_ns, self.config.grant)
+                .expect("the earliest-free GPU qualifies");
+            self.grant(index, gpu, now_ns, out);
+        }
+    }
+
+    /// Section 6, on a grant: re-forms the batch with the GPU's real `free_at`, pops it and
+    /// emits the plan.
+    fn grant(&mut self, index: usize, gpu: u32, now_ns: u64, out: &mut Output) {
+        let gpu_free_at_ns = self.pool.free_at_ns(gpu).max(now_ns);
+        let Some((b, deadline_ns)) = self.form_batch(index, now_ns, gpu_free_at_ns, out) else {
+            return; // An empty batch returns the GPU at once.
+        };
+        let window = self.window(index, now_ns, b, deadline_ns);
+        let exec_ns = self.models[index].profile.exec_ns(b);
+        let exec_at_ns = window.exec_at_ns.max(gpu_free_at_ns);
+        let finish_ns = exec_at_ns + exec_ns;
+        let model = &mut self.models[index];
+        let taken = b as usize;
+        model.prefix_len = model.prefix_len.saturating_sub(taken);
+        model.last_exec_at_ns = exec_at_ns;
+        self.queued_count -= taken;
+        let plan = out.push_plan(gpu, index as u32, exec_at_ns, finish_ns, model.queue.drain(..taken));
+        debug_assert!(plan.exec_at_ns >= now_ns + self.knobs.lead_ns(b));
+        self.pool.occupy(gpu, finish_ns);
+    }
+
+    fn set_waiting(&mut self, index: usize, window: Option<Window>) {
+        let was_waiting = self.models[index].waiting.is_some();
+        self.models[index].waiting = window;
+        match (was_waiting, window.is_some()) {
+            (false, true) => self.waiting.push(index as u32),
+            (true, false) => {
+                let position = self.waiting.iter().position(|&m| m as usize == index).expect("listed");
+                self.waiting.swap_remove(position);
+            }
+            _ => {}
+        }
+    }
+
+    /// The waiting candidate a freed GPU goes to: the smallest `invalid_after`.
+    fn waiting_head(&self) -> Option<(u32, Window)> {
+        self.waiting
+            .iter()
+            .map(|&m| (m, self.models[m as usize].waiting.expect("listed models wait")))
+            .min_by_key(|&(m, w)| (w.invalid_after_ns, m))
+    }
+
+    /// When the next GPU frees early enough for the waiting head to be granted it.
+    fn hand_off_at_ns(&self) -> Option<u64> {
+        let (_, window) = self.waiting_head()?;
+        Some(self.pool.min_free_at_ns().saturating_sub(self.knobs.lead_ns(window.batch_size)))
+    }
+}
+
+/// Section 4: the target batch size from the observed rate (`None`: no rate yet).
+pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, knobs: &Knobs) -> u32 {
+    let budget_ns = slo_ns.saturating_sub(knobs.d_ctrl_ns + knobs.d_resp_ns) as f64;
+    let mut target = 1;
+    match rate_rps {
+        None => {
+            // The largest b with l(b) <= slo/2 - d_resp - pre - post.
+            let bound_ns = (slo_ns / 2).saturating_sub(knobs.d_resp_ns + profile.pre_ns() + profile.post_ns());
+            for b in 1..=profile.batch_size_max() {
+                if profile.latency_ns(b) <= bound_ns {
+                    target = b;
+                }
+            }
+        }
+        Some(rate_rps) => {
+            let rate_per_ns = rate_rps.max(1e-9) / 1e9;
+            for b in 1..=profile.batch_size_max() {
+                let exec_ns = profile.exec_ns(b) as f64;
+                let data_ns = (knobs.d_data_ns * u64::from(b)) as f64;
+                let gpus_needed = rate_per_ns * exec_ns / f64::from(b);
+                let fits = if gpus_needed > 1.0 {
+                    exec_ns * (1.0 + 1.0 / gpus_needed) <= budget_ns - data_ns
+                } else {
+                    exec_ns + f64::from(b) / rate_per_ns + data_ns <= budget_ns
+                };
+                if fits {
+                    target = b;
+                }
+            }
+        }
+    }
+    target
+}
+
+impl Policy for Deferred {
+    fn on_arrival(&mut self, now_ns: u64, request: Request, out: &mut Output) {
+        let index = request.model as usize;
+        let model = &mut self.models[index];
+        if model.meter.record(now_ns) {
+            self.on_rate_sample(index);
+        }
+        let model = &mut self.models[index];
+        // EDF insertion into the suffix: almost always an append.
+        let mut position = model.queue.len();
+        while position > model.prefix_len && model.queue[position - 1].order_key() > request.order_key() {
+            position -= 1;
+        }
+        model.queue.insert(position, request);
+        self.queued_count += 1;
+        self.update(index, now_ns, out);
+    }
+
+    fn on_timer(&mut self, now_ns: u64, out: &mut Output) {
+        while let Some(key) = self.timers.pop_due(now_ns) {
+            self.update(key as usize, now_ns, out);
+        }
+        // Hand freed GPUs to waiting candidates, earliest `invalid_after` first.
+        while let Some(at_ns) = self.hand_off_at_ns() {
+            if at_ns > now_ns {
+                break;
+            }
+            let (head, _) = self.waiting_head().expect("hand-off has a head");
+            self.set_waiting(head as usize, None);
+            self.update(head as usize, now_ns, out);
+        }
+    }
+
+    fn on_completion(&mut self, _now_ns: u64, _completion: &Completion, _out: &mut Output) {
+        // The pool already knows each plan's finish: plans are exact in this family.
+    }
+
+    fn next_timer_ns(&mut self) -> Option<u64> {
+        match (self.timers.next_ns(), self.hand_off_at_ns()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn queued_count(&self) -> usize {
+        self.queued_count
+    }
+}

@@ -1,0 +1,326 @@
+//! The scheduling policies behind one event interface.
+//!
+//! A policy is a deterministic state machine. Events come in (an arrival, a timer, a GPU's
+//! completion) with the current time; decisions go out into an [`Output`]: batch plans,
+//! requests dropped because their SLO cannot be met, and plans preempted. The simulator and the
+//! service run the same policies; only who calls them and where the time comes from differ.
+//!
+//! The family: [`deferred`] implements Symphony's deferred batch scheduler with every knob of
+//! `docs/internals/scheduling.md` (its `immediately` condition is the eager baseline in the
+//! same system); [`clockwork`], [`nexus`], [`shepherd`] and [`triton`] are the peers.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::profile::Profile;
+use crate::request::Request;
+
+pub mod clockwork;
+pub mod deferred;
+pub mod nexus;
+pub mod shepherd;
+pub mod triton;
+
+pub const MS: u64 = 1_000_000;
+pub const US: u64 = 1_000;
+
+/// A model as the scheduler knows it.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    pub profile: Profile,
+    pub slo_ns: u64,
+}
+
+/// A batch plan: run these requests of one model on one GPU, starting at `exec_at_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub plan_id: u64,
+    pub gpu: u32,
+    pub model: u32,
+    pub batch_size: u32,
+    pub exec_at_ns: u64,
+    /// `exec_at + pre + l(b) + post`: when the scheduler expects the GPU to be free again.
+    pub finish_ns: u64,
+    /// Start of this plan's requests in [`Output::plan_requests`].
+    requests_start: u32,
+}
+
+/// A GPU finished a plan (or the executor reports it so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub plan_id: u64,
+    pub gpu: u32,
+    pub model: u32,
+    pub batch_size: u32,
+    pub started_ns: u64,
+    pub finished_ns: u64,
+}
+
+/// Decisions of one or more events. The caller consumes them and calls [`Output::clear`];
+/// buffers keep their capacity, so a steady state allocates nothing.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub plans: Vec<Plan>,
+    plan_requests: Vec<Request>,
+    /// Requests answered "dropped": their SLO cannot be met.
+    pub drops: Vec<Request>,
+    /// Plans cancelled before they finished (Shepherd's preemption). Their requests went back
+    /// to the policy's queues: they are not answered by the cancellation.
+    pub preempted: Vec<u64>,
+    next_plan_id: u64,
+}
+
+impl Output {
+    pub fn new() -> Output {
+        Output::default()
+    }
+
+    /// Emits a plan for `requests` (in batch order) and returns it.
+    pub fn push_plan(
+        &mut self,
+        gpu: u32,
+        model: u32,
+        exec_at_ns: u64,
+        finish_ns: u64,
+        requests: impl IntoIterator<Item = Request>,
+    ) -> Plan {
+        assert!(finish_ns > exec_at_ns);
+        let requests_start = self.plan_requests.len() as u32;
+        self.plan_requests.extend(requests);
+        let batch_size = self.plan_requests.len() as u32 - requests_start;
+        assert!(batch_size > 0, "a plan carries at least one request");
+        let plan = Plan {
+            plan_id: self.next_plan_id,
+            gpu,
+            model,
+            batch_size,
+            exec_at_ns,
+            finish_ns,
+            requests_start,
+        };
+        self.next_plan_id += 1;
+        self.plans.push(plan);
+        plan
+    }
+
+    pub fn plan_requests(&self, plan: &Plan) -> &[Request] {
+        let start = plan.requests_start as usize;
+        &self.plan_requests[start..start + plan.batch_size as usize]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plans.is_empty() && self.drops.is_empty() && self.preempted.is_empty()
+    }
+
+    /// Forgets the decisions, keeps the capacity and the plan-id counter.
+    pub fn clear(&mut self) {
+        self.plans.clear();
+        self.plan_requests.clear();
+        self.drops.clear();
+        self.preempted.clear();
+    }
+}
+
+/// The event interface every policy implements.
+pub trait Policy {
+    /// A request arrived (already validated, its deadline absolute).
+    fn on_arrival(&mut self, now_ns: u64, request: Request, out: &mut Output);
+    /// Called when `now_ns >= next_timer_ns()`.
+    fn on_timer(&mut self, now_ns: u64, out: &mut Output);
+    /// A plan finished on its GPU.
+    fn on_completion(&mut self, now_ns: u64, completion: &Completion, out: &mut Output);
+    /// When the policy next wants [`Policy::on_timer`], if ever.
+    fn next_timer_ns(&mut self) -> Option<u64>;
+    /// Requests the policy holds and has neither planned nor dropped.
+    fn queued_count(&self) -> usize;
+}
+
+/// How a model's queue gives up on requests (section 3 of the spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropPolicy {
+    /// May drop the head of the queue to keep a batch of the target size.
+    WindowDrop,
+    /// Target size 1: drops only what cannot finish even alone.
+    DropTimeout,
+    /// Keeps the target size, never drops: late requests ride along.
+    WindowFcfs,
+}
+
+/// When, inside its window, a model's candidate batch is started (section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    Frontrun,
+    Latest,
+    TargetBatchSize,
+    TargetQueuingDelay,
+    Immediately,
+}
+
+/// Which of the qualifying GPUs a grant takes (section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantPolicy {
+    LowestIndex,
+    EarliestFree,
+    BestFit,
+}
+
+macro_rules! knob_names {
+    ($ty:ident, $what:literal, $($variant:ident = $name:literal),+ $(,)?) => {
+        impl $ty {
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            pub fn name(self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(text: &str) -> Result<$ty, String> {
+                match text {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(format!(
+                        concat!("unknown ", $what, " `{}`: expected one of {}"),
+                        text,
+                        $ty::NAMES.join(", ")
+                    )),
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+knob_names!(DropPolicy, "drop policy", WindowDrop = "window-drop", DropTimeout = "drop-timeout", WindowFcfs = "window-fcfs");
+knob_names!(
+    Condition,
+    "schedulable condition",
+    Frontrun = "frontrun",
+    Latest = "latest",
+    TargetBatchSize = "target-batch-size",
+    TargetQueuingDelay = "target-queuing-delay",
+    Immediately = "immediately",
+);
+knob_names!(GrantPolicy, "GPU grant policy", LowestIndex = "lowest-index", EarliestFree = "earliest-free", BestFit = "best-fit");
+
+/// The policies one run can compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// Our default: deferred batching that stops deferring as GPUs saturate.
+    Symphony,
+    /// The reference implementation's configuration: frontrun, window drop, earliest free GPU.
+    SymphonyRef,
+    /// Condition "immediately" with drop timeout: eager dispatch in the same system.
+    Eager,
+    Clockwork,
+    Nexus,
+    Shepherd,
+    Triton,
+}
+
+knob_names!(
+    PolicyKind,
+    "policy",
+    Symphony = "symphony",
+    SymphonyRef = "symphony-ref",
+    Eager = "eager",
+    Clockwork = "clockwork",
+    Nexus = "nexus",
+    Shepherd = "shepherd",
+    Triton = "triton",
+);
+
+/// Every tunable of every policy, with the spec's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Knobs {
+    /// Time to deliver a batch plan to an executor.
+    pub d_ctrl_ns: u64,
+    /// Time to move one request's input to the executor.
+    pub d_data_ns: u64,
+    /// Time to return a result to the client.
+    pub d_resp_ns: u64,
+    /// Timer slack kept before the latest start.
+    pub jitter_ns: u64,
+    /// Overrides of the deferred family's knobs (`None`: the policy's own choice).
+    pub drop: Option<DropPolicy>,
+    pub condition: Option<Condition>,
+    pub grant: Option<GrantPolicy>,
+    /// Ours: the fraction of the GPUs the measured demand must reach for `symphony` to stop
+    /// deferring, and the drop policy it uses then.
+    pub saturation_threshold: f64,
+    pub saturated_drop: DropPolicy,
+    /// Once saturated, window drop keeps this fraction of the target batch size.
+    pub saturated_target_fraction: f64,
+    /// Rate meter: sample length and window.
+    pub rate_sample_ns: u64,
+    pub rate_window_ns: u64,
+    /// Condition "target queuing delay": the batch size it aims for per inter-batch gap.
+    pub clockwork_lookahead_ns: u64,
+    pub clockwork_batch_sizes: Vec<u32>,
+    pub nexus_epoch_ns: u64,
+    /// Give Nexus the workload's true rates up front instead of learning them online.
+    pub nexus_true_rates: Option<Vec<f64>>,
+    pub shepherd_lambda: f64,
+    pub shepherd_preemption: bool,
+    pub triton_max_queue_delay_ns: u64,
+    /// Triton's preferred batch sizes; empty: the model's target batch size.
+    pub triton_preferred_batch_sizes: Vec<u32>,
+}
+
+impl Default for Knobs {
+    fn default() -> Knobs {
+        Knobs {
+            d_ctrl_ns: 100 * US,
+            d_data_ns: 50 * US,
+            d_resp_ns: 2 * MS,
+            jitter_ns: 100 * US,
+            drop: None,
+            condition: None,
+            grant: None,
+            saturation_threshold: 0.8,
+            saturated_drop: DropPolicy::WindowDrop,
+            saturated_target_fraction: 0.75,
+            rate_sample_ns: 50 * MS,
+            rate_window_ns: 5_000 * MS,
+            clockwork_lookahead_ns: 10 * MS,
+            clockwork_batch_sizes: vec![1, 2, 4, 8, 16],
+            nexus_epoch_ns: 30_000 * MS,
+            nexus_true_rates: None,
+            shepherd_lambda: 3.03,
+            shepherd_preemption: true,
+            triton_max_queue_delay_ns: 5 * MS,
+            triton_preferred_batch_sizes: Vec::new(),
+        }
+    }
+}
+
+impl Knobs {
+    /// The time a batch of `b` needs before it can start: plan delivery plus its inputs.
+    #[inline]
+    pub fn lead_ns(&self, batch_size: u32) -> u64 {
+        self.d_ctrl_ns + self.d_data_ns * u64::from(batch_size)
+    }
+}
+
+/// Builds a policy over `models` and `gpu_count` GPUs.
+pub fn build(
+    kind: PolicyKind,
+    models: &[ModelConfig],
+    gpu_count: u32,
+    knobs: &Knobs,
+) -> Box<dyn Policy> {
+    assert!(gpu_count > 0);
+    assert!(!models.is_empty());
+    match kind {
+        PolicyKind::Symphony | PolicyKind::SymphonyRef | PolicyKind::Eager => Box::new(
+            deferred::Deferred::new(deferred::Config::of(kind, knobs), models, gpu_count, knobs),
+        ),
+        PolicyKind::Clockwork => Box::new(clockwork::Clockwork::new(models, gpu_count, knobs)),
+        PolicyKind::Nexus => Box::new(nexus::Nexus::new(models, gpu_count, knobs)),
+        PolicyKind::Shepherd => Box::new(shepherd::Shepherd::new(models, gpu_count, knobs)),
+        PolicyKind::Triton => Box::new(triton::Triton::new(models, gpu_count, knobs)),
+    }
+}

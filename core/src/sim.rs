@@ -1,0 +1,506 @@
+//! The deterministic virtual-time simulator: a workload's arrivals through one policy onto
+//! fake GPUs, and the metrics of the measured (bench) phase.
+//!
+//! Fake GPUs run each plan for exactly its profile time. A plan emitted at `t` reaches its
+//! executor at `t + d_ctrl + d_data*b` and starts at `max(exec_at, that, the GPU's previous
+//! finish)`; replies take `d_resp`, so a request succeeds when
+//! `finish + d_resp <= arrival + slo`. One seed gives one run, byte for byte.
+//!
+//! This is not the service: no sockets, no threads, no real time.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::policy::{self, Completion, Knobs, ModelConfig, Output, Policy, PolicyKind};
+use crate::request::Request;
+use crate::workload::{Arrival, Phase, Workload};
+
+/// What one simulation runs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub policy: PolicyKind,
+    pub gpu_count: u32,
+    pub seed: u64,
+    /// Every model's rate is multiplied by this.
+    pub rate_scale: f64,
+    pub knobs: Knobs,
+}
+
+impl SimConfig {
+    /// The workload's own GPUs, seed and rates.
+    pub fn of(workload: &Workload, policy: PolicyKind) -> SimConfig {
+        SimConfig {
+            policy,
+            gpu_count: workload.gpu_count,
+            seed: workload.seed,
+            rate_scale: 1.0,
+            knobs: Knobs::default(),
+        }
+    }
+}
+
+/// A request's fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    NoReply,
+    Success,
+    Late,
+    Dropped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::NoReply => "noreply",
+            Outcome::Success => "success",
+            Outcome::Late => "late",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStatus {
+    Running,
+    Done,
+    Preempted,
+}
+
+/// A plan as it ran on its fake GPU.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanRecord {
+    pub plan_id: u64,
+    pub gpu: u32,
+    pub model: u32,
+    pub batch_size: u32,
+    pub emitted_ns: u64,
+    /// Actual start (the plan's `exec_at` unless the GPU or the inputs were late).
+    pub exec_at_ns: u64,
+    /// Actual finish; for a preempted plan, when it was stopped.
+    pub finish_at_ns: u64,
+    pub planned_exec_at_ns: u64,
+    pub status: PlanStatus,
+    requests_start: u32,
+}
+
+/// Per-request facts, indexed by request id (= arrival index).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord {
+    pub model: u32,
+    pub phase: Phase,
+    pub arrival_ns: u64,
+    pub deadline_ns: u64,
+    pub outcome: Outcome,
+    /// The plan that ran it to completion, if any.
+    pub plan_id: Option<u64>,
+    pub finish_ns: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Counts {
+    pub total: u64,
+    pub success: u64,
+    pub dropped: u64,
+    pub late: u64,
+    pub noreply: u64,
+}
+
+impl Counts {
+    fn add(&mut self, outcome: Outcome) {
+        self.total += 1;
+        match outcome {
+            Outcome::Success => self.success += 1,
+            Outcome::Dropped => self.dropped += 1,
+            Outcome::Late => self.late += 1,
+            Outcome::NoReply => self.noreply += 1,
+        }
+    }
+
+    /// `1 - success/total` in percent; 0 with no requests.
+    pub fn bad_rate_percent(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        100.0 * (1.0 - self.success as f64 / self.total as f64)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelSummary {
+    pub name: String,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub bad_rate: f64,
+    pub mean_batch_size: f64,
+}
+
+/// The bench-phase metrics of one run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    pub policy: String,
+    pub gpu_count: u32,
+    pub seed: u64,
+    pub rate_scale: f64,
+    /// Offered load over the bench phase, requests per second.
+    pub offered_rps: f64,
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Average over models of each model's bad rate, percent.
+    pub bad_rate: f64,
+    /// The worst model's bad rate, percent.
+    pub bad_rate_worst: f64,
+    pub success_rps: f64,
+    pub mean_batch_size: f64,
+    /// `(batch size, plan count)` for plans that started in the bench phase.
+    pub batch_size_histogram: Vec<(u32, u64)>,
+    pub gpu_busy_fraction: Vec<f64>,
+    /// GPUs that ran anything in the bench phase.
+    pub gpus_used: u32,
+    pub gpu_busy_s: f64,
+    pub models: Vec<ModelSummary>,
+}
+
+/// Everything one run produced: the summary, and every plan and request for audits.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub summary: Summary,
+    pub plans: Vec<PlanRecord>,
+    pub plan_requests: Vec<u32>,
+    pub requests: Vec<RequestRecord>,
+    pub model_names: Vec<String>,
+    pub bench_window_ns: (u64, u64),
+}
+
+impl SimReport {
+    pub fn plan_requests(&self, plan: &PlanRecord) -> &[u32] {
+        let start = plan.requests_start as usize;
+        &self.plan_requests[start..start + plan.batch_size as usize]
+    }
+}
+
+/// The models of a workload as the scheduler knows them.
+pub fn model_configs(workload: &Workload) -> Vec<ModelConfig> {
+    workload
+        .models
+        .iter()
+        .map(|m| ModelConfig {
+            name: m.name.clone(),
+            profile: m.profile.clone(),
+            slo_ns: m.slo_ns,
+        })
+        .collect()
+}
+
+/// Runs one simulation.
+pub fn simulate(workload: &Workload, config: &SimConfig) -> SimReport {
+    let mut arrivals = Vec::new();
+    simulate_with(workload, config, &mut arrivals)
+}
+
+/// Runs one simulation reusing `arrivals` as the arrival buffer.
+pub fn simulate_with(workload: &Workload, config: &SimConfig, arrivals: &mut Vec<Arrival>) -> SimReport {
+    assert!(config.gpu_count > 0);
+    assert!(config.rate_scale >= 0.0);
+    workload.generate_arrivals(config.rate_scale, config.seed, arrivals);
+    let models = model_configs(workload);
+    let mut policy = policy::build(config.policy, &models, config.gpu_count, &config.knobs);
+    let mut engine = Engine::new(workload, &models, config, arrivals.len());
+    engine.run(policy.as_mut(), arrivals);
+    engine.report(workload, config)
+}
+
+struct Engine<'a> {
+    models: &'a [ModelConfig],
+    knobs: &'a Knobs,
+    requests: Vec<RequestRecord>,
+    plans: Vec<PlanRecord>,
+    plan_requests: Vec<u32>,
+    gpu_busy_until_ns: Vec<u64>,
+    /// The plan each GPU runs last, for preemption.
+    gpu_last_plan: Vec<Option<u64>>,
+    completions: BinaryHeap<Reverse<(u64, u64)>>,
+    horizon_ns: u64,
+}
+
+impl<'a> Engine<'a> {
+    fn new(workload: &Workload, models: &'a [ModelConfig], config: &'a SimConfig, arrival_count: usize) -> Engine<'a> {
+        let slo_max_ns = models.iter().map(|m| m.slo_ns).max().unwrap_or(0);
+        Engine {
+            models,
+            knobs: &config.knobs,
+            requests: Vec::with_capacity(arrival_count),
+            plans: Vec::with_capacity(arrival_count / 4 + 16),
+            plan_requests: Vec::with_capacity(arrival_count),
+            gpu_busy_until_ns: vec![0; config.gpu_count as usize],
+            gpu_last_plan: vec![None; config.gpu_count as usize],
+            completions: BinaryHeap::with_capacity(config.gpu_count as usize * 4),
+            horizon_ns: workload.end_ns() + 4 * slo_max_ns + 1_000_000_000,
+        }
+    }
+
+    fn run(&mut self, policy: &mut dyn Policy, arrivals: &[Arrival]) {
+        let mut out = Output::new();
+        let mut next_arrival = 0usize;
+        let mut now_ns = 0u64;
+        let mut steps_at_now = 0u64;
+        loop {
+            let arrival_ns = arrivals.get(next_arrival).map(|a| a.arrival_ns);
+            let completion_ns = self.completions.peek().map(|Reverse((t, _))| *t);
+            let timer_ns = policy.next_timer_ns().map(|t| t.max(now_ns));
+            let Some(next_ns) = [arrival_ns, completion_ns, timer_ns].into_iter().flatten().min() else {
+                break;
+            };
+            if next_ns > self.horizon_ns {
+                break;
+            }
+            assert!(next_ns >= now_ns, "time never goes back");
+            if next_ns == now_ns {
+                steps_at_now += 1;
+                assert!(steps_at_now < 10_000_000, "policy makes no progress at {now_ns} ns");
+            } else {
+                steps_at_now = 0;
+            }
+            now_ns = next_ns;
+            if completion_ns == Some(now_ns) {
+                let Reverse((_, plan_id)) = self.completions.pop().expect("peeked");
+                if let Some(completion) = self.complete(plan_id) {
+                    policy.on_completion(now_ns, &completion, &mut out);
+                }
+            } else if arrival_ns == Some(now_ns) {
+                let arrival = arrivals[next_arrival];
+                let model = &self.models[arrival.model_index as usize];
+                let request = Request {
+                    id: next_arrival as u64,
+                    model: arrival.model_index,
+                    arrival_ns: arrival.arrival_ns,
+                    deadline_ns: (arrival.arrival_ns + model.slo_ns).saturating_sub(self.knobs.d_resp_ns),
+                };
+                self.requests.push(RequestRecord {
+                    model: arrival.model_index,
+                    phase: arrival.phase,
+                    arrival_ns: arrival.arrival_ns,
+                    deadline_ns: request.deadline_ns,
+                    outcome: Outcome::NoReply,
+                    plan_id: None,
+                    finish_ns: None,
+                });
+                next_arrival += 1;
+                policy.on_arrival(now_ns, request, &mut out);
+            } else {
+                policy.on_timer(now_ns, &mut out);
+            }
+            if !out.is_empty() {
+                self.apply(now_ns, &out);
+                out.clear();
+            }
+        }
+    }
+
+    /// Executes a policy's decisions on the fake GPUs.
+    fn apply(&mut self, now_ns: u64, out: &Output) {
+        for &plan_id in &out.preempted {
+            let plan = &mut self.plans[plan_id as usize];
+            assert_eq!(plan.status, PlanStatus::Running, "only running plans are preempted");
+            plan.status = PlanStatus::Preempted;
+            let stop_ns = now_ns.max(plan.exec_at_ns);
+            plan.finish_at_ns = stop_ns;
+            if self.gpu_last_plan[plan.gpu as usize] == Some(plan_id) {
+                self.gpu_busy_until_ns[plan.gpu as usize] = stop_ns;
+            }
+        }
+        for &request in &out.drops {
+            let record = &mut self.requests[request.id as usize];
+            assert_eq!(record.outcome, Outcome::NoReply, "one reply per request");
+            record.outcome = Outcome::Dropped;
+        }
+        for plan in &out.plans {
+            assert_eq!(plan.plan_id as usize, self.plans.len(), "plan ids are dense");
+            let profile = &self.models[plan.model as usize].profile;
+            let arrive_ns = now_ns + self.knobs.lead_ns(plan.batch_size);
+            let start_ns = plan.exec_at_ns.max(arrive_ns).max(self.gpu_busy_until_ns[plan.gpu as usize]);
+            let finish_ns = start_ns + profile.exec_ns(plan.batch_size);
+            self.gpu_busy_until_ns[plan.gpu as usize] = finish_ns;
+            self.gpu_last_plan[plan.gpu as usize] = Some(plan.plan_id);
+            let requests_start = self.plan_requests.len() as u32;
+            for request in out.plan_requests(plan) {
+                assert_eq!(request.model, plan.model);
+                assert!(request.arrival_ns <= now_ns, "no plan holds a request before it arrives");
+                self.plan_requests.push(request.id as u32);
+            }
+            self.plans.push(PlanRecord {
+                plan_id: plan.plan_id,
+                gpu: plan.gpu,
+                model: plan.model,
+                batch_size: plan.batch_size,
+                emitted_ns: now_ns,
+                exec_at_ns: start_ns,
+                finish_at_ns: finish_ns,
+                planned_exec_at_ns: plan.exec_at_ns,
+                status: PlanStatus::Running,
+                requests_start,
+            });
+            self.completions.push(Reverse((finish_ns, plan.plan_id)));
+        }
+    }
+
+    fn complete(&mut self, plan_id: u64) -> Option<Completion> {
+        let plan = &mut self.plans[plan_id as usize];
+        if plan.status != PlanStatus::Running {
+            return None;
+        }
+        plan.status = PlanStatus::Done;
+        let plan = *plan;
+        let start = plan.requests_start as usize;
+        for &id in &self.plan_requests[start..start + plan.batch_size as usize] {
+            let record = &mut self.requests[id as usize];
+            assert_eq!(record.outcome, Outcome::NoReply, "one reply per request");
+            record.outcome = if plan.finish_at_ns <= record.deadline_ns {
+                Outcome::Success
+            } else {
+                Outcome::Late
+            };
+            record.plan_id = Some(plan_id);
+            record.finish_ns = Some(plan.finish_at_ns);
+        }
+        Some(Completion {
+            plan_id,
+            gpu: plan.gpu,
+            model: plan.model,
+            batch_size: plan.batch_size,
+            started_ns: plan.exec_at_ns,
+            finished_ns: plan.finish_at_ns,
+        })
+    }
+
+    fn report(self, workload: &Workload, config: &SimConfig) -> SimReport {
+        let bench_window_ns = workload.bench_window_ns();
+        let summary = summarize(workload, config, &self.requests, &self.plans, bench_window_ns);
+        SimReport {
+            summary,
+            plans: self.plans,
+            plan_requests: self.plan_requests,
+            requests: self.requests,
+            model_names: self.models.iter().map(|m| m.name.clone()).collect(),
+            bench_window_ns,
+        }
+    }
+}
+
+fn summarize(
+    workload: &Workload,
+    config: &SimConfig,
+    requests: &[RequestRecord],
+    plans: &[PlanRecord],
+    (bench_start_ns, bench_end_ns): (u64, u64),
+) -> Summary {
+    let model_count = workload.models.len();
+    let mut per_model = vec![Counts::default(); model_count];
+    let mut total = Counts::default();
+    for r in requests.iter().filter(|r| r.phase == Phase::Bench) {
+        per_model[r.model as usize].add(r.outcome);
+        total.add(r.outcome);
+    }
+    let bench_s = (bench_end_ns - bench_start_ns) as f64 / 1e9;
+    let mut histogram = std::collections::BTreeMap::<u32, u64>::new();
+    let mut model_batches = vec![(0u64, 0u64); model_count];
+    let mut gpu_busy_ns = vec![0u64; config.gpu_count as usize];
+    for plan in plans {
+        let overlap_ns = plan
+            .finish_at_ns
+            .min(bench_end_ns)
+            .saturating_sub(plan.exec_at_ns.max(bench_start_ns));
+        gpu_busy_ns[plan.gpu as usize] += overlap_ns;
+        let in_bench = (bench_start_ns..bench_end_ns).contains(&plan.exec_at_ns);
+        if plan.status == PlanStatus::Done && in_bench {
+            *histogram.entry(plan.batch_size).or_default() += 1;
+            let entry = &mut model_batches[plan.model as usize];
+            entry.0 += 1;
+            entry.1 += u64::from(plan.batch_size);
+        }
+    }
+    let mean = |(count, sum): (u64, u64)| if count == 0 { 0.0 } else { sum as f64 / count as f64 };
+    let models: Vec<ModelSummary> = workload
+        .models
+        .iter()
+        .zip(&per_model)
+        .zip(&model_batches)
+        .map(|((spec, counts), &batches)| ModelSummary {
+            name: spec.name.clone(),
+            bad_rate: counts.bad_rate_percent(),
+            counts: counts.clone(),
+            mean_batch_size: mean(batches),
+        })
+        .collect();
+    let measured: Vec<f64> = models.iter().filter(|m| m.counts.total > 0).map(|m| m.bad_rate).collect();
+    let bad_rate = if measured.is_empty() {
+        0.0
+    } else {
+        measured.iter().sum::<f64>() / measured.len() as f64
+    };
+    let bad_rate_worst = measured.iter().copied().fold(0.0, f64::max);
+    let all_batches = model_batches
+        .iter()
+        .fold((0, 0), |acc, &(c, s)| (acc.0 + c, acc.1 + s));
+    Summary {
+        policy: config.policy.name().to_string(),
+        gpu_count: config.gpu_count,
+        seed: config.seed,
+        rate_scale: config.rate_scale,
+        offered_rps: total.total as f64 / bench_s,
+        success_rps: total.success as f64 / bench_s,
+        counts: total,
+        bad_rate,
+        bad_rate_worst,
+        mean_batch_size: mean(all_batches),
+        batch_size_histogram: histogram.into_iter().collect(),
+        gpu_busy_fraction: gpu_busy_ns.iter().map(|&ns| ns as f64 / 1e9 / bench_s).collect(),
+        gpus_used: gpu_busy_ns.iter().filter(|&&ns| ns > 0).count() as u32,
+        gpu_busy_s: gpu_busy_ns.iter().sum::<u64>() as f64 / 1e9,
+        models,
+    }
+}
+
+/// Writes `plans.csv`, `requests.csv` and `summary.json` into `dir` (created if missing).
+pub fn write_dump(report: &SimReport, dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut plans = String::with_capacity(report.plans.len() * 48);
+    plans.push_str("plan_id,gpu,model,batch_size,exec_at_ns,finish_at_ns\n");
+    for plan in report.plans.iter().filter(|p| p.status == PlanStatus::Done) {
+        let _ = writeln!(
+            plans,
+            "{},{},{},{},{},{}",
+            plan.plan_id, plan.gpu, report.model_names[plan.model as usize], plan.batch_size, plan.exec_at_ns, plan.finish_at_ns
+        );
+    }
+    std::fs::write(dir.join("plans.csv"), plans)?;
+    let mut requests = String::with_capacity(report.requests.len() * 64);
+    requests.push_str("request_id,model,phase,arrival_ns,deadline_ns,outcome,plan_id,finish_ns\n");
+    for (id, r) in report.requests.iter().enumerate() {
+        let _ = write!(
+            requests,
+            "{},{},{},{},{},{},",
+            id,
+            report.model_names[r.model as usize],
+            r.phase.as_str(),
+            r.arrival_ns,
+            r.deadline_ns,
+            r.outcome.as_str()
+        );
+        if let (Some(plan_id), Some(finish_ns)) = (r.plan_id, r.finish_ns) {
+            let _ = write!(requests, "{plan_id},{finish_ns}");
+        } else {
+            requests.push(',');
+        }
+        requests.push('\n');
+    }
+    std::fs::write(dir.join("requests.csv"), requests)?;
+    let json = serde_json::to_string_pretty(&report.summary).map_err(io::Error::other)?;
+    std::fs::write(dir.join("summary.json"), json + "\n")?;
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The `symphony` command line: thin glue over the workspace's crates.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, PolicyKind};
+use symphony_core::sim::{self, SimConfig};
+use symphony_core::workload::Workload;
+use symphony_perf::sweep::{self, Find, SweepSpec};
+use symphony_perf::{plot, throughput};
+
+#[derive(Parser, Debug)]
+#[command(name = "symphony", version, about = "Symphony: deferred batch scheduling for DNN inference serving")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Simulates one workload under one policy in virtual time and prints its bench metrics.
+    Sim(SimArgs),
+    /// Searches goodput (or the fewest GPUs) for several policies on several workloads.
+    Sweep(SweepArgs),
+    /// Measures the simulator's own speed (simulated requests per second, one core).
+    PerfSim(PerfSimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SweepArgs {
+    /// Workload files in the reference's YAML format.
+    #[arg(required = true)]
+    workloads: Vec<PathBuf>,
+    /// Comma-separated policies.
+    #[arg(long, value_delimiter = ',', default_value = "symphony,symphony-ref,eager,clockwork,nexus,shepherd,triton")]
+    policies: Vec<PolicyKind>,
+    /// goodput: the largest common rate scale with bad rate <= 1 %; gpus: the fewest GPUs.
+    #[arg(long, default_value = "goodput")]
+    find: FindArg,
+    /// GPUs for the goodput search (default: each workload's own).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Scale each workload to this total bench rate first (req/s).
+    #[arg(long)]
+    total_rps: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Load points per curve in the plot (0: no plot).
+    #[arg(long, default_value_t = 16)]
+    curve_points: u32,
+    /// Worker threads (default: the machine's cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to write sweep.json, table.md and one SVG per workload.
+    #[arg(long, default_value = "sweep-out")]
+    out: PathBuf,
+    #[command(flatten)]
+    knobs: KnobArgs,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum FindArg {
+    Goodput,
+    Gpus,
+}
+
+#[derive(clap::Args, Debug)]
+struct PerfSimArgs {
+    workload: PathBuf,
+    #[arg(long, default_value = "symphony")]
+    policy: PolicyKind,
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    #[arg(long)]
+    gpus: Option<u32>,
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct SimArgs {
+    /// Workload file in the reference's YAML format.
+    workload: PathBuf,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// GPUs (default: the workload's).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Seed (default: the workload's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Multiply every model's rate by this.
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    /// Write plans.csv, requests.csv and summary.json into this directory.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct PolicyArgs {
+    /// symphony, symphony-ref, eager, clockwork, nexus, shepherd or triton.
+    #[arg(long, default_value = "symphony")]
+    policy: PolicyKind,
+    #[command(flatten)]
+    knobs: KnobArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct KnobArgs {    /// Drop policy of the deferred family: window-drop, drop-timeout, window-fcfs.
+    #[arg(long)]
+    drop: Option<DropPolicy>,
+    /// Schedulable condition: frontrun, latest, target-batch-size, target-queuing-delay, immediately.
+    #[arg(long)]
+    condition: Option<Condition>,
+    /// GPU grant policy: lowest-index, earliest-free, best-fit.
+    #[arg(long)]
+    grant: Option<GrantPolicy>,
+    /// symphony: demand (fraction of the GPUs) at which deferral stops.
+    #[arg(long, default_value_t = 0.8)]
+    saturation_threshold: f64,
+    /// symphony: the drop policy once saturated.
+    #[arg(long, default_value = "window-drop")]
+    saturated_drop: DropPolicy,
+    /// symphony: once saturated, window drop keeps this fraction of the target batch.
+    #[arg(long, default_value_t = 0.75)]
+    saturated_target_fraction: f64,
+    #[arg(long, default_value_t = 100)]
+    d_ctrl_us: u64,
+    #[arg(long, default_value_t = 50)]
+    d_data_us: u64,
+    #[arg(long, default_value_t = 2000)]
+    d_resp_us: u64,
+    #[arg(long, default_value_t = 100)]
+    jitter_us: u64,
+}
+
+impl KnobArgs {
+    fn knobs(&self) -> Knobs {
+        Knobs {
+            d_ctrl_ns: self.d_ctrl_us * 1000,
+            d_data_ns: self.d_data_us * 1000,
+            d_resp_ns: self.d_resp_us * 1000,
+            jitter_ns: self.jitter_us * 1000,
+            drop: self.drop,
+            condition: self.condition,
+            grant: self.grant,
+            saturation_threshold: self.saturation_threshold,
+            saturated_drop: self.saturated_drop,
+            saturated_target_fraction: self.saturated_target_fraction,
+            ..Knobs::default()
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Sim(args) => run_sim(args),
+        Command::Sweep(args) => run_sweep(args),
+        Command::PerfSim(args) => run_perf_sim(args),
+    }
+}
+
+fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
+    let mut workloads = Vec::new();
+    for path in &args.workloads {
+        workloads.push((path.clone(), Workload::load(path)?));
+    }
+    anyhow::ensure!(!args.policies.is_empty(), "--policies names no policy");
+    anyhow::ensure!(args.gpus != Some(0), "--gpus must be at least 1");
+    if let Some(total) = args.total_rps {
+        anyhow::ensure!(total.is_finite() && total > 0.0, "--total-rps must be a positive number");
+    }
+    let find = match args.find {
+        FindArg::Goodput => Find::Goodput,
+        FindArg::Gpus => Find::Gpus,
+    };
+    let spec = SweepSpec {
+        workloads,
+        policies: args.policies.clone(),
+        find,
+        gpu_count: args.gpus,
+        total_rps: args.total_rps,
+        seed: args.seed,
+        knobs: args.knobs.knobs(),
+        curve_points: if find == Find::Goodput { args.curve_points } else { 0 },
+        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        progress: true,
+    };
+    eprintln!(
+        "sweep: find {:?}, {} workload(s) x {} policies, gpus {}, total rps {}, seed {}, {} thread(s), bad-rate bound {} %",
+        find,
+        spec.workloads.len(),
+        spec.policies.len(),
+        args.gpus.map_or("each workload's".to_string(), |g| g.to_string()),
+        args.total_rps.map_or("each workload's".to_string(), |r| r.to_string()),
+        args.seed.map_or("each workload's".to_string(), |s| s.to_string()),
+        spec.threads,
+        symphony_core::sweep::BAD_RATE_BOUND_PERCENT,
+    );
+    let result = sweep::run(&spec);
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let table = sweep::table(&result, &args.policies);
+    let base = sweep::base_table(&result);
+    let heading = match find {
+        Find::Goodput => "Goodput (req/s at average bad rate <= 1 %)",
+        Find::Gpus => "Fewest GPUs (average bad rate <= 1 %)",
+    };
+    println!("{heading}\n\n{table}\nAt the base load:\n\n{base}");
+    std::fs::write(args.out.join("table.md"), format!("{heading}\n\n{table}\nAt the base load:\n\n{base}"))?;
+    std::fs::write(args.out.join("sweep.json"), serde_json::to_string_pretty(&result)? + "\n")?;
+    let plots = plot::draw(&result, &args.out).map_err(|e| anyhow::anyhow!("drawing the plots: {e}"))?;
+    eprintln!("wrote {} and {} plot(s) into {}", "sweep.json, table.md", plots.len(), args.out.display());
+    Ok(())
+}
+
+fn run_perf_sim(args: PerfSimArgs) -> anyhow::Result<()> {
+    let workload = Workload::load(&args.workload)?;
+    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+    let gpus = args.gpus.unwrap_or(workload.gpu_count);
+    anyhow::ensure!(gpus > 0, "--gpus must be at least 1");
+    eprintln!(
+        "perf-sim: workload {} policy {} rate scale {} gpus {} repeats {} (best of), commit {}",
+        args.workload.display(),
+        args.policy,
+        args.rate_scale,
+        gpus,
+        args.repeats,
+        option_env!("SYMPHONY_COMMIT").unwrap_or("unknown")
+    );
+    let t = throughput::measure(&workload, args.policy, args.rate_scale, gpus, args.repeats);
+    println!("{}", serde_json::to_string_pretty(&t)?);
+    Ok(())
+}
+
+fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+    let workload = Workload::load(&args.workload)?;
+    let mut config = SimConfig::of(&workload, args.policy.policy);
+    config.knobs = args.policy.knobs.knobs();
+    config.gpu_count = args.gpus.unwrap_or(workload.gpu_count);
+    config.seed = args.seed.unwrap_or(workload.seed);
+    config.rate_scale = args.rate_scale;
+    anyhow::ensure!(config.gpu_count > 0, "--gpus must be at least 1");
+    anyhow::ensure!(args.rate_scale.is_finite() && args.rate_scale >= 0.0, "--rate-scale must be a finite number >= 0");
+    let report = sim::simulate(&workload, &config);
+    let s = &report.summary;
+    println!(
+        "policy {} gpus {} seed {} offered {:.0} req/s: total {} success {} dropped {} late {} noreply {} | bad rate avg {:.3} % worst {:.3} % | mean batch {:.1} | gpus used {} busy {:.2} gpu-s",
+        s.policy, s.gpu_count, s.seed, s.offered_rps, s.counts.total, s.counts.success, s.counts.dropped, s.counts.late, s.counts.noreply,
+        s.bad_rate, s.bad_rate_worst, s.mean_batch_size, s.gpus_used, s.gpu_busy_s
+    );
+    if let Some(dir) = &args.dump {
+        sim::write_dump(&report, dir).with_context(|| format!("writing the dump to {}", dir.display()))?;
+    }
+    Ok(())
+}
