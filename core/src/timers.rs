@@ -33,7 +33,8 @@ impl TimerQueue {
             return;
         }
         *slot = at_ns;
-        if self.heap.len() >= 4 * self.due_ns.len() + 64 {
+        if self.heap.len() == self.heap.capacity() {
+            // Full of mostly stale entries: compact rather than grow (no allocation).
             self.rebuild();
         }
         self.heap.push(Reverse((at_ns, key)));
@@ -59,6 +60,14 @@ impl TimerQueue {
             self.heap.pop();
         }
         None
+    }
+
+    /// The earliest armed `(deadline, key)`, left armed.
+    #[inline]
+    pub fn peek(&mut self) -> Option<(u64, u32)> {
+        let at_ns = self.next_ns()?;
+        let &Reverse((_, key)) = self.heap.peek().expect("next_ns saw an entry");
+        Some((at_ns, key))
     }
 
     /// Disarms and returns one key whose deadline is at or before `now_ns`, earliest first.
@@ -108,7 +117,8 @@ mod tests {
         for i in 0..10_000u64 {
             t.set((i % 2) as u32, 1_000_000 - i);
         }
-        assert!(t.heap.len() <= 4 * 2 + 64 + 1);
+        assert!(t.heap.len() <= t.heap.capacity());
+        assert!(t.heap.capacity() < 4 * 2 + 64 + 64, "never grew");
         assert_eq!(t.next_ns(), Some(1_000_000 - 9_999));
     }
 }

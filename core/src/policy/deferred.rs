@@ -106,8 +106,8 @@ pub struct Deferred {
     models: Vec<ModelState>,
     pool: GpuPool,
     timers: TimerQueue,
-    /// Models waiting for a GPU (small: at most one entry per model).
-    waiting: Vec<u32>,
+    /// Models waiting for a GPU, keyed by their candidate's `invalid_after`.
+    waiting: TimerQueue,
     queued_count: usize,
     /// Sum of the models' demands, GPU-seconds per second.
     demand_total: f64,
@@ -139,7 +139,7 @@ impl Deferred {
             config,
             knobs: knobs.clone(),
             timers: TimerQueue::new(models.len()),
-            waiting: Vec::with_capacity(models.len()),
+            waiting: TimerQueue::new(models.len()),
             models,
             pool: GpuPool::new(gpu_count),
             queued_count: 0,
@@ -352,30 +352,29 @@ impl Deferred {
     }
 
     fn set_waiting(&mut self, index: usize, window: Option<Window>) {
-        let was_waiting = self.models[index].waiting.is_some();
         self.models[index].waiting = window;
-        match (was_waiting, window.is_some()) {
-            (false, true) => self.waiting.push(index as u32),
-            (true, false) => {
-                let position = self.waiting.iter().position(|&m| m as usize == index).expect("listed");
-                self.waiting.swap_remove(position);
-            }
-            _ => {}
+        match window {
+            Some(w) => self.waiting.set(index as u32, w.invalid_after_ns),
+            None => self.waiting.cancel(index as u32),
         }
     }
 
     /// The waiting candidate a freed GPU goes to: the smallest `invalid_after`.
-    fn waiting_head(&self) -> Option<(u32, Window)> {
-        self.waiting
-            .iter()
-            .map(|&m| (m, self.models[m as usize].waiting.expect("listed models wait")))
-            .min_by_key(|&(m, w)| (w.invalid_after_ns, m))
+    fn waiting_head(&mut self) -> Option<(u32, Window)> {
+        let (_, model) = self.waiting.peek()?;
+        Some((model, self.models[model as usize].waiting.expect("listed models wait")))
     }
 
     /// When the next GPU frees early enough for the waiting head to be granted it.
-    fn hand_off_at_ns(&self) -> Option<u64> {
-        let (_, window) = self.waiting_head()?;
-        Some(self.pool.min_free_at_ns().saturating_sub(self.knobs.lead_ns(window.batch_size)))
+    fn hand_off_at_ns(&mut self) -> Option<u64> {
+        let (head, window) = self.waiting_head()?;
+        // Arrivals behind the head join without re-forming the candidate: the batch granted
+        // may be as large as the queue, so hand off early enough for all its inputs.
+        let model = &self.models[head as usize];
+        let batch_size = window
+            .batch_size
+            .max(model.queue.len().min(model.profile.batch_size_max() as usize) as u32);
+        Some(self.pool.min_free_at_ns().saturating_sub(self.knobs.lead_ns(batch_size)))
     }
 }
 
@@ -428,6 +427,12 @@ impl Policy for Deferred {
         }
         model.queue.insert(position, request);
         self.queued_count += 1;
+        // A waiting candidate is re-formed at its hand-off or when it goes stale; an arrival
+        // behind its head changes neither, so it only joins the queue (the control plane
+        // runs once per batch, not once per request).
+        if model.waiting.is_some() && position > 0 {
+            return;
+        }
         self.update(index, now_ns, out);
     }
 
@@ -435,13 +440,17 @@ impl Policy for Deferred {
         while let Some(key) = self.timers.pop_due(now_ns) {
             self.update(key as usize, now_ns, out);
         }
-        // Hand freed GPUs to waiting candidates, earliest `invalid_after` first.
+        // Hand freed GPUs to waiting candidates, earliest `invalid_after` first. Each round
+        // grants a GPU or empties the head's queue, so the loop ends.
         while let Some(at_ns) = self.hand_off_at_ns() {
             if at_ns > now_ns {
                 break;
             }
-            let (head, _) = self.waiting_head().expect("hand-off has a head");
+            let (head, window) = self.waiting_head().expect("hand-off has a head");
             self.set_waiting(head as usize, None);
+            let start_ns = self.pool.min_free_at_ns().max(now_ns + self.knobs.lead_ns(window.batch_size));
+            let gpu = self.pool.pick(start_ns, self.config.grant).expect("the earliest-free GPU qualifies");
+            self.grant(head as usize, gpu, now_ns, out);
             self.update(head as usize, now_ns, out);
         }
     }
@@ -459,5 +468,181 @@ impl Policy for Deferred {
 
     fn queued_count(&self) -> usize {
         self.queued_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The equations of `docs/internals/scheduling.md` against hand-computed numbers.
+    //! Profile: l(b) = 1 ms * b + 5 ms, no pre/post; SLO 100 ms; the spec's default delays
+    //! (d_ctrl 0.1 ms, d_data 0.05 ms per request, d_resp 2 ms, jitter 0.1 ms).
+    use super::*;
+    use crate::policy::{MS, US};
+
+    fn model() -> ModelConfig {
+        ModelConfig {
+            name: "m".into(),
+            profile: Profile::parse_linear("sleep#1000,5000,0,0", 100 * MS).unwrap(),
+            slo_ns: 100 * MS,
+        }
+    }
+
+    fn deferred(drop: DropPolicy, condition: Condition, gpus: u32) -> Deferred {
+        let config = Config {
+            drop,
+            condition,
+            grant: GrantPolicy::LowestIndex,
+            saturation_threshold: None,
+            saturated_drop: DropPolicy::WindowDrop,
+        };
+        Deferred::new(config, &[model()], gpus, &Knobs::default())
+    }
+
+    fn request(id: u64, deadline_ns: u64) -> Request {
+        Request {
+            id,
+            model: 0,
+            arrival_ns: 0,
+            deadline_ns,
+        }
+    }
+
+    /// r0 due at 10 ms, nine more due at 60 ms, all queued at t = 0.
+    fn load_queue(d: &mut Deferred) {
+        d.models[0].queue.push_back(request(0, 10 * MS));
+        for id in 1..10 {
+            d.models[0].queue.push_back(request(id, 60 * MS));
+        }
+        d.queued_count = 10;
+    }
+
+    #[test]
+    fn target_batch_size_follows_section_4() {
+        let p = model().profile;
+        let k = Knobs::default();
+        // No rate: l(b) <= 100/2 - 2 = 48 ms -> b + 5 <= 48 -> 43.
+        assert_eq!(target_batch_size(&p, 100 * MS, None, &k), 43);
+        // 200 req/s needs < 1 GPU: (b + 5) + b/0.2 + 0.05 b <= 97.9 -> 6.05 b <= 92.9 -> 15.
+        assert_eq!(target_batch_size(&p, 100 * MS, Some(200.0), &k), 15);
+        // 2000 req/s, n = 2 (b + 5)/b > 1: (b + 5)(1 + 1/n) = b + 5 + b/2 <= 97.9 - 0.05 b
+        // -> 1.55 b <= 92.9 -> 59.
+        assert_eq!(target_batch_size(&p, 100 * MS, Some(2000.0), &k), 59);
+    }
+
+    #[test]
+    fn window_drop_drops_the_head_to_keep_the_batch() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 1);
+        load_queue(&mut d);
+        let mut out = Output::new();
+        // Step 1: fin(10) = 0.1 + 0.5 + 15 = 15.6 ms > 10 ms: r0 to the prefix; fin(9) = 14.55
+        // holds for 60 ms. Step 2: b = min(43, 9) = 9. Step 3: r0 misses fin(9): dropped.
+        let (b, deadline_ns) = d.form_batch(0, 0, 0, &mut out).unwrap();
+        assert_eq!((b, deadline_ns), (9, 60 * MS));
+        assert_eq!(out.drops.iter().map(|r| r.id).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(d.queued_count, 9);
+        // Section 5: frontrun = 60 - 0.1 - l(10) - 0.05 = 44.85 ms; latest = 60 - 0.1 - 14.
+        let w = d.window(0, 0, b, deadline_ns);
+        assert_eq!(w.exec_at_ns, 44_850 * US);
+        assert_eq!(w.invalid_after_ns, 46 * MS);
+    }
+
+    #[test]
+    fn drop_timeout_keeps_the_head_and_takes_a_free_lunch() {
+        let mut d = deferred(DropPolicy::DropTimeout, Condition::Frontrun, 1);
+        load_queue(&mut d);
+        let mut out = Output::new();
+        // b = 1, r0 fits alone (fin(1) = 6.15 ms); free lunch on D = 10 ms:
+        // fin(4) = 0.3 + 9 = 9.3 fits, fin(5) = 0.35 + 10 = 10.35 does not.
+        assert_eq!(d.form_batch(0, 0, 0, &mut out).unwrap(), (4, 10 * MS));
+        assert!(out.drops.is_empty());
+        // The GPU frees at 5 ms: fin(1) = 5 + 6 = 11 ms misses r0's 10 ms: dropped.
+        assert_eq!(d.form_batch(0, 0, 5 * MS, &mut out).unwrap().1, 60 * MS);
+        assert_eq!(out.drops.len(), 1);
+    }
+
+    #[test]
+    fn window_fcfs_never_drops() {
+        let mut d = deferred(DropPolicy::WindowFcfs, Condition::Frontrun, 1);
+        load_queue(&mut d);
+        let mut out = Output::new();
+        assert_eq!(d.form_batch(0, 0, 0, &mut out).unwrap(), (10, 10 * MS));
+        assert!(out.drops.is_empty());
+        // latest = 10 - 0.1 - 15 < 0: start at earliest = 0.1 + 0.5 ms.
+        assert_eq!(d.window(0, 0, 10, 10 * MS).exec_at_ns, 600 * US);
+    }
+
+    #[test]
+    fn unservable_queue_is_dropped_whole() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 1);
+        d.models[0].queue.push_back(request(0, 3 * MS));
+        d.models[0].queue.push_back(request(1, 4 * MS));
+        d.queued_count = 2;
+        let mut out = Output::new();
+        assert_eq!(d.form_batch(0, 0, 0, &mut out), None);
+        assert_eq!(out.drops.len(), 2);
+        assert_eq!(d.queued_count, 0);
+    }
+
+    #[test]
+    fn schedulable_conditions_pick_their_point_in_the_window() {
+        // b = 3, D = 80 ms, now = 10 ms: earliest = 10.25, latest = 80 - 0.1 - 8 = 71.9,
+        // frontrun = 80 - 0.1 - 9 - 0.05 = 70.85.
+        let cases = [
+            (Condition::Frontrun, 70_850 * US),
+            (Condition::Latest, 71_900 * US),
+            (Condition::Immediately, 10_250 * US),
+            // Target 43 not reached: like frontrun.
+            (Condition::TargetBatchSize, 70_850 * US),
+        ];
+        for (condition, exec_at_ns) in cases {
+            let d = deferred(DropPolicy::WindowDrop, condition, 1);
+            assert_eq!(d.window(0, 10 * MS, 3, 80 * MS).exec_at_ns, exec_at_ns, "{condition}");
+        }
+    }
+
+    #[test]
+    fn one_request_is_planned_at_its_frontrun() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 2);
+        let mut out = Output::new();
+        d.on_arrival(0, request(0, 98 * MS), &mut out);
+        assert!(out.is_empty());
+        // frontrun = 98 - 0.1 - 7 - 0.05 = 90.85 ms; asks for a GPU 0.15 ms before.
+        assert_eq!(d.next_timer_ns(), Some(90_700 * US));
+        d.on_timer(90_700 * US, &mut out);
+        assert_eq!(out.plans.len(), 1);
+        let plan = out.plans[0];
+        assert_eq!((plan.gpu, plan.batch_size), (0, 1));
+        assert_eq!((plan.exec_at_ns, plan.finish_ns), (90_850 * US, 96_850 * US));
+        assert_eq!(d.queued_count(), 0);
+    }
+
+    #[test]
+    fn a_busy_gpu_makes_candidates_wait_and_hands_off_earliest_deadline_first() {
+        // Two models on one GPU: the one whose batch goes stale first gets the GPU first.
+        let models = [model(), model()];
+        let config = Config {
+            drop: DropPolicy::DropTimeout,
+            condition: Condition::Immediately,
+            grant: GrantPolicy::LowestIndex,
+            saturation_threshold: None,
+            saturated_drop: DropPolicy::DropTimeout,
+        };
+        let mut d = Deferred::new(config, &models, 1, &Knobs::default());
+        let mut out = Output::new();
+        d.on_arrival(0, request(0, 90 * MS), &mut out);
+        assert_eq!(out.plans.len(), 1, "immediately: planned at once");
+        let busy_until_ns = out.plans[0].finish_ns;
+        out.clear();
+        let late = Request { model: 1, ..request(1, 80 * MS) };
+        let early = Request { model: 0, ..request(2, 60 * MS) };
+        d.on_arrival(MS, late, &mut out);
+        d.on_arrival(MS, early, &mut out);
+        assert!(out.plans.is_empty(), "the only GPU is busy");
+        let hand_off_ns = d.next_timer_ns().unwrap();
+        assert_eq!(hand_off_ns, busy_until_ns - Knobs::default().lead_ns(1));
+        d.on_timer(hand_off_ns, &mut out);
+        assert_eq!(out.plans.len(), 1);
+        assert_eq!(out.plans[0].model, 0, "earliest invalid_after first");
+        assert_eq!(out.plans[0].exec_at_ns, busy_until_ns);
     }
 }
