@@ -126,6 +126,9 @@ struct KnobArgs {    /// Drop policy of the deferred family: window-drop, drop-t
     /// symphony: once saturated, window drop keeps this fraction of the target batch.
     #[arg(long, default_value_t = 0.75)]
     saturated_target_fraction: f64,
+    /// symphony: how much less to defer while other models contend, in long recent batches.
+    #[arg(long, default_value_t = 2.0)]
+    contention_margin: f64,
     #[arg(long, default_value_t = 100)]
     d_ctrl_us: u64,
     #[arg(long, default_value_t = 50)]
@@ -149,6 +152,7 @@ impl KnobArgs {
             saturation_threshold: self.saturation_threshold,
             saturated_drop: self.saturated_drop,
             saturated_target_fraction: self.saturated_target_fraction,
+            contention_margin_factor: self.contention_margin,
             ..Knobs::default()
         }
     }

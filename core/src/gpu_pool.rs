@@ -41,6 +41,21 @@ impl GpuPool {
         self.free_at_ns.iter().filter(|&&f| f <= at_ns).count() as u32
     }
 
+    /// Whether at least `count` GPUs are free at or before `at_ns` (stops scanning early).
+    #[inline]
+    pub fn has_free_at(&self, at_ns: u64, count: u32) -> bool {
+        let mut found = 0;
+        for &free_at_ns in &self.free_at_ns {
+            if free_at_ns <= at_ns {
+                found += 1;
+                if found >= count {
+                    return true;
+                }
+            }
+        }
+        count == 0
+    }
+
     /// Records that `gpu` is busy until `free_at_ns` (a plan was granted on it).
     #[inline]
     pub fn occupy(&mut self, gpu: u32, free_at_ns: u64) {
@@ -95,5 +110,6 @@ mod tests {
         assert_eq!(pool.pick(60, GrantPolicy::LowestIndex), Some(0));
         assert_eq!(pool.pick(5, GrantPolicy::LowestIndex), None);
         assert_eq!(pool.free_count_at(50), 3);
+        assert!(pool.has_free_at(50, 3) && !pool.has_free_at(50, 4) && !pool.has_free_at(5, 1));
     }
 }

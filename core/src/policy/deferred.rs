@@ -31,6 +31,10 @@ pub struct Config {
     /// fraction of the GPUs, stop deferring: condition `immediately` with `saturated_drop`.
     pub saturation_threshold: Option<f64>,
     pub saturated_drop: DropPolicy,
+    /// Ours: when other models send requests too, defer less, by the time a long recent
+    /// batch takes (scaled by how many GPUs they could contend for), so that a GPU taken by
+    /// another model's deferred batch still frees in time for this one.
+    pub contention_margin: bool,
 }
 
 impl Config {
@@ -43,6 +47,7 @@ impl Config {
                 grant: GrantPolicy::LowestIndex,
                 saturation_threshold: Some(knobs.saturation_threshold),
                 saturated_drop: knobs.saturated_drop,
+                contention_margin: true,
             },
             PolicyKind::SymphonyRef => Config {
                 drop: DropPolicy::WindowDrop,
@@ -50,6 +55,7 @@ impl Config {
                 grant: GrantPolicy::EarliestFree,
                 saturation_threshold: None,
                 saturated_drop: DropPolicy::WindowDrop,
+                contention_margin: false,
             },
             PolicyKind::Eager => Config {
                 drop: DropPolicy::DropTimeout,
@@ -57,6 +63,7 @@ impl Config {
                 grant: GrantPolicy::EarliestFree,
                 saturation_threshold: None,
                 saturated_drop: DropPolicy::DropTimeout,
+                contention_margin: false,
             },
             other => panic!("{other} is not of the deferred family"),
         };
@@ -66,6 +73,7 @@ impl Config {
             grant: knobs.grant.unwrap_or(base.grant),
             saturation_threshold: base.saturation_threshold,
             saturated_drop: base.saturated_drop,
+            contention_margin: base.contention_margin,
         }
     }
 }
@@ -94,6 +102,10 @@ struct ModelState {
     last_exec_at_ns: u64,
     /// Waiting for a GPU: its window opened but no GPU frees in time.
     waiting: Option<Window>,
+    /// Has a measured rate above zero (counted in `rated_count`).
+    rated: bool,
+    /// Holds requests (counted in `active_count`).
+    active: bool,
     /// GPU-seconds per second this model needs at its rate and target batch.
     demand: f64,
 }
@@ -108,6 +120,12 @@ pub struct Deferred {
     timers: TimerQueue,
     /// Models waiting for a GPU, keyed by their candidate's `invalid_after`.
     waiting: TimerQueue,
+    /// Ours (`contention_margin`): how many models have a measured rate above zero (they
+    /// will want GPUs), and a decaying maximum of the execution time of granted batches.
+    rated_count: u32,
+    /// How many models hold requests now.
+    active_count: u32,
+    recent_exec_ns: u64,
     queued_count: usize,
     /// Sum of the models' demands, GPU-seconds per second.
     demand_total: f64,
@@ -129,6 +147,8 @@ impl Deferred {
                     target_batch_size: 1,
                     last_exec_at_ns: 0,
                     waiting: None,
+                    rated: false,
+                    active: false,
                     demand: 0.0,
                 };
                 state.target_batch_size = target_batch_size(&m.profile, m.slo_ns, None, knobs);
@@ -140,6 +160,9 @@ impl Deferred {
             knobs: knobs.clone(),
             timers: TimerQueue::new(models.len()),
             waiting: TimerQueue::new(models.len()),
+            rated_count: 0,
+            active_count: 0,
+            recent_exec_ns: 0,
             models,
             pool: GpuPool::new(gpu_count),
             queued_count: 0,
@@ -182,6 +205,15 @@ impl Deferred {
         let model = &mut self.models[index];
         let rate_rps = model.meter.rate_rps();
         model.target_batch_size = target_batch_size(&model.profile, model.slo_ns, rate_rps, &self.knobs);
+        let rated = rate_rps.is_some_and(|r| r > 0.0);
+        if rated != model.rated {
+            model.rated = rated;
+            if rated {
+                self.rated_count += 1;
+            } else {
+                self.rated_count -= 1;
+            }
+        }
         let Some(threshold) = self.config.saturation_threshold else {
             return;
         };
@@ -289,10 +321,20 @@ impl Deferred {
             },
             Condition::Immediately => earliest_ns,
         };
+        let margin_ns = if self.config.contention_margin {
+            let rated_others = self.rated_count.saturating_sub(u32::from(model.rated));
+            let active_others = self.active_count.saturating_sub(u32::from(model.active));
+            let others = rated_others.max(active_others);
+            let gpus = self.pool.gpu_count();
+            let scaled = self.recent_exec_ns as f64 * self.knobs.contention_margin_factor;
+            (scaled * f64::from(others.min(gpus)) / f64::from(gpus)) as u64
+        } else {
+            0
+        };
         Window {
             batch_size,
             deadline_ns,
-            exec_at_ns: earliest_ns.max(choice_ns.min(latest_ns)),
+            exec_at_ns: earliest_ns.max(choice_ns.min(latest_ns).saturating_sub(margin_ns)),
             invalid_after_ns: deadline_ns.saturating_sub(exec_ns),
         }
     }
@@ -305,6 +347,7 @@ impl Deferred {
             let Some((b, deadline_ns)) = self.form_batch(index, now_ns, min_free_at_ns, out) else {
                 self.set_waiting(index, None);
                 self.timers.cancel(index as u32);
+                self.set_active(index, false);
                 return;
             };
             let window = self.window(index, now_ns, b, deadline_ns);
@@ -341,6 +384,8 @@ impl Deferred {
         let exec_ns = self.models[index].profile.exec_ns(b);
         let exec_at_ns = window.exec_at_ns.max(gpu_free_at_ns);
         let finish_ns = exec_at_ns + exec_ns;
+        // A decaying maximum: the long batches of the last few dozen are what can block.
+        self.recent_exec_ns = exec_ns.max(self.recent_exec_ns - self.recent_exec_ns / 32);
         let model = &mut self.models[index];
         let taken = b as usize;
         model.prefix_len = model.prefix_len.saturating_sub(taken);
@@ -349,6 +394,18 @@ impl Deferred {
         let plan = out.push_plan(gpu, index as u32, exec_at_ns, finish_ns, model.queue.drain(..taken));
         debug_assert!(plan.exec_at_ns >= now_ns + self.knobs.lead_ns(b));
         self.pool.occupy(gpu, finish_ns);
+    }
+
+    fn set_active(&mut self, index: usize, active: bool) {
+        let model = &mut self.models[index];
+        if model.active != active {
+            model.active = active;
+            if active {
+                self.active_count += 1;
+            } else {
+                self.active_count -= 1;
+            }
+        }
     }
 
     fn set_waiting(&mut self, index: usize, window: Option<Window>) {
@@ -426,11 +483,13 @@ impl Policy for Deferred {
             position -= 1;
         }
         model.queue.insert(position, request);
-        self.queued_count += 1;
         // A waiting candidate is re-formed at its hand-off or when it goes stale; an arrival
         // behind its head changes neither, so it only joins the queue (the control plane
         // runs once per batch, not once per request).
-        if model.waiting.is_some() && position > 0 {
+        let joins_only = model.waiting.is_some() && position > 0;
+        self.queued_count += 1;
+        self.set_active(index, true);
+        if joins_only {
             return;
         }
         self.update(index, now_ns, out);
@@ -494,6 +553,7 @@ mod tests {
             grant: GrantPolicy::LowestIndex,
             saturation_threshold: None,
             saturated_drop: DropPolicy::WindowDrop,
+            contention_margin: false,
         };
         Deferred::new(config, &[model()], gpus, &Knobs::default())
     }
@@ -626,6 +686,7 @@ mod tests {
             grant: GrantPolicy::LowestIndex,
             saturation_threshold: None,
             saturated_drop: DropPolicy::DropTimeout,
+            contention_margin: false,
         };
         let mut d = Deferred::new(config, &models, 1, &Knobs::default());
         let mut out = Output::new();

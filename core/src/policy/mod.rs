@@ -254,6 +254,8 @@ pub struct Knobs {
     pub saturated_drop: DropPolicy,
     /// Once saturated, window drop keeps this fraction of the target batch size.
     pub saturated_target_fraction: f64,
+    /// Ours: the contention margin in units of a long recent batch (0 switches it off).
+    pub contention_margin_factor: f64,
     /// Rate meter: sample length and window.
     pub rate_sample_ns: u64,
     pub rate_window_ns: u64,
@@ -283,6 +285,7 @@ impl Default for Knobs {
             saturation_threshold: 0.8,
             saturated_drop: DropPolicy::WindowDrop,
             saturated_target_fraction: 0.75,
+            contention_margin_factor: 2.0,
             rate_sample_ns: 50 * MS,
             rate_window_ns: 5_000 * MS,
             clockwork_lookahead_ns: 10 * MS,
