@@ -11,7 +11,11 @@ use symphony_perf::sweep::{self, Find, SweepSpec};
 use symphony_perf::{plot, throughput};
 
 #[derive(Parser, Debug)]
-#[command(name = "symphony", version, about = "Symphony: deferred batch scheduling for DNN inference serving")]
+#[command(
+    name = "symphony",
+    version,
+    about = "Symphony: deferred batch scheduling for DNN inference serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,7 +37,11 @@ struct SweepArgs {
     #[arg(required = true)]
     workloads: Vec<PathBuf>,
     /// Comma-separated policies.
-    #[arg(long, value_delimiter = ',', default_value = "symphony,symphony-ref,eager,clockwork,nexus,shepherd,triton")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "symphony,symphony-ref,eager,clockwork,nexus,shepherd,triton"
+    )]
     policies: Vec<PolicyKind>,
     /// goodput: the largest common rate scale with bad rate <= 1 %; gpus: the fewest GPUs.
     #[arg(long, default_value = "goodput")]
@@ -108,7 +116,8 @@ struct PolicyArgs {
 }
 
 #[derive(clap::Args, Debug, Clone)]
-struct KnobArgs {    /// Drop policy of the deferred family: window-drop, drop-timeout, window-fcfs.
+struct KnobArgs {
+    /// Drop policy of the deferred family: window-drop, drop-timeout, window-fcfs.
     #[arg(long)]
     drop: Option<DropPolicy>,
     /// Schedulable condition: frontrun, latest, target-batch-size, target-queuing-delay, immediately.
@@ -124,8 +133,15 @@ struct KnobArgs {    /// Drop policy of the deferred family: window-drop, drop-t
     #[arg(long, default_value = "window-drop")]
     saturated_drop: DropPolicy,
     /// symphony: once saturated, window drop keeps this fraction of the target batch.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.6)]
     saturated_target_fraction: f64,
+    /// nexus: plan once with the workload's true bench rates (as the reference did) instead
+    /// of learning them online.
+    #[arg(long)]
+    nexus_true_rates: bool,
+    /// nexus: plan only the GPUs the load needs, leaving the rest idle (default: fill the cluster).
+    #[arg(long)]
+    nexus_no_fill: bool,
     /// symphony: how much less to defer while other models contend, in long recent batches.
     #[arg(long, default_value_t = 2.0)]
     contention_margin: f64,
@@ -153,6 +169,7 @@ impl KnobArgs {
             saturated_drop: self.saturated_drop,
             saturated_target_fraction: self.saturated_target_fraction,
             contention_margin_factor: self.contention_margin,
+            nexus_fill_gpus: !self.nexus_no_fill,
             ..Knobs::default()
         }
     }
@@ -175,7 +192,10 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!args.policies.is_empty(), "--policies names no policy");
     anyhow::ensure!(args.gpus != Some(0), "--gpus must be at least 1");
     if let Some(total) = args.total_rps {
-        anyhow::ensure!(total.is_finite() && total > 0.0, "--total-rps must be a positive number");
+        anyhow::ensure!(
+            total.is_finite() && total > 0.0,
+            "--total-rps must be a positive number"
+        );
     }
     let find = match args.find {
         FindArg::Goodput => Find::Goodput,
@@ -189,8 +209,11 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         total_rps: args.total_rps,
         seed: args.seed,
         knobs: args.knobs.knobs(),
+        nexus_true_rates: args.knobs.nexus_true_rates,
         curve_points: if find == Find::Goodput { args.curve_points } else { 0 },
-        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         progress: true,
     };
     eprintln!(
@@ -213,10 +236,20 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         Find::Gpus => "Fewest GPUs (average bad rate <= 1 %)",
     };
     println!("{heading}\n\n{table}\nAt the base load:\n\n{base}");
-    std::fs::write(args.out.join("table.md"), format!("{heading}\n\n{table}\nAt the base load:\n\n{base}"))?;
-    std::fs::write(args.out.join("sweep.json"), serde_json::to_string_pretty(&result)? + "\n")?;
+    std::fs::write(
+        args.out.join("table.md"),
+        format!("{heading}\n\n{table}\nAt the base load:\n\n{base}"),
+    )?;
+    std::fs::write(
+        args.out.join("sweep.json"),
+        serde_json::to_string_pretty(&result)? + "\n",
+    )?;
     let plots = plot::draw(&result, &args.out).map_err(|e| anyhow::anyhow!("drawing the plots: {e}"))?;
-    eprintln!("wrote {} and {} plot(s) into {}", "sweep.json, table.md", plots.len(), args.out.display());
+    eprintln!(
+        "wrote sweep.json, table.md and {} plot(s) into {}",
+        plots.len(),
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -243,11 +276,15 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     let workload = Workload::load(&args.workload)?;
     let mut config = SimConfig::of(&workload, args.policy.policy);
     config.knobs = args.policy.knobs.knobs();
+    config.nexus_true_rates = args.policy.knobs.nexus_true_rates;
     config.gpu_count = args.gpus.unwrap_or(workload.gpu_count);
     config.seed = args.seed.unwrap_or(workload.seed);
     config.rate_scale = args.rate_scale;
     anyhow::ensure!(config.gpu_count > 0, "--gpus must be at least 1");
-    anyhow::ensure!(args.rate_scale.is_finite() && args.rate_scale >= 0.0, "--rate-scale must be a finite number >= 0");
+    anyhow::ensure!(
+        args.rate_scale.is_finite() && args.rate_scale >= 0.0,
+        "--rate-scale must be a finite number >= 0"
+    );
     let report = sim::simulate(&workload, &config);
     let s = &report.summary;
     println!(

@@ -75,11 +75,7 @@ impl GpuPool {
     /// `free_at <= exec_at`, chosen by `policy`; `None` when no GPU qualifies.
     #[inline]
     pub fn pick(&self, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
-        let qualifying = self
-            .free_at_ns
-            .iter()
-            .enumerate()
-            .filter(|&(_, &f)| f <= exec_at_ns);
+        let qualifying = self.free_at_ns.iter().enumerate().filter(|&(_, &f)| f <= exec_at_ns);
         let picked = match policy {
             GrantPolicy::LowestIndex => qualifying.map(|(i, _)| i).next(),
             GrantPolicy::EarliestFree => qualifying.min_by_key(|&(i, &f)| (f, i)).map(|(i, _)| i),

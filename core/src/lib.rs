@@ -6,12 +6,12 @@
 //! nanoseconds) and seeds are arguments. The service (`symphony-shards`) drives the same policies
 //! with real time.
 
-pub mod profile;
-pub mod workload;
 pub mod gpu_pool;
 pub mod policy;
+pub mod profile;
 pub mod rate;
 pub mod request;
 pub mod sim;
-pub mod timers;
 pub mod sweep;
+pub mod timers;
+pub mod workload;

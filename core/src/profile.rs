@@ -19,7 +19,11 @@ pub enum ProfileError {
     #[error("profile `{text}`: expected `sleep#slope_us,intercept_us,pre_us,post_us` ({reason})")]
     Linear { text: String, reason: String },
     #[error("profile table {source_name}, line {line}: {reason}")]
-    Table { source_name: String, line: usize, reason: String },
+    Table {
+        source_name: String,
+        line: usize,
+        reason: String,
+    },
     #[error("profile table {source_name}: cannot read: {reason}")]
     Io { source_name: String, reason: String },
 }
@@ -81,9 +85,7 @@ impl Profile {
         }
         let mut us = [0f64; 4];
         for (slot, field) in us.iter_mut().zip(&fields) {
-            let value: f64 = field
-                .parse()
-                .map_err(|_| err(&format!("`{field}` is not a number")))?;
+            let value: f64 = field.parse().map_err(|_| err(&format!("`{field}` is not a number")))?;
             if !value.is_finite() || value < 0.0 {
                 return Err(err(&format!("`{field}` must be a finite number >= 0")));
             }
@@ -129,9 +131,10 @@ impl Profile {
                 let comment = comment.trim();
                 for (key, slot) in [("pre_us=", &mut pre_ns), ("post_us=", &mut post_ns)] {
                     if let Some(value) = comment.strip_prefix(key) {
-                        let us: f64 = value.trim().parse().map_err(|_| {
-                            err(line_number, format!("`{key}` needs a number, got `{value}`"))
-                        })?;
+                        let us: f64 = value
+                            .trim()
+                            .parse()
+                            .map_err(|_| err(line_number, format!("`{key}` needs a number, got `{value}`")))?;
                         if !us.is_finite() || us < 0.0 {
                             return Err(err(line_number, format!("`{key}` must be >= 0")));
                         }
@@ -298,9 +301,7 @@ mod tests {
             ("sleep#-1,5,0,0", ">= 0"),
             ("sleep#0,0,0,0", "both zero"),
         ] {
-            let message = Profile::parse_linear(text, 100_000_000)
-                .unwrap_err()
-                .to_string();
+            let message = Profile::parse_linear(text, 100_000_000).unwrap_err().to_string();
             assert!(message.contains(needle), "{message}");
         }
     }

@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn no_rate_before_the_first_sample_completes() {
         let mut m = RateMeter::new(50 * MS, 5_000 * MS);
-        m.record(1 * MS);
+        m.record(MS);
         assert_eq!(m.rate_rps(), None);
         m.advance(50 * MS);
         // One arrival in one 50 ms sample = 20 req/s.

@@ -29,6 +29,9 @@ pub struct SimConfig {
     /// Every model's rate is multiplied by this.
     pub rate_scale: f64,
     pub knobs: Knobs,
+    /// Give Nexus the workload's bench rates (times `rate_scale`) up front, as the reference
+    /// evaluated it, instead of letting it learn them.
+    pub nexus_true_rates: bool,
 }
 
 impl SimConfig {
@@ -40,6 +43,7 @@ impl SimConfig {
             seed: workload.seed,
             rate_scale: 1.0,
             knobs: Knobs::default(),
+            nexus_true_rates: false,
         }
     }
 }
@@ -209,7 +213,16 @@ pub fn simulate_with(workload: &Workload, config: &SimConfig, arrivals: &mut Vec
     assert!(config.rate_scale >= 0.0);
     workload.generate_arrivals(config.rate_scale, config.seed, arrivals);
     let models = model_configs(workload);
-    let mut policy = policy::build(config.policy, &models, config.gpu_count, &config.knobs);
+    let mut knobs = std::borrow::Cow::Borrowed(&config.knobs);
+    if config.nexus_true_rates {
+        let rates = workload
+            .models
+            .iter()
+            .map(|m| m.phases.bench_mean_rps() * config.rate_scale)
+            .collect();
+        knobs.to_mut().nexus_true_rates = Some(rates);
+    }
+    let mut policy = policy::build(config.policy, &models, config.gpu_count, &knobs);
     let mut engine = Engine::new(workload, &models, config, arrivals.len());
     engine.run(policy.as_mut(), arrivals);
     engine.report(workload, config)
@@ -323,14 +336,20 @@ impl<'a> Engine<'a> {
             assert_eq!(plan.plan_id as usize, self.plans.len(), "plan ids are dense");
             let profile = &self.models[plan.model as usize].profile;
             let arrive_ns = now_ns + self.knobs.lead_ns(plan.batch_size);
-            let start_ns = plan.exec_at_ns.max(arrive_ns).max(self.gpu_busy_until_ns[plan.gpu as usize]);
+            let start_ns = plan
+                .exec_at_ns
+                .max(arrive_ns)
+                .max(self.gpu_busy_until_ns[plan.gpu as usize]);
             let finish_ns = start_ns + profile.exec_ns(plan.batch_size);
             self.gpu_busy_until_ns[plan.gpu as usize] = finish_ns;
             self.gpu_last_plan[plan.gpu as usize] = Some(plan.plan_id);
             let requests_start = self.plan_requests.len() as u32;
             for request in out.plan_requests(plan) {
                 assert_eq!(request.model, plan.model);
-                assert!(request.arrival_ns <= now_ns, "no plan holds a request before it arrives");
+                assert!(
+                    request.arrival_ns <= now_ns,
+                    "no plan holds a request before it arrives"
+                );
                 self.plan_requests.push(request.id as u32);
             }
             self.plans.push(PlanRecord {
@@ -437,16 +456,18 @@ fn summarize(
             mean_batch_size: mean(batches),
         })
         .collect();
-    let measured: Vec<f64> = models.iter().filter(|m| m.counts.total > 0).map(|m| m.bad_rate).collect();
+    let measured: Vec<f64> = models
+        .iter()
+        .filter(|m| m.counts.total > 0)
+        .map(|m| m.bad_rate)
+        .collect();
     let bad_rate = if measured.is_empty() {
         0.0
     } else {
         measured.iter().sum::<f64>() / measured.len() as f64
     };
     let bad_rate_worst = measured.iter().copied().fold(0.0, f64::max);
-    let all_batches = model_batches
-        .iter()
-        .fold((0, 0), |acc, &(c, s)| (acc.0 + c, acc.1 + s));
+    let all_batches = model_batches.iter().fold((0, 0), |acc, &(c, s)| (acc.0 + c, acc.1 + s));
     Summary {
         policy: config.policy.name().to_string(),
         gpu_count: config.gpu_count,
@@ -475,7 +496,12 @@ pub fn write_dump(report: &SimReport, dir: &Path) -> io::Result<()> {
         let _ = writeln!(
             plans,
             "{},{},{},{},{},{}",
-            plan.plan_id, plan.gpu, report.model_names[plan.model as usize], plan.batch_size, plan.exec_at_ns, plan.finish_at_ns
+            plan.plan_id,
+            plan.gpu,
+            report.model_names[plan.model as usize],
+            plan.batch_size,
+            plan.exec_at_ns,
+            plan.finish_at_ns
         );
     }
     std::fs::write(dir.join("plans.csv"), plans)?;

@@ -94,7 +94,11 @@ mod tests {
         let mut calls = 0;
         let scale = find_goodput_scale(1.0, 1.0, |s| {
             calls += 1;
-            if s <= 1.37 { 0.5 } else { 20.0 }
+            if s <= 1.37 {
+                0.5
+            } else {
+                20.0
+            }
         });
         assert!((scale - 1.37).abs() < 2.0 / 4096.0 * 2.0, "{scale}");
         assert!(calls < 30);

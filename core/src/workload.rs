@@ -248,20 +248,14 @@ impl Phases {
 
     /// The (unscaled) rate at `t_ns`, or `None` at or past the end.
     pub fn rps_at(&self, t_ns: u64) -> Option<f64> {
-        self.spans()
-            .find(|span| t_ns < span.end_ns)
-            .map(|span| span.rps)
+        self.spans().find(|span| t_ns < span.end_ns).map(|span| span.rps)
     }
 
     /// The time-weighted mean rate of the bench phase.
     pub fn bench_mean_rps(&self) -> f64 {
         let duration = duration_ns(&self.bench) as f64;
         assert!(duration > 0.0);
-        let requests: f64 = self
-            .bench
-            .iter()
-            .map(|s| s.rps * s.duration_ns as f64)
-            .sum();
+        let requests: f64 = self.bench.iter().map(|s| s.rps * s.duration_ns as f64).sum();
         requests / duration
     }
 
@@ -435,11 +429,9 @@ impl Workload {
                 }
             }
             let phase_segments = |name: &str, raw: Option<&[RawSegment]>| {
-                convert_segments(raw.unwrap_or(&[]), model.segment_duration, &|position| {
-                    match position {
-                        Some(position) => format!("models[{index}].{name}[{position}]"),
-                        None => format!("models[{index}].{name}"),
-                    }
+                convert_segments(raw.unwrap_or(&[]), model.segment_duration, &|position| match position {
+                    Some(position) => format!("models[{index}].{name}[{position}]"),
+                    None => format!("models[{index}].{name}"),
                 })
                 .map_err(|(field, expected, got)| invalid(field, &expected, got))
             };
@@ -506,11 +498,7 @@ impl Workload {
 
     /// The max over models of the end of cool-down.
     pub fn end_ns(&self) -> u64 {
-        self.models
-            .iter()
-            .map(|m| m.phases.end_ns())
-            .max()
-            .unwrap_or(0)
+        self.models.iter().map(|m| m.phases.end_ns()).max().unwrap_or(0)
     }
 
     /// The sum over models of the time-weighted mean rate of the bench phase.
@@ -528,10 +516,7 @@ impl Workload {
     /// A time that falls in a segment of rate zero is dropped: the model jumps to the start of
     /// the next segment and draws a gap from there. Generation stops at the end of cool-down.
     pub fn generate_arrivals(&self, rate_scale: f64, seed: u64, out: &mut Vec<Arrival>) {
-        assert!(
-            rate_scale.is_finite() && rate_scale >= 0.0,
-            "rate_scale {rate_scale}"
-        );
+        assert!(rate_scale.is_finite() && rate_scale >= 0.0, "rate_scale {rate_scale}");
         out.clear();
         let expected: f64 = self
             .models
@@ -593,9 +578,9 @@ impl<'a> UnitGaps<'a> {
         match gap {
             Gap::Const => UnitGaps::Const,
             Gap::Exp => UnitGaps::Exp,
-            Gap::Gamma { shape } => UnitGaps::Gamma(
-                rand_distr::Gamma::new(*shape, 1.0 / *shape).expect("shape validated at parse"),
-            ),
+            Gap::Gamma { shape } => {
+                UnitGaps::Gamma(rand_distr::Gamma::new(*shape, 1.0 / *shape).expect("shape validated at parse"))
+            }
             Gap::Trace(trace) => UnitGaps::Trace {
                 times_ns: &trace.times_ns,
                 index: trace.start_index(),
@@ -793,8 +778,7 @@ impl<'de> Deserialize<'de> for RawSegment {
                 Ok(RawSegment::Rate(value))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawSegment, A::Error> {
-                RawSpan::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawSegment::Span)
+                RawSpan::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawSegment::Span)
             }
         }
         deserializer.deserialize_any(SegmentVisitor)
@@ -914,10 +898,7 @@ fn parse_trace(text: &str) -> Result<Arc<[u64]>, TraceError> {
         .map(|(index, line)| (index + 1, line.trim()))
         .filter(|(_, line)| !line.is_empty());
     let Some((header_line, header)) = lines.next() else {
-        return Err(line_error(
-            1,
-            "empty file: expected a header with `TIMESTAMP`".into(),
-        ));
+        return Err(line_error(1, "empty file: expected a header with `TIMESTAMP`".into()));
     };
     let column = header
         .split(',')
@@ -932,10 +913,7 @@ fn parse_trace(text: &str) -> Result<Arc<[u64]>, TraceError> {
     let mut times_ns: Vec<i128> = Vec::new();
     for (line_number, line) in lines {
         if times_ns.len() >= TRACE_ROWS_LIMIT {
-            return Err(line_error(
-                line_number,
-                format!("more than {TRACE_ROWS_LIMIT} rows"),
-            ));
+            return Err(line_error(line_number, format!("more than {TRACE_ROWS_LIMIT} rows")));
         }
         let field = line.split(',').nth(column).ok_or_else(|| {
             line_error(
@@ -964,10 +942,7 @@ fn parse_trace(text: &str) -> Result<Arc<[u64]>, TraceError> {
     let first_ns = times_ns[0];
     let span_ns = times_ns[times_ns.len() - 1] - first_ns;
     if span_ns == 0 {
-        return Err(line_error(
-            0,
-            "every row has the same time: the trace spans 0 s".into(),
-        ));
+        return Err(line_error(0, "every row has the same time: the trace spans 0 s".into()));
     }
     if u64::try_from(span_ns).is_err() {
         return Err(line_error(0, "the trace spans more than 2^64 ns".into()));
@@ -981,15 +956,12 @@ fn parse_trace(text: &str) -> Result<Arc<[u64]>, TraceError> {
 /// taking the time as UTC. Fraction digits past the ninth are dropped.
 fn parse_timestamp_ns(text: &str) -> Result<i128, String> {
     let text = text.trim().trim_matches('"');
-    let (date, time) = text
-        .split_once([' ', 'T'])
-        .ok_or("no space between date and time")?;
+    let (date, time) = text.split_once([' ', 'T']).ok_or("no space between date and time")?;
     let number = |part: &str, name: &str, digits: std::ops::RangeInclusive<usize>| {
         if !digits.contains(&part.len()) || !part.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("bad {name} `{part}`"));
         }
-        part.parse::<u32>()
-            .map_err(|_| format!("bad {name} `{part}`"))
+        part.parse::<u32>().map_err(|_| format!("bad {name} `{part}`"))
     };
 
     let mut date_parts = date.split('-');
@@ -1042,10 +1014,7 @@ fn parse_timestamp_ns(text: &str) -> Result<i128, String> {
     }
 
     let days = days_from_civil(i64::from(year), month, day);
-    let seconds = i128::from(days) * 86_400
-        + i128::from(hour) * 3_600
-        + i128::from(minute) * 60
-        + i128::from(second);
+    let seconds = i128::from(days) * 86_400 + i128::from(hour) * 3_600 + i128::from(minute) * 60 + i128::from(second);
     Ok(seconds * 1_000_000_000 + nanos)
 }
 
@@ -1074,8 +1043,8 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 mod tests {
     use super::*;
 
-    const SHARED_WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/workloads");
-    const SHARED_TRACES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/traces");
+    const SHIPPED_WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../workloads");
+    const SHIPPED_TRACES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../traces");
 
     fn parse(text: &str) -> Result<Workload, WorkloadError> {
         Workload::parse(text, Path::new("."), "test.yaml")
@@ -1087,8 +1056,7 @@ mod tests {
 
     /// A fresh scratch directory for files a test writes.
     fn scratch_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("symphony-workload-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("symphony-workload-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -1102,10 +1070,7 @@ mod tests {
     }
 
     fn count_model(arrivals: &[Arrival], model_index: u32) -> usize {
-        arrivals
-            .iter()
-            .filter(|a| a.model_index == model_index)
-            .count()
+        arrivals.iter().filter(|a| a.model_index == model_index).count()
     }
 
     fn check_sorted_and_phased(workload: &Workload, arrivals: &[Arrival]) {
@@ -1121,10 +1086,7 @@ mod tests {
 
     #[test]
     fn parses_every_shared_workload() {
-        let Ok(entries) = std::fs::read_dir(SHARED_WORKLOADS) else {
-            println!("skipped: {SHARED_WORKLOADS} is absent");
-            return;
-        };
+        let entries = std::fs::read_dir(SHIPPED_WORKLOADS).expect("the repository ships workloads/");
         let mut paths: Vec<PathBuf> = entries
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
@@ -1144,11 +1106,7 @@ mod tests {
 
     #[test]
     fn reference_example_in_detail() {
-        let path = Path::new(SHARED_WORKLOADS).join("reference-example.yaml");
-        if !path.exists() {
-            println!("skipped: {} is absent", path.display());
-            return;
-        }
+        let path = Path::new(SHIPPED_WORKLOADS).join("reference-example.yaml");
         let workload = Workload::load(&path).unwrap();
         assert_eq!(workload.seed, 0x0abc_dabc_d987);
         assert_eq!(workload.gpu_count, 8);
@@ -1176,18 +1134,11 @@ mod tests {
 
     #[test]
     fn seed_forms() {
-        let text =
-            |seed: &str| one_model("exp", "[{duration: 1, rps: 1}]").replace("seed: 1", seed);
-        assert_eq!(
-            parse(&text("seed: 0xabcdabcd987")).unwrap().seed,
-            0x0abc_dabc_d987
-        );
+        let text = |seed: &str| one_model("exp", "[{duration: 1, rps: 1}]").replace("seed: 1", seed);
+        assert_eq!(parse(&text("seed: 0xabcdabcd987")).unwrap().seed, 0x0abc_dabc_d987);
         assert_eq!(parse(&text("seed: \"0xff\"")).unwrap().seed, 255);
         assert_eq!(parse(&text("seed: '42'")).unwrap().seed, 42);
-        assert_eq!(
-            parse(&text("seed: 18446744073709551615")).unwrap().seed,
-            u64::MAX
-        );
+        assert_eq!(parse(&text("seed: 18446744073709551615")).unwrap().seed, u64::MAX);
         let e = error(&text("seed: -1"));
         assert!(e.contains("seed") && e.contains("0x hex"), "{e}");
         let e = error(&text("seed: \"0xzz\""));
@@ -1239,25 +1190,13 @@ mod tests {
         );
         // Bad values name the field and the value.
         let e = error(&one_model("exp", "[{duration: 0, rps: 5}]"));
-        assert!(
-            e.contains("models[0].bench[0].duration") && e.contains("> 0"),
-            "{e}"
-        );
+        assert!(e.contains("models[0].bench[0].duration") && e.contains("> 0"), "{e}");
         let e = error(&one_model("exp", "[{duration: 1, rps: -5}]"));
-        assert!(
-            e.contains("models[0].bench[0].rps") && e.contains(">= 0"),
-            "{e}"
-        );
+        assert!(e.contains("models[0].bench[0].rps") && e.contains(">= 0"), "{e}");
         let e = error(&one_model("exp", "[]"));
-        assert!(
-            e.contains("models[0].bench") && e.contains("non-empty"),
-            "{e}"
-        );
+        assert!(e.contains("models[0].bench") && e.contains("non-empty"), "{e}");
         let e = error(&one_model("exp", "[{duration: 1000, rps: 1000000}]"));
-        assert!(
-            e.contains("models[0].bench[0]") && e.contains("100000000"),
-            "{e}"
-        );
+        assert!(e.contains("models[0].bench[0]") && e.contains("100000000"), "{e}");
         let e = error(&one_model("exp", "[{duration: 1, rps: 5, foo: 1}]"));
         assert!(
             e.contains("models[0].bench[0]") && e.contains("unknown field `foo`"),
@@ -1274,43 +1213,26 @@ mod tests {
         assert!(e.contains("missing field `slo`"), "{e}");
         // Bad gap.
         let e = error(&one_model("gamma:x", "[{duration: 1, rps: 1}]"));
-        assert!(
-            e.contains("test.yaml") && e.contains("models[0].gap"),
-            "{e}"
-        );
+        assert!(e.contains("test.yaml") && e.contains("models[0].gap"), "{e}");
         assert!(e.contains("gamma:K") && e.contains("`gamma:x`"), "{e}");
         let e = error(&one_model("gamma:0", "[{duration: 1, rps: 1}]"));
         assert!(e.contains("models[0].gap"), "{e}");
         let e = error(&one_model("poisson", "[{duration: 1, rps: 1}]"));
-        assert!(
-            e.contains("models[0].gap") && e.contains("`poisson`"),
-            "{e}"
-        );
+        assert!(e.contains("models[0].gap") && e.contains("`poisson`"), "{e}");
         // Unknown key, top level and in a model.
-        let e = error(&format!(
-            "colour: red\n{}",
-            one_model("exp", "[{duration: 1, rps: 1}]")
-        ));
+        let e = error(&format!("colour: red\n{}", one_model("exp", "[{duration: 1, rps: 1}]")));
         assert!(e.contains("unknown field `colour`"), "{e}");
         let text = one_model("exp", "[{duration: 1, rps: 1}]").replace("gap:", "colour: 1, gap:");
         let e = error(&text);
-        assert!(
-            e.contains("models[0]") && e.contains("unknown field `colour`"),
-            "{e}"
-        );
+        assert!(e.contains("models[0]") && e.contains("unknown field `colour`"), "{e}");
         // Other checks.
         let e = error(&one_model("exp", "[{duration: 1, rps: 1}]").replace("gpus: 1", "gpus: 0"));
         assert!(e.contains("`gpus`"), "{e}");
         let e = error(&one_model("exp", "[{duration: 1, rps: 1}]").replace("slo: 100", "slo: 0"));
         assert!(e.contains("models[0].slo"), "{e}");
         let e = error(&one_model("exp", "[{duration: 1, rps: 1}]").replace("sleep#", "nap#"));
-        assert!(
-            e.contains("models[0].framework") && e.contains("sleep#"),
-            "{e}"
-        );
-        let e = error(
-            &one_model("exp", "[{duration: 1, rps: 1}]").replace("gap:", "trace_offset_s: 3, gap:"),
-        );
+        assert!(e.contains("models[0].framework") && e.contains("sleep#"), "{e}");
+        let e = error(&one_model("exp", "[{duration: 1, rps: 1}]").replace("gap:", "trace_offset_s: 3, gap:"));
         assert!(e.contains("models[0].trace_offset_s"), "{e}");
         let two = format!(
             "{}{}",
@@ -1318,19 +1240,13 @@ mod tests {
             "- {framework: \"sleep#1,1,0,0\", model: m, slo: 1, gap: exp, bench: [{duration: 1, rps: 1}]}\n"
         );
         let e = error(&two);
-        assert!(
-            e.contains("models[1].model") && e.contains("models[0]"),
-            "{e}"
-        );
+        assert!(e.contains("models[1].model") && e.contains("models[0]"), "{e}");
         let e = error("seed: 1\ngpus: 1\nmodels: []\n");
         assert!(e.contains("`models`"), "{e}");
         let e = Workload::load(Path::new("/nonexistent/w.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("/nonexistent/w.yaml") && e.contains("cannot read"),
-            "{e}"
-        );
+        assert!(e.contains("/nonexistent/w.yaml") && e.contains("cannot read"), "{e}");
     }
 
     #[test]
@@ -1344,27 +1260,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("w.yaml") && e.contains("models[0].gap"), "{e}");
-        assert!(
-            e.contains("missing.csv") && e.contains("cannot read"),
-            "{e}"
-        );
+        assert!(e.contains("missing.csv") && e.contains("cannot read"), "{e}");
 
         std::fs::write(
             dir.join("bad.csv"),
             "TIMESTAMP,x\n2023-11-16 18:17:03.9,1\n2023-11-16 18:17:04.x,2\n",
         )
         .unwrap();
-        let e = Workload::parse(
-            &one_model("trace:bad.csv", "[{duration: 1, rps: 1}]"),
-            &dir,
-            "w.yaml",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("bad.csv, line 3") && e.contains("18:17:04.x"),
-            "{e}"
-        );
+        let e = Workload::parse(&one_model("trace:bad.csv", "[{duration: 1, rps: 1}]"), &dir, "w.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.csv, line 3") && e.contains("18:17:04.x"), "{e}");
 
         std::fs::write(dir.join("nohead.csv"), "time,x\n2023-11-16 18:17:03.9,1\n").unwrap();
         let e = Workload::parse(
@@ -1374,23 +1280,16 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("nohead.csv, line 1") && e.contains("TIMESTAMP"),
-            "{e}"
-        );
+        assert!(e.contains("nohead.csv, line 1") && e.contains("TIMESTAMP"), "{e}");
 
         std::fs::write(
             dir.join("feb.csv"),
             "TIMESTAMP\n2023-02-29 00:00:00\n2023-03-01 00:00:00\n",
         )
         .unwrap();
-        let e = Workload::parse(
-            &one_model("trace:feb.csv", "[{duration: 1, rps: 1}]"),
-            &dir,
-            "w.yaml",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = Workload::parse(&one_model("trace:feb.csv", "[{duration: 1, rps: 1}]"), &dir, "w.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("feb.csv, line 2") && e.contains("day 29"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1424,19 +1323,11 @@ mod tests {
     #[test]
     fn rates_match_for_const_exp_and_gamma() {
         let mut arrivals = Vec::new();
-        for (gap, tolerance) in [
-            ("const", 0.001),
-            ("exp", 0.02),
-            ("gamma:0.1", 0.05),
-            ("gamma:4", 0.02),
-        ] {
+        for (gap, tolerance) in [("const", 0.001), ("exp", 0.02), ("gamma:0.1", 0.05), ("gamma:4", 0.02)] {
             let workload = parse(&one_model(gap, "[{duration: 100, rps: 1000}]")).unwrap();
             workload.generate_arrivals(1.0, 7, &mut arrivals);
             let count = arrivals.len() as f64;
-            assert!(
-                (count / 100_000.0 - 1.0).abs() < tolerance,
-                "{gap}: {count}"
-            );
+            assert!((count / 100_000.0 - 1.0).abs() < tolerance, "{gap}: {count}");
             check_sorted_and_phased(&workload, &arrivals);
         }
     }
@@ -1491,11 +1382,14 @@ mod tests {
 
     #[test]
     fn phases_at_boundaries_and_zero_rate_segments() {
-        let text = one_model("const", "[{duration: 2, rps: 100}, {duration: 1, rps: 0}, {duration: 1, rps: 10}]")
-            .replace(
-                "bench:",
-                "warmup: [{duration: 1, rps: 0}, {duration: 1, rps: 50}], cooldown: [{duration: 1, rps: 20}], bench:",
-            );
+        let text = one_model(
+            "const",
+            "[{duration: 2, rps: 100}, {duration: 1, rps: 0}, {duration: 1, rps: 10}]",
+        )
+        .replace(
+            "bench:",
+            "warmup: [{duration: 1, rps: 0}, {duration: 1, rps: 50}], cooldown: [{duration: 1, rps: 20}], bench:",
+        );
         let workload = parse(&text).unwrap();
         let phases = &workload.models[0].phases;
         let s = 1_000_000_000u64;
@@ -1603,29 +1497,18 @@ mod tests {
 
     #[test]
     fn azure_trace_replay_rate() {
-        let trace = Path::new(SHARED_TRACES).join("azure_llm_2023_conv.csv");
-        if !trace.exists() {
-            println!("skipped: {} is absent", trace.display());
-            return;
-        }
-        let mut text = one_model(
-            &format!("trace:{}", trace.display()),
-            "[{duration: 300, rps: 200}]",
-        );
+        let trace = Path::new(SHIPPED_TRACES).join("azure_llm_2023_conv.csv");
+        let mut text = one_model(&format!("trace:{}", trace.display()), "[{duration: 300, rps: 200}]");
         text.push_str(&format!(
             "- {{framework: \"sleep#1,1,0,0\", model: n, slo: 10, gap: \"trace:{}\", \
              trace_offset_s: 1800, bench: [{{duration: 300, rps: 200}}]}}\n",
             trace.display()
         ));
         let workload = parse(&text).unwrap();
-        let (Gap::Trace(t0), Gap::Trace(t1)) = (&workload.models[0].gap, &workload.models[1].gap)
-        else {
+        let (Gap::Trace(t0), Gap::Trace(t1)) = (&workload.models[0].gap, &workload.models[1].gap) else {
             panic!("not traces");
         };
-        assert!(
-            Arc::ptr_eq(&t0.times_ns, &t1.times_ns),
-            "one parse per file"
-        );
+        assert!(Arc::ptr_eq(&t0.times_ns, &t1.times_ns), "one parse per file");
         let mut arrivals = Vec::new();
         workload.generate_arrivals(1.0, 9, &mut arrivals);
         for model in 0..2 {

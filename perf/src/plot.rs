@@ -16,7 +16,11 @@ pub fn draw(result: &SweepResult, dir: &Path) -> Result<Vec<std::path::PathBuf>,
     }
     let mut written = Vec::new();
     for workload in workloads {
-        let cells: Vec<_> = result.cells.iter().filter(|c| c.workload == workload && !c.curve.is_empty()).collect();
+        let cells: Vec<_> = result
+            .cells
+            .iter()
+            .filter(|c| c.workload == workload && !c.curve.is_empty())
+            .collect();
         if cells.is_empty() {
             continue;
         }
@@ -42,7 +46,11 @@ pub fn draw(result: &SweepResult, dir: &Path) -> Result<Vec<std::path::PathBuf>,
             .map_err(|e| e.to_string())?;
         for (i, cell) in cells.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let points: Vec<(f64, f64)> = cell.curve.iter().map(|p| (p.offered_rps, p.bad_rate.min(30.0))).collect();
+            let points: Vec<(f64, f64)> = cell
+                .curve
+                .iter()
+                .map(|p| (p.offered_rps, p.bad_rate.min(30.0)))
+                .collect();
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?

@@ -32,6 +32,8 @@ pub struct SweepSpec {
     pub total_rps: Option<f64>,
     pub seed: Option<u64>,
     pub knobs: Knobs,
+    /// Give Nexus the true rates up front (see `SimConfig::nexus_true_rates`).
+    pub nexus_true_rates: bool,
     /// Load points per policy on each plotted curve (0: no curves).
     pub curve_points: u32,
     pub threads: usize,
@@ -129,6 +131,7 @@ fn run_cell(
     };
     let mut config = SimConfig::of(workload, policy);
     config.knobs = spec.knobs.clone();
+    config.nexus_true_rates = spec.nexus_true_rates;
     config.gpu_count = spec.gpu_count.unwrap_or(workload.gpu_count);
     config.seed = spec.seed.unwrap_or(workload.seed);
     let mut arrivals = Vec::new();
@@ -208,7 +211,9 @@ pub fn load_bound_rps(workload: &Workload, gpu_count: u32) -> f64 {
 }
 
 pub fn workload_name(path: &std::path::Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// The result as a markdown table: one row per workload, one column per policy.
@@ -252,7 +257,14 @@ pub fn base_table(result: &SweepResult) -> String {
     for c in &result.cells {
         text.push_str(&format!(
             "| {} | {} | {:.0} | {:.2} | {} of {} | {:.2} | {:.1} |\n",
-            c.workload, c.policy, c.base_offered_rps, c.base_bad_rate, c.base_gpus_used, c.gpu_count, c.base_gpu_busy_s, c.base_mean_batch_size
+            c.workload,
+            c.policy,
+            c.base_offered_rps,
+            c.base_bad_rate,
+            c.base_gpus_used,
+            c.gpu_count,
+            c.base_gpu_busy_s,
+            c.base_mean_batch_size
         ));
     }
     text

@@ -51,7 +51,9 @@ pub fn measure(workload: &Workload, policy: PolicyKind, rate_scale: f64, gpu_cou
     let summary = summary.expect("repeats > 0");
     let requests = arrivals.len() as u64;
     let json = serde_json::to_string(&summary).expect("summaries serialize");
-    let result_hash = json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let result_hash = json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let loop_s = (simulate_s - generate_s).max(1e-9);
     Throughput {
         policy: policy.name().to_string(),

@@ -53,6 +53,9 @@ models:
 - {framework: "sleep#400,2000,0,0", model: c, slo: 50, gap: exp, warmup: [{duration: 6, rps: 2000}], bench: [{duration: 6, rps: 2000}]}
 "#;
 
+/// `(finish_ns, plan_id, gpu, model, batch_size)` of a plan in flight.
+type PendingCompletion = (u64, u64, u32, u32, u32);
+
 /// Runs `kind` over the workload; returns allocations counted after the first half of time.
 fn allocations_in_steady_state(kind: PolicyKind) -> u64 {
     let workload = Workload::parse(WORKLOAD, std::path::Path::new("."), "inline").unwrap();
@@ -63,7 +66,7 @@ fn allocations_in_steady_state(kind: PolicyKind) -> u64 {
     workload.generate_arrivals(1.0, workload.seed, &mut arrivals);
     let steady_from_ns = workload.end_ns() / 2;
     let mut out = Output::new();
-    let mut completions: BinaryHeap<Reverse<(u64, u64, u32, u32, u32)>> = BinaryHeap::with_capacity(1024);
+    let mut completions: BinaryHeap<Reverse<PendingCompletion>> = BinaryHeap::with_capacity(1024);
     let mut next = 0;
     let mut now_ns = 0;
     ALLOCATIONS.store(0, Ordering::Relaxed);
@@ -102,7 +105,13 @@ fn allocations_in_steady_state(kind: PolicyKind) -> u64 {
             policy.on_timer(t, &mut out);
         }
         for plan in &out.plans {
-            completions.push(Reverse((plan.finish_ns, plan.plan_id, plan.gpu, plan.model, plan.batch_size)));
+            completions.push(Reverse((
+                plan.finish_ns,
+                plan.plan_id,
+                plan.gpu,
+                plan.model,
+                plan.batch_size,
+            )));
         }
         out.clear();
         COUNTING.store(false, Ordering::Relaxed);
@@ -113,6 +122,10 @@ fn allocations_in_steady_state(kind: PolicyKind) -> u64 {
 #[test]
 fn the_deferred_family_allocates_nothing_in_steady_state() {
     for kind in [PolicyKind::Symphony, PolicyKind::SymphonyRef, PolicyKind::Eager] {
-        assert_eq!(allocations_in_steady_state(kind), 0, "{kind} allocated on the decision path");
+        assert_eq!(
+            allocations_in_steady_state(kind),
+            0,
+            "{kind} allocated on the decision path"
+        );
     }
 }

@@ -373,10 +373,7 @@ fn audit_catches_broken_runs() {
 fn symphony_serves_light_load() {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-    let mut runner = TestRunner::new_with_rng(
-        Config::default(),
-        TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]),
-    );
+    let mut runner = TestRunner::new_with_rng(Config::default(), TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]));
     let strategy = workload_gen(0.02..0.3);
     let cases = 400;
     let (mut ours_over, mut reference_over, mut ours_worst) = (0, 0, 0.0f64);
@@ -401,7 +398,16 @@ fn symphony_serves_light_load() {
     println!(
         "light load, {cases} workloads: symphony over 1 % bad in {ours_over} (worst {ours_worst:.2} %), symphony-ref in {reference_over}"
     );
-    assert!(ours_over * 100 <= cases * 3, "symphony over 1 % bad in {ours_over} of {cases} light workloads");
-    assert!(ours_worst <= 10.0, "symphony's worst light-load bad rate {ours_worst:.2} %");
-    assert!(ours_over * 5 < reference_over, "the margin must beat the reference: {ours_over} vs {reference_over}");
+    assert!(
+        ours_over * 100 <= cases * 3,
+        "symphony over 1 % bad in {ours_over} of {cases} light workloads"
+    );
+    assert!(
+        ours_worst <= 10.0,
+        "symphony's worst light-load bad rate {ours_worst:.2} %"
+    );
+    assert!(
+        ours_over * 5 < reference_over,
+        "the margin must beat the reference: {ours_over} vs {reference_over}"
+    );
 }

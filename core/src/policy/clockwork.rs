@@ -36,7 +36,12 @@ impl Clockwork {
             .iter()
             .map(|m| {
                 let max = m.profile.batch_size_max();
-                let mut sizes: Vec<u32> = knobs.clockwork_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max).collect();
+                let mut sizes: Vec<u32> = knobs
+                    .clockwork_batch_sizes
+                    .iter()
+                    .copied()
+                    .filter(|&b| b >= 1 && b <= max)
+                    .collect();
                 sizes.sort_unstable();
                 sizes.dedup();
                 if sizes.first() != Some(&1) {
@@ -104,7 +109,13 @@ impl Clockwork {
         let exec_at_ns = start_ns(batch_size, &self.knobs);
         let finish_ns = exec_at_ns + self.profiles[index].exec_ns(batch_size);
         self.queued_count -= batch_size as usize;
-        out.push_plan(gpu, index as u32, exec_at_ns, finish_ns, self.queues[index].drain(..batch_size as usize));
+        out.push_plan(
+            gpu,
+            index as u32,
+            exec_at_ns,
+            finish_ns,
+            self.queues[index].drain(..batch_size as usize),
+        );
         self.pool.occupy(gpu, finish_ns);
         true
     }
@@ -130,7 +141,11 @@ impl Policy for Clockwork {
 
     fn next_timer_ns(&mut self) -> Option<u64> {
         // The next GPU whose planned work comes within the lookahead.
-        (self.queued_count > 0).then(|| self.pool.min_free_at_ns().saturating_sub(self.knobs.clockwork_lookahead_ns))
+        (self.queued_count > 0).then(|| {
+            self.pool
+                .min_free_at_ns()
+                .saturating_sub(self.knobs.clockwork_lookahead_ns)
+        })
     }
 
     fn queued_count(&self) -> usize {

@@ -356,7 +356,10 @@ impl Deferred {
                 // No GPU frees in time: wait for the hand-off, and recompute when the batch
                 // can no longer start in time.
                 self.set_waiting(index, Some(window));
-                self.timers.set(index as u32, window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1));
+                self.timers.set(
+                    index as u32,
+                    window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
+                );
                 return;
             }
             self.set_waiting(index, None);
@@ -431,7 +434,11 @@ impl Deferred {
         let batch_size = window
             .batch_size
             .max(model.queue.len().min(model.profile.batch_size_max() as usize) as u32);
-        Some(self.pool.min_free_at_ns().saturating_sub(self.knobs.lead_ns(batch_size)))
+        Some(
+            self.pool
+                .min_free_at_ns()
+                .saturating_sub(self.knobs.lead_ns(batch_size)),
+        )
     }
 }
 
@@ -507,8 +514,14 @@ impl Policy for Deferred {
             }
             let (head, window) = self.waiting_head().expect("hand-off has a head");
             self.set_waiting(head as usize, None);
-            let start_ns = self.pool.min_free_at_ns().max(now_ns + self.knobs.lead_ns(window.batch_size));
-            let gpu = self.pool.pick(start_ns, self.config.grant).expect("the earliest-free GPU qualifies");
+            let start_ns = self
+                .pool
+                .min_free_at_ns()
+                .max(now_ns + self.knobs.lead_ns(window.batch_size));
+            let gpu = self
+                .pool
+                .pick(start_ns, self.config.grant)
+                .expect("the earliest-free GPU qualifies");
             self.grant(head as usize, gpu, now_ns, out);
             self.update(head as usize, now_ns, out);
         }
@@ -694,8 +707,14 @@ mod tests {
         assert_eq!(out.plans.len(), 1, "immediately: planned at once");
         let busy_until_ns = out.plans[0].finish_ns;
         out.clear();
-        let late = Request { model: 1, ..request(1, 80 * MS) };
-        let early = Request { model: 0, ..request(2, 60 * MS) };
+        let late = Request {
+            model: 1,
+            ..request(1, 80 * MS)
+        };
+        let early = Request {
+            model: 0,
+            ..request(2, 60 * MS)
+        };
         d.on_arrival(MS, late, &mut out);
         d.on_arrival(MS, early, &mut out);
         assert!(out.plans.is_empty(), "the only GPU is busy");

@@ -71,9 +71,20 @@ pub struct Output {
     next_plan_id: u64,
 }
 
+/// Decisions one event usually produces at most: `Output::new` reserves this much, so the
+/// buffers rarely grow after start-up (they still grow, amortized, past it).
+pub const OUTPUT_PLANS_RESERVED: usize = 256;
+pub const OUTPUT_REQUESTS_RESERVED: usize = 8192;
+
 impl Output {
     pub fn new() -> Output {
-        Output::default()
+        Output {
+            plans: Vec::with_capacity(OUTPUT_PLANS_RESERVED),
+            plan_requests: Vec::with_capacity(OUTPUT_REQUESTS_RESERVED),
+            drops: Vec::with_capacity(OUTPUT_REQUESTS_RESERVED),
+            preempted: Vec::with_capacity(OUTPUT_PLANS_RESERVED),
+            next_plan_id: 0,
+        }
     }
 
     /// Emits a plan for `requests` (in batch order) and returns it.
@@ -194,7 +205,13 @@ macro_rules! knob_names {
     };
 }
 
-knob_names!(DropPolicy, "drop policy", WindowDrop = "window-drop", DropTimeout = "drop-timeout", WindowFcfs = "window-fcfs");
+knob_names!(
+    DropPolicy,
+    "drop policy",
+    WindowDrop = "window-drop",
+    DropTimeout = "drop-timeout",
+    WindowFcfs = "window-fcfs"
+);
 knob_names!(
     Condition,
     "schedulable condition",
@@ -204,7 +221,13 @@ knob_names!(
     TargetQueuingDelay = "target-queuing-delay",
     Immediately = "immediately",
 );
-knob_names!(GrantPolicy, "GPU grant policy", LowestIndex = "lowest-index", EarliestFree = "earliest-free", BestFit = "best-fit");
+knob_names!(
+    GrantPolicy,
+    "GPU grant policy",
+    LowestIndex = "lowest-index",
+    EarliestFree = "earliest-free",
+    BestFit = "best-fit"
+);
 
 /// The policies one run can compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -265,6 +288,9 @@ pub struct Knobs {
     pub nexus_epoch_ns: u64,
     /// Give Nexus the workload's true rates up front instead of learning them online.
     pub nexus_true_rates: Option<Vec<f64>>,
+    /// Ours, for a fixed cluster: Nexus plans for the largest load its GPUs can hold, keeping
+    /// spare GPUs as headroom (false: the plan uses only the GPUs the measured load needs).
+    pub nexus_fill_gpus: bool,
     pub shepherd_lambda: f64,
     pub shepherd_preemption: bool,
     pub triton_max_queue_delay_ns: u64,
@@ -284,7 +310,7 @@ impl Default for Knobs {
             grant: None,
             saturation_threshold: 0.8,
             saturated_drop: DropPolicy::WindowDrop,
-            saturated_target_fraction: 0.75,
+            saturated_target_fraction: 0.6,
             contention_margin_factor: 2.0,
             rate_sample_ns: 50 * MS,
             rate_window_ns: 5_000 * MS,
@@ -292,6 +318,7 @@ impl Default for Knobs {
             clockwork_batch_sizes: vec![1, 2, 4, 8, 16],
             nexus_epoch_ns: 30_000 * MS,
             nexus_true_rates: None,
+            nexus_fill_gpus: true,
             shepherd_lambda: 3.03,
             shepherd_preemption: true,
             triton_max_queue_delay_ns: 5 * MS,
@@ -309,18 +336,16 @@ impl Knobs {
 }
 
 /// Builds a policy over `models` and `gpu_count` GPUs.
-pub fn build(
-    kind: PolicyKind,
-    models: &[ModelConfig],
-    gpu_count: u32,
-    knobs: &Knobs,
-) -> Box<dyn Policy> {
+pub fn build(kind: PolicyKind, models: &[ModelConfig], gpu_count: u32, knobs: &Knobs) -> Box<dyn Policy> {
     assert!(gpu_count > 0);
     assert!(!models.is_empty());
     match kind {
-        PolicyKind::Symphony | PolicyKind::SymphonyRef | PolicyKind::Eager => Box::new(
-            deferred::Deferred::new(deferred::Config::of(kind, knobs), models, gpu_count, knobs),
-        ),
+        PolicyKind::Symphony | PolicyKind::SymphonyRef | PolicyKind::Eager => Box::new(deferred::Deferred::new(
+            deferred::Config::of(kind, knobs),
+            models,
+            gpu_count,
+            knobs,
+        )),
         PolicyKind::Clockwork => Box::new(clockwork::Clockwork::new(models, gpu_count, knobs)),
         PolicyKind::Nexus => Box::new(nexus::Nexus::new(models, gpu_count, knobs)),
         PolicyKind::Shepherd => Box::new(shepherd::Shepherd::new(models, gpu_count, knobs)),

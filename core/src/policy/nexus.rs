@@ -13,6 +13,7 @@
 //!    `exec(b)/d`, each onto the GPU where the merged occupancy is highest and still <= 1
 //!    (best fit). Merged sessions share the smallest duty cycle `d'`, with `b_i = ceil(r_i d')`
 //!    and `exec(b_i) + d' <= slo` checked for each; otherwise a new GPU is opened.
+//!
 //! If the plan needs more GPUs than exist, every rate is scaled down by one factor until it
 //! fits (found by bisection): the overload is then shed by the early drop.
 //!
@@ -257,6 +258,26 @@ impl Nexus {
             // Scale every allocation down by one factor: the largest that fits.
             let (mut lo, mut hi) = (0.0, 1.0);
             for _ in 0..30 {
+                let mid = 0.5 * (lo + hi);
+                if self.pack(mid) <= gpu_count {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            scale = lo;
+        } else if self.knobs.nexus_fill_gpus {
+            // Ours: plan for the largest load the GPUs can hold, so a fixed cluster keeps
+            // its spare GPUs as headroom for bursts instead of idling them.
+            let mut hi = 2.0;
+            while hi < 1024.0 && self.pack(hi) <= gpu_count {
+                hi *= 2.0;
+            }
+            let mut lo = hi / 2.0;
+            if self.pack(lo) > gpu_count {
+                lo = 1.0;
+            }
+            for _ in 0..20 {
                 let mid = 0.5 * (lo + hi);
                 if self.pack(mid) <= gpu_count {
                     lo = mid;
@@ -646,9 +667,22 @@ mod tests {
         let models = [resnet("heavy"), resnet("light")];
         let knobs = Knobs {
             nexus_true_rates: Some(vec![2000.0, 200.0]),
+            nexus_fill_gpus: false,
             ..Knobs::default()
         };
         let nexus = Nexus::new(&models, 4, &knobs);
+        let filled = Nexus::new(
+            &models,
+            4,
+            &Knobs {
+                nexus_fill_gpus: true,
+                ..knobs.clone()
+            },
+        );
+        assert!(
+            (0..4).all(|g| !filled.sessions(g).is_empty()),
+            "filling the cluster plans every GPU"
+        );
         let gpus_of = |m: u32| {
             (0..4)
                 .filter(|&g| nexus.sessions(g).iter().any(|s| s.model == m))
@@ -764,9 +798,9 @@ mod tests {
             }
             out.clear();
         };
-        let mut id = 0;
         // 200 requests in 20 ms: far more than one GPU can serve in time.
         for step in 0..200u64 {
+            let id = step;
             let now_ns = step * 100_000;
             let model = (step % 2) as u32;
             nexus.on_arrival(
@@ -779,7 +813,6 @@ mod tests {
                 },
                 &mut out,
             );
-            id += 1;
             check(&mut out, now_ns);
             while let Some(t) = nexus.next_timer_ns() {
                 if t > now_ns {
@@ -795,58 +828,5 @@ mod tests {
         }
         assert_eq!(nexus.queued_count(), 0);
         assert_eq!(seen.len(), 200);
-    }
-}
-
-/// Goodput with the true rates (as the reference evaluated Nexus), on the shared workloads:
-/// `cargo test --release -p symphony-core --lib nexus::goodput -- --ignored --nocapture`.
-#[cfg(test)]
-mod goodput {
-    use crate::policy::PolicyKind;
-    use crate::sim::{simulate_with, SimConfig};
-    use crate::workload::Workload;
-    use std::path::Path;
-
-    fn bad_rate(w: &Workload, scale: f64, true_rates: bool, arrivals: &mut Vec<crate::workload::Arrival>) -> f64 {
-        let mut config = SimConfig::of(w, PolicyKind::Nexus);
-        config.rate_scale = scale;
-        if true_rates {
-            config.knobs.nexus_true_rates = Some(w.models.iter().map(|m| m.phases.bench_mean_rps() * scale).collect());
-        }
-        simulate_with(w, &config, arrivals).summary.bad_rate
-    }
-
-    #[test]
-    #[ignore = "measurement: minutes of simulation"]
-    fn true_rate_goodput_on_shared_workloads() {
-        let dir = Path::new("/work/shared/workloads");
-        let mut arrivals = Vec::new();
-        for name in [
-            "1m-gamma0.1",
-            "1m-poisson",
-            "32m-gamma0.1",
-            "32m-poisson",
-            "8m-gamma0.1",
-            "8m-poisson",
-        ] {
-            let Ok(w) = Workload::load(&dir.join(format!("resnet-{name}.yaml"))) else {
-                eprintln!("skip {name}: workload not found");
-                continue;
-            };
-            let total = w.total_bench_rps();
-            let (mut lo, mut hi) = (0.0, 7393.0 / total);
-            for _ in 0..9 {
-                let mid = 0.5 * (lo + hi);
-                if bad_rate(&w, mid, true, &mut arrivals) <= 1.0 {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            println!(
-                "nexus (true rates) {name}: goodput {:.0} req/s (scale {lo:.4})",
-                lo * total
-            );
-        }
     }
 }

@@ -37,9 +37,17 @@ impl Triton {
             .iter()
             .map(|m| {
                 let max = m.profile.batch_size_max();
-                let preferred = knobs.triton_preferred_batch_sizes.iter().copied().filter(|&b| b >= 1 && b <= max).max();
+                let preferred = knobs
+                    .triton_preferred_batch_sizes
+                    .iter()
+                    .copied()
+                    .filter(|&b| b >= 1 && b <= max)
+                    .max();
                 preferred.unwrap_or_else(|| {
-                    (1..=max).filter(|&b| 2 * m.profile.exec_ns(b) <= m.slo_ns).max().unwrap_or(1)
+                    (1..=max)
+                        .filter(|&b| 2 * m.profile.exec_ns(b) <= m.slo_ns)
+                        .max()
+                        .unwrap_or(1)
                 })
             })
             .collect();
@@ -89,7 +97,13 @@ impl Triton {
                 let exec_at_ns = now_ns + self.knobs.lead_ns(batch_size);
                 let finish_ns = exec_at_ns + profile.exec_ns(batch_size);
                 self.queued_count -= batch_size as usize;
-                out.push_plan(gpu, index as u32, exec_at_ns, finish_ns, queue.drain(..batch_size as usize));
+                out.push_plan(
+                    gpu,
+                    index as u32,
+                    exec_at_ns,
+                    finish_ns,
+                    queue.drain(..batch_size as usize),
+                );
                 self.pool.occupy(gpu, finish_ns);
             }
             self.arm(index);
@@ -98,7 +112,9 @@ impl Triton {
 
     fn arm(&mut self, index: usize) {
         match self.queues[index].front() {
-            Some(oldest) => self.timers.set(index as u32, oldest.arrival_ns + self.knobs.triton_max_queue_delay_ns),
+            Some(oldest) => self
+                .timers
+                .set(index as u32, oldest.arrival_ns + self.knobs.triton_max_queue_delay_ns),
             None => self.timers.cancel(index as u32),
         }
     }

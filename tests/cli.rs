@@ -1,0 +1,133 @@
+//! The `symphony` command as a user meets it: good runs write what they promise, bad input
+//! gets an error that names the file, the field and what was expected, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn symphony(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_symphony"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("symphony-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn workloads() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads")
+}
+
+fn assert_clean_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "a panic, not an error: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "error should mention `{needle}`: {stderr}");
+    }
+}
+
+const GOOD: &str = "seed: 1\ngpus: 2\nmodels:\n- {framework: \"sleep#1082,5204,0,0\", model: a, slo: 100, gap: exp,\n   warmup: [{duration: 0.5, rps: 300}], bench: [{duration: 1, rps: 300}], cooldown: [{duration: 0.5, rps: 300}]}\n";
+
+#[test]
+fn sim_prints_metrics_and_dumps_the_three_files() {
+    let dir = scratch("sim");
+    let workload = dir.join("w.yaml");
+    std::fs::write(&workload, GOOD).unwrap();
+    let dump = dir.join("dump");
+    let output = symphony(&[
+        "sim",
+        workload.to_str().unwrap(),
+        "--policy",
+        "eager",
+        "--dump",
+        dump.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("policy eager") && stdout.contains("bad rate avg"),
+        "{stdout}"
+    );
+    for file in ["plans.csv", "requests.csv", "summary.json"] {
+        assert!(dump.join(file).is_file(), "{file} missing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sweep_writes_table_json_and_plots() {
+    let dir = scratch("sweep");
+    let workload = dir.join("w.yaml");
+    std::fs::write(&workload, GOOD).unwrap();
+    let out = dir.join("out");
+    let output = symphony(&[
+        "sweep",
+        workload.to_str().unwrap(),
+        "--policies",
+        "symphony,eager",
+        "--curve-points",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("| w | "), "one row for the workload: {stdout}");
+    let svg = std::fs::read_to_string(out.join("w.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("symphony") && svg.contains("eager"));
+    let json: String = std::fs::read_to_string(out.join("sweep.json")).unwrap();
+    assert!(json.contains("\"goodput_rps\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let dir = scratch("bad");
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("missing-slo.yaml", "seed: 1\ngpus: 1\nmodels:\n- {framework: \"sleep#1,1,0,0\", model: a, gap: exp, bench: [{duration: 1, rps: 1}]}\n", &["missing-slo.yaml", "slo"]),
+        ("bad-gap.yaml", "seed: 1\ngpus: 1\nmodels:\n- {framework: \"sleep#1,1,0,0\", model: a, slo: 10, gap: \"gamma:x\", bench: [{duration: 1, rps: 1}]}\n", &["bad-gap.yaml", "gap"]),
+        ("bad-profile.yaml", "seed: 1\ngpus: 1\nmodels:\n- {framework: \"sleep#abc\", model: a, slo: 10, gap: exp, bench: [{duration: 1, rps: 1}]}\n", &["bad-profile.yaml", "sleep#"]),
+        ("no-trace.yaml", "seed: 1\ngpus: 1\nmodels:\n- {framework: \"sleep#1,1,0,0\", model: a, slo: 10, gap: \"trace:nowhere.csv\", bench: [{duration: 1, rps: 1}]}\n", &["nowhere.csv"]),
+        ("not-yaml.yaml", "{{{{", &["not-yaml.yaml"]),
+    ];
+    for (name, text, needles) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        assert_clean_error(&symphony(&["sim", path.to_str().unwrap()]), needles);
+    }
+    assert_clean_error(
+        &symphony(&["sim", dir.join("absent.yaml").to_str().unwrap()]),
+        &["absent.yaml"],
+    );
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, GOOD).unwrap();
+    assert_clean_error(
+        &symphony(&["sim", good.to_str().unwrap(), "--policy", "fifo"]),
+        &["unknown policy `fifo`", "symphony", "nexus"],
+    );
+    assert_clean_error(&symphony(&["sim", good.to_str().unwrap(), "--gpus", "0"]), &["--gpus"]);
+    assert_clean_error(
+        &symphony(&["sim", good.to_str().unwrap(), "--rate-scale=-1"]),
+        &["--rate-scale"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_shipped_workload_loads() {
+    for entry in std::fs::read_dir(workloads()).unwrap() {
+        let path = entry.unwrap().path();
+        let output = symphony(&["sim", path.to_str().unwrap(), "--rate-scale", "0.1"]);
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
