@@ -64,6 +64,8 @@ pub struct Cell {
     pub base_gpus_used: u32,
     pub base_gpu_busy_s: f64,
     pub base_mean_batch_size: f64,
+    /// Each GPU's busy fraction over the bench phase, by GPU index.
+    pub base_gpu_busy_fraction: Vec<f64>,
     pub curve: Vec<CurvePoint>,
     pub simulations: u64,
 }
@@ -168,6 +170,7 @@ fn run_cell(
         base_gpus_used: base.gpus_used,
         base_gpu_busy_s: base.gpu_busy_s,
         base_mean_batch_size: base.mean_batch_size,
+        base_gpu_busy_fraction: base.gpu_busy_fraction.clone(),
         curve: Vec::new(),
         simulations: 0,
     };
@@ -252,11 +255,11 @@ pub fn table(result: &SweepResult, policies: &[PolicyKind]) -> String {
 /// At the base load: bad rate, GPUs used and GPU-seconds busy per policy.
 pub fn base_table(result: &SweepResult) -> String {
     let mut text = String::from(
-        "| workload | policy | offered req/s | bad rate % | GPUs used | GPU-s busy | mean batch |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| workload | policy | offered req/s | bad rate % | GPUs used | GPU-s busy | mean batch | busy % by GPU index |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );
     for c in &result.cells {
         text.push_str(&format!(
-            "| {} | {} | {:.0} | {:.2} | {} of {} | {:.2} | {:.1} |\n",
+            "| {} | {} | {:.0} | {:.2} | {} of {} | {:.2} | {:.1} | {} |\n",
             c.workload,
             c.policy,
             c.base_offered_rps,
@@ -264,7 +267,12 @@ pub fn base_table(result: &SweepResult) -> String {
             c.base_gpus_used,
             c.gpu_count,
             c.base_gpu_busy_s,
-            c.base_mean_batch_size
+            c.base_mean_batch_size,
+            c.base_gpu_busy_fraction
+                .iter()
+                .map(|f| format!("{:.0}", 100.0 * f))
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
     }
     text
