@@ -6,6 +6,10 @@ use plotters::prelude::*;
 
 use crate::sweep::SweepResult;
 
+/// The bad-rate axis ends here: the region around the 1 % bound is what the plot is for;
+/// worse points are drawn at the top edge.
+const Y_MAX_PERCENT: f64 = 10.0;
+
 /// Draws one SVG per workload of `result` into `dir`; returns the files written.
 pub fn draw(result: &SweepResult, dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     let mut workloads: Vec<&str> = Vec::new();
@@ -36,7 +40,7 @@ pub fn draw(result: &SweepResult, dir: &Path) -> Result<Vec<std::path::PathBuf>,
             .margin(12)
             .x_label_area_size(44)
             .y_label_area_size(56)
-            .build_cartesian_2d(0.0..x_max * 1.02, 0.0..30.0)
+            .build_cartesian_2d(0.0..x_max * 1.02, 0.0..Y_MAX_PERCENT)
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
@@ -49,7 +53,7 @@ pub fn draw(result: &SweepResult, dir: &Path) -> Result<Vec<std::path::PathBuf>,
             let points: Vec<(f64, f64)> = cell
                 .curve
                 .iter()
-                .map(|p| (p.offered_rps, p.bad_rate.min(30.0)))
+                .map(|p| (p.offered_rps, p.bad_rate.min(Y_MAX_PERCENT)))
                 .collect();
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))

@@ -8,9 +8,10 @@
 //! The control plane runs once per event and model; the data plane is the queue walk. Nothing
 //! here allocates in steady state: queues and the output keep their capacity.
 //!
-//! Our default configuration ([`PolicyKind::Symphony`]) adds one thing to the reference
-//! (`adaptive`): a model whose batch is already as large as the current load can make it stops
-//! deferring when GPUs are saturated. See `docs/internals/scheduling.md`, "Beyond the anchors".
+//! Our default configuration ([`PolicyKind::Symphony`]) adds two things to the reference
+//! configuration ([`PolicyKind::SymphonyRef`]): it stops deferring once the measured demand
+//! saturates the GPUs (`saturation_threshold`), and it defers less while other models contend
+//! for the GPUs (`contention_margin`). See `docs/internals/scheduling.md`, section 8.
 
 use std::collections::VecDeque;
 
