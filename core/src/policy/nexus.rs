@@ -253,19 +253,9 @@ impl Nexus {
     /// The epoch planner over `self.rates_rps`; then idle GPUs with queued work start.
     fn plan(&mut self, now_ns: u64, out: &mut Output) {
         let gpu_count = self.gpus.len();
-        let mut scale = 1.0;
-        if self.pack(1.0) > gpu_count {
+        let scale = if self.pack(1.0) > gpu_count {
             // Scale every allocation down by one factor: the largest that fits.
-            let (mut lo, mut hi) = (0.0, 1.0);
-            for _ in 0..30 {
-                let mid = 0.5 * (lo + hi);
-                if self.pack(mid) <= gpu_count {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            scale = lo;
+            self.largest_fitting_scale(0.0, 1.0)
         } else if self.knobs.nexus_fill_gpus {
             // Ours: plan for the largest load the GPUs can hold, so a fixed cluster keeps
             // its spare GPUs as headroom for bursts instead of idling them.
@@ -273,20 +263,15 @@ impl Nexus {
             while hi < 1024.0 && self.pack(hi) <= gpu_count {
                 hi *= 2.0;
             }
-            let mut lo = hi / 2.0;
-            if self.pack(lo) > gpu_count {
-                lo = 1.0;
-            }
-            for _ in 0..20 {
-                let mid = 0.5 * (lo + hi);
-                if self.pack(mid) <= gpu_count {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            scale = lo;
-        }
+            let lo = if self.pack(hi / 2.0) <= gpu_count {
+                hi / 2.0
+            } else {
+                1.0
+            };
+            self.largest_fitting_scale(lo, hi)
+        } else {
+            1.0
+        };
         let used = self.pack(scale);
         self.finalize_batches();
         if used > gpu_count {
@@ -323,6 +308,21 @@ impl Nexus {
                 self.turn(gpu, now_ns, out);
             }
         }
+    }
+
+    /// Bisects for the largest rate scale in `[lo, hi]` whose plan fits the GPUs, given that
+    /// `lo` fits (or is 0) and `hi` does not.
+    fn largest_fitting_scale(&mut self, mut lo: f64, mut hi: f64) -> f64 {
+        let gpu_count = self.gpus.len();
+        for _ in 0..30 {
+            let mid = 0.5 * (lo + hi);
+            if self.pack(mid) <= gpu_count {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
     }
 
     /// Packs `self.rates_rps * scale` into `self.nodes`; returns the number of GPUs needed.
