@@ -175,8 +175,18 @@ impl KnobArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole chain of causes, one line; no backtrace: this is an operating error.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sim(args) => run_sim(args),
         Command::Sweep(args) => run_sweep(args),
@@ -190,7 +200,16 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         workloads.push((path.clone(), Workload::load(path)?));
     }
     anyhow::ensure!(!args.policies.is_empty(), "--policies names no policy");
-    anyhow::ensure!(args.gpus != Some(0), "--gpus must be at least 1");
+    if let Some(gpus) = args.gpus {
+        check_gpus(gpus)?;
+    }
+    for (path, workload) in &workloads {
+        anyhow::ensure!(
+            workload.total_bench_rps() > 0.0,
+            "{}: the bench phase offers no load (every bench rps is 0): nothing to search",
+            path.display()
+        );
+    }
     if let Some(total) = args.total_rps {
         anyhow::ensure!(
             total.is_finite() && total > 0.0,
@@ -253,11 +272,24 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn check_gpus(gpus: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=symphony_core::workload::GPUS_LIMIT).contains(&u64::from(gpus)),
+        "--gpus must be between 1 and {}, got {gpus}",
+        symphony_core::workload::GPUS_LIMIT
+    );
+    Ok(())
+}
+
 fn run_perf_sim(args: PerfSimArgs) -> anyhow::Result<()> {
     let workload = Workload::load(&args.workload)?;
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     let gpus = args.gpus.unwrap_or(workload.gpu_count);
-    anyhow::ensure!(gpus > 0, "--gpus must be at least 1");
+    check_gpus(gpus)?;
+    anyhow::ensure!(
+        args.rate_scale.is_finite() && args.rate_scale >= 0.0,
+        "--rate-scale must be a finite number >= 0"
+    );
     eprintln!(
         "perf-sim: workload {} policy {} rate scale {} gpus {} repeats {} (best of), commit {}",
         args.workload.display(),
@@ -280,7 +312,7 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     config.gpu_count = args.gpus.unwrap_or(workload.gpu_count);
     config.seed = args.seed.unwrap_or(workload.seed);
     config.rate_scale = args.rate_scale;
-    anyhow::ensure!(config.gpu_count > 0, "--gpus must be at least 1");
+    check_gpus(config.gpu_count)?;
     anyhow::ensure!(
         args.rate_scale.is_finite() && args.rate_scale >= 0.0,
         "--rate-scale must be a finite number >= 0"
@@ -292,6 +324,30 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         s.policy, s.gpu_count, s.seed, s.offered_rps, s.counts.total, s.counts.success, s.counts.dropped, s.counts.late, s.counts.noreply,
         s.bad_rate, s.bad_rate_worst, s.mean_batch_size, s.gpus_used, s.gpu_busy_s
     );
+    println!(
+        "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "model", "total", "success", "dropped", "late", "noreply", "bad %", "mean batch"
+    );
+    for m in &s.models {
+        println!(
+            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8.3} {:>10.1}",
+            m.name,
+            m.counts.total,
+            m.counts.success,
+            m.counts.dropped,
+            m.counts.late,
+            m.counts.noreply,
+            m.bad_rate,
+            m.mean_batch_size
+        );
+    }
+    let busy: Vec<String> = s
+        .gpu_busy_fraction
+        .iter()
+        .map(|f| format!("{:.0}", 100.0 * f))
+        .collect();
+    println!("busy % by GPU index: {}", busy.join(" "));
+    println!("knobs: {:?}", config.knobs);
     if let Some(dir) = &args.dump {
         sim::write_dump(&report, dir).with_context(|| format!("writing the dump to {}", dir.display()))?;
     }
