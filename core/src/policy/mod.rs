@@ -282,19 +282,22 @@ pub struct Knobs {
     /// Rate meter: sample length and window.
     pub rate_sample_ns: u64,
     pub rate_window_ns: u64,
-    /// Condition "target queuing delay": the batch size it aims for per inter-batch gap.
+    /// Clockwork keeps each GPU's queue filled this far ahead, with these batch sizes.
     pub clockwork_lookahead_ns: u64,
     pub clockwork_batch_sizes: Vec<u32>,
+    /// Nexus re-plans every epoch (or earlier when a rate leaves its band).
     pub nexus_epoch_ns: u64,
     /// Give Nexus the workload's true rates up front instead of learning them online.
     pub nexus_true_rates: Option<Vec<f64>>,
     /// Ours, for a fixed cluster: Nexus plans for the largest load its GPUs can hold, keeping
     /// spare GPUs as headroom (false: the plan uses only the GPUs the measured load needs).
     pub nexus_fill_gpus: bool,
+    /// Shepherd preempts a running batch for one at least `lambda` times larger.
     pub shepherd_lambda: f64,
     pub shepherd_preemption: bool,
+    /// Triton dispatches a model's queue once its oldest request waited this long.
     pub triton_max_queue_delay_ns: u64,
-    /// Triton's preferred batch sizes; empty: the model's target batch size.
+    /// Triton's preferred batch sizes; empty: the largest `b` with `2 exec(b) <= slo`.
     pub triton_preferred_batch_sizes: Vec<u32>,
 }
 
