@@ -1,7 +1,9 @@
-//! symphony-shards: the scheduler service (not built yet).
+//! symphony-shards: the scheduler service (being built).
 //!
-//! This crate will hold the thread-per-core glommio shards, the io_uring front door, routing
-//! to each model's owning shard, the lock-free GPU table in `sync/` and the executor links
-//! (see ARCHITECTURE.md and the issue "The scheduler service"). Today it is empty on purpose:
-//! the scheduling policies it will run live in `symphony-core` and are exercised by the
-//! virtual-time simulator.
+//! Today this crate holds [`sync`], the lock-free structures the shards will share: the GPU
+//! table that lets every shard claim and release GPUs without a lock or a central thread,
+//! checked with loom in `symphony-verify`. The glommio thread-per-core shards, the io_uring
+//! front door, routing to each model's owning shard and the executor links are not built yet
+//! (see ARCHITECTURE.md and the issue "The scheduler service").
+
+pub mod sync;

@@ -1,0 +1,396 @@
+//! The GPU table: which GPU is free when, shared by every shard, with no lock and no central
+//! thread.
+//!
+//! A shard plans with the same rules as the single-threaded `symphony_core::gpu_pool`: a GPU
+//! qualifies for a batch starting at `exec_at` when its `free_at <= exec_at`, and the grant
+//! policy picks among the qualifying ones. Here many shards do it at once, so a GPU is taken
+//! by a *claim* (a CAS on its state word) and given back by a *release* that publishes the
+//! planned finish as its new `free_at`. When GPUs are scarce, shards *post* their most urgent
+//! waiting candidate (`invalid_after`), and a release hands the GPU it frees to the posted
+//! candidate with the smallest `invalid_after` across shards by *reserving* it for that shard.
+//!
+//! This is not a scheduler: which batch to run is the shard's business (the core's policy).
+//!
+//! # Protocol
+//!
+//! Each GPU has a state word and a `free_at_ns` word:
+//!
+//! ```text
+//! state = version (46 bits) | tag (2 bits: FREE, CLAIMED, RESERVED) | owner shard (16 bits)
+//! ```
+//!
+//! Every transition increments `version`, so a CAS from a state value read earlier fails if
+//! anything happened in between (no ABA).
+//!
+//! 1. **Claim** (`claim`, `try_claim`): load the state (Acquire); it must be FREE, or RESERVED
+//!    for this shard; load `free_at_ns` (Relaxed: see below); check `free_at <= exec_at`;
+//!    CAS the state to CLAIMED by this shard (AcqRel). Success makes the caller the only
+//!    writer of `free_at_ns` until it releases.
+//! 2. **Release** (`release`): the owner stores the plan's finish into `free_at_ns`
+//!    (Relaxed), then stores the state FREE (Release: a later claimer's Acquire load of this
+//!    state makes the new `free_at_ns` visible, and its CAS from exactly this state value
+//!    proves no newer `free_at_ns` was written since). Then it hands off (4).
+//! 3. **Post** (`post_and_claim`): a shard whose candidate finds no GPU stores its
+//!    `invalid_after` into its waiter slot, issues a SeqCst fence, then loads every GPU state
+//!    and claims a free one whatever its `free_at` (or one reserved for it); on success it
+//!    withdraws the post.
+//! 4. **Hand-off** (`hand_off`, run by whoever frees a GPU): a SeqCst fence, then load every
+//!    waiter slot, take the smallest `invalid_after`, and CAS the freed GPU from FREE to
+//!    RESERVED for that shard. The caller then tells that shard (a message outside this
+//!    module); the shard claims it (`claim_reserved`) or declines (`decline`), which hands off
+//!    again.
+//!
+//! **No waiting candidate is forgotten.** Steps 2 to 4 are the two halves of a Dekker pair:
+//! the shard stores its waiter, fences, loads GPU states; the releaser stores a GPU state,
+//! fences, loads the waiters. The two SeqCst fences are totally ordered: if the releaser's
+//! fence comes second, its loads see the post (it reserves the GPU for the waiter, unless
+//! another shard claimed the GPU first, and that shard's own release hands off again); if the
+//! shard's fence comes second, its loads see the GPU free and it claims it. (Fences rather
+//! than SeqCst accesses: loom models SeqCst fences exactly, SeqCst accesses only as AcqRel.)
+//! The loom models in `verify/tests/loom_gpu_table.rs` check this, and that no GPU ever holds
+//! two overlapping plans, with two and three threads; without either fence they fail.
+
+use symphony_core::policy::GrantPolicy;
+
+use super::atomic::{fence, AtomicU64, Ordering};
+
+/// Shard ids fit the owner field of a state word.
+pub const SHARD_LIMIT: usize = 1 << OWNER_BITS;
+/// GPUs one table holds.
+pub const GPU_LIMIT: usize = 1 << 20;
+
+const OWNER_BITS: u32 = 16;
+const TAG_BITS: u32 = 2;
+const OWNER_MASK: u64 = (1 << OWNER_BITS) - 1;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+const VERSION_SHIFT: u32 = OWNER_BITS + TAG_BITS;
+
+const TAG_FREE: u64 = 0;
+const TAG_CLAIMED: u64 = 1;
+const TAG_RESERVED: u64 = 2;
+
+/// A waiter slot with no candidate posted.
+const NO_WAITER: u64 = u64::MAX;
+
+/// Retries of a contended CAS before a claim gives up on one GPU and moves on.
+const CAS_RETRY_LIMIT: u32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    version: u64,
+    tag: u64,
+    owner: u16,
+}
+
+impl State {
+    fn unpack(word: u64) -> State {
+        State {
+            version: word >> VERSION_SHIFT,
+            tag: (word >> OWNER_BITS) & TAG_MASK,
+            owner: (word & OWNER_MASK) as u16,
+        }
+    }
+
+    /// The state after this one, with a new tag and owner.
+    fn next(self, tag: u64, owner: u16) -> u64 {
+        let version = (self.version + 1) & (u64::MAX >> VERSION_SHIFT);
+        (version << VERSION_SHIFT) | (tag << OWNER_BITS) | u64::from(owner)
+    }
+}
+
+#[derive(Debug)]
+struct Gpu {
+    state: AtomicU64,
+    free_at_ns: AtomicU64,
+}
+
+/// The right to plan on one GPU, from a successful claim until `release` or `cancel`.
+/// Not `Clone`: one claim, one release.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a claimed GPU stays claimed until it is released or cancelled"]
+pub struct Claim {
+    gpu: u32,
+    shard: u16,
+    /// The state word the claim installed.
+    word: u64,
+    free_at_ns: u64,
+}
+
+impl Claim {
+    pub fn gpu(&self) -> u32 {
+        self.gpu
+    }
+
+    /// When the GPU's previous plan ends: the new plan may start no earlier.
+    pub fn free_at_ns(&self) -> u64 {
+        self.free_at_ns
+    }
+}
+
+/// The shared table of GPUs and waiting candidates.
+#[derive(Debug)]
+pub struct GpuTable {
+    gpus: Box<[Gpu]>,
+    /// Per shard: the `invalid_after_ns` of its most urgent waiting candidate, or `NO_WAITER`.
+    waiters: Box<[AtomicU64]>,
+}
+
+impl GpuTable {
+    pub fn new(gpu_count: usize, shard_count: usize) -> GpuTable {
+        assert!(gpu_count > 0 && gpu_count <= GPU_LIMIT);
+        assert!(shard_count > 0 && shard_count <= SHARD_LIMIT);
+        GpuTable {
+            gpus: (0..gpu_count)
+                .map(|_| Gpu {
+                    state: AtomicU64::new(0),
+                    free_at_ns: AtomicU64::new(0),
+                })
+                .collect(),
+            waiters: (0..shard_count).map(|_| AtomicU64::new(NO_WAITER)).collect(),
+        }
+    }
+
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.len()
+    }
+
+    /// A snapshot of when `gpu` frees (planning input; a claim re-checks it).
+    pub fn free_at_ns(&self, gpu: u32) -> u64 {
+        self.gpus[gpu as usize].free_at_ns.load(Ordering::Acquire)
+    }
+
+    /// Claims a GPU with `free_at <= exec_at_ns` for `shard`, chosen by `policy` among those
+    /// free or reserved for this shard. `None` when none qualifies right now.
+    pub fn claim(&self, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<Claim> {
+        match policy {
+            GrantPolicy::LowestIndex => {
+                (0..self.gpus.len() as u32).find_map(|gpu| self.try_claim(shard, gpu, exec_at_ns))
+            }
+            GrantPolicy::EarliestFree | GrantPolicy::BestFit => {
+                // Pick by a snapshot, then claim; if another shard won the race, pick again.
+                for _ in 0..CAS_RETRY_LIMIT {
+                    let gpu = self.pick_by_free_at(shard, exec_at_ns, policy)?;
+                    if let Some(claim) = self.try_claim(shard, gpu, exec_at_ns) {
+                        return Some(claim);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    fn pick_by_free_at(&self, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
+        let qualifying = self.gpus.iter().enumerate().filter_map(|(index, gpu)| {
+            let state = State::unpack(gpu.state.load(Ordering::Acquire));
+            let open = state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard);
+            let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
+            (open && free_at_ns <= exec_at_ns).then_some((index as u32, free_at_ns))
+        });
+        let picked = if policy == GrantPolicy::EarliestFree {
+            qualifying.min_by_key(|&(index, free_at_ns)| (free_at_ns, index))
+        } else {
+            qualifying.max_by_key(|&(index, free_at_ns)| (free_at_ns, std::cmp::Reverse(index)))
+        };
+        picked.map(|(index, _)| index)
+    }
+
+    /// Claims `gpu` for `shard` if it is free (or reserved for `shard`) and frees by
+    /// `exec_at_ns`.
+    pub fn try_claim(&self, shard: u16, gpu: u32, exec_at_ns: u64) -> Option<Claim> {
+        let slot = &self.gpus[gpu as usize];
+        let mut word = slot.state.load(Ordering::Acquire);
+        for _ in 0..CAS_RETRY_LIMIT {
+            let state = State::unpack(word);
+            let open = state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard);
+            if !open {
+                return None;
+            }
+            // Relaxed: the Acquire load of `word` saw the Release that published this value,
+            // and the CAS below succeeds only if `word` is still current.
+            let free_at_ns = slot.free_at_ns.load(Ordering::Relaxed);
+            if free_at_ns > exec_at_ns {
+                return None;
+            }
+            let claimed = state.next(TAG_CLAIMED, shard);
+            match slot
+                .state
+                .compare_exchange(word, claimed, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Some(Claim {
+                        gpu,
+                        shard,
+                        word: claimed,
+                        free_at_ns,
+                    })
+                }
+                Err(current) => word = current,
+            }
+        }
+        None
+    }
+
+    /// Claims `gpu`, reserved for `shard` by a hand-off, whatever its `free_at` (the shard
+    /// plans its batch from `Claim::free_at_ns`). `None` if it is not reserved for `shard`.
+    pub fn claim_reserved(&self, shard: u16, gpu: u32) -> Option<Claim> {
+        let slot = &self.gpus[gpu as usize];
+        let word = slot.state.load(Ordering::Acquire);
+        let state = State::unpack(word);
+        if state.tag != TAG_RESERVED || state.owner != shard {
+            return None;
+        }
+        let free_at_ns = slot.free_at_ns.load(Ordering::Relaxed);
+        let claimed = state.next(TAG_CLAIMED, shard);
+        // Only this shard moves a GPU out of RESERVED-for-it, so the CAS cannot fail; it is a
+        // CAS anyway so a protocol bug shows as `None`, not as a stolen GPU.
+        slot.state
+            .compare_exchange(word, claimed, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Claim {
+                gpu,
+                shard,
+                word: claimed,
+                free_at_ns,
+            })
+    }
+
+    /// Ends `claim`: the GPU runs the claimer's plan until `finish_ns` and is free again for
+    /// planning from then on. Returns the shard the GPU was handed off to, if any: the caller
+    /// must tell it.
+    pub fn release(&self, claim: Claim, finish_ns: u64) -> Option<u16> {
+        assert!(
+            finish_ns >= claim.free_at_ns,
+            "a plan on GPU {} ends at {finish_ns}, before the previous one ({})",
+            claim.gpu,
+            claim.free_at_ns
+        );
+        self.free(claim, finish_ns)
+    }
+
+    /// Ends `claim` without a plan: the GPU keeps its `free_at`.
+    pub fn cancel(&self, claim: Claim) -> Option<u16> {
+        let free_at_ns = claim.free_at_ns;
+        self.free(claim, free_at_ns)
+    }
+
+    fn free(&self, claim: Claim, free_at_ns: u64) -> Option<u16> {
+        let slot = &self.gpus[claim.gpu as usize];
+        let word = slot.state.load(Ordering::Relaxed);
+        assert_eq!(word, claim.word, "only the claimer changes a claimed GPU");
+        slot.free_at_ns.store(free_at_ns, Ordering::Relaxed);
+        let freed = State::unpack(word).next(TAG_FREE, 0);
+        slot.state.store(freed, Ordering::Release);
+        self.hand_off(claim.gpu)
+    }
+
+    /// Gives up a reservation made for `shard` (its candidate no longer waits): the GPU is
+    /// free again and is handed to the next waiter, whose shard is returned.
+    pub fn decline(&self, shard: u16, gpu: u32) -> Option<u16> {
+        let slot = &self.gpus[gpu as usize];
+        let word = slot.state.load(Ordering::Acquire);
+        let state = State::unpack(word);
+        if state.tag != TAG_RESERVED || state.owner != shard {
+            return None;
+        }
+        let freed = state.next(TAG_FREE, 0);
+        if slot
+            .state
+            .compare_exchange(word, freed, Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        self.hand_off(gpu)
+    }
+
+    /// Step 3: posts `shard`'s most urgent waiting candidate, then claims any GPU that is free
+    /// (whatever its `free_at`) or reserved for `shard`, earliest `free_at` first. On success
+    /// the post is withdrawn; otherwise it stays, and a release will reserve a GPU for it.
+    pub fn post_and_claim(&self, shard: u16, invalid_after_ns: u64) -> Option<Claim> {
+        assert!(invalid_after_ns != NO_WAITER);
+        self.waiters[shard as usize].store(invalid_after_ns, Ordering::Relaxed);
+        // The waiter's half of the Dekker pair with `free` (module doc): the post is ordered
+        // before the loads of the GPU states.
+        fence(Ordering::SeqCst);
+        let mut open: Option<(u64, u32, u64)> = None;
+        for (index, gpu) in self.gpus.iter().enumerate() {
+            let word = gpu.state.load(Ordering::Acquire);
+            let state = State::unpack(word);
+            if state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard) {
+                let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
+                if open.is_none_or(|(best, _, _)| free_at_ns < best) {
+                    open = Some((free_at_ns, index as u32, word));
+                }
+            }
+        }
+        let (free_at_ns, gpu, word) = open?;
+        let claimed = State::unpack(word).next(TAG_CLAIMED, shard);
+        let slot = &self.gpus[gpu as usize];
+        if slot
+            .state
+            .compare_exchange(word, claimed, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Another shard claimed it first: its release hands off to this post.
+            return None;
+        }
+        self.clear_waiter(shard);
+        Some(Claim {
+            gpu,
+            shard,
+            word: claimed,
+            free_at_ns,
+        })
+    }
+
+    /// Withdraws `shard`'s waiting candidate.
+    pub fn clear_waiter(&self, shard: u16) {
+        self.waiters[shard as usize].store(NO_WAITER, Ordering::Relaxed);
+    }
+
+    /// The GPU reserved for `shard`, if any (for a shard that was not told, or lost the
+    /// message).
+    pub fn reservation_of(&self, shard: u16) -> Option<u32> {
+        self.gpus
+            .iter()
+            .position(|gpu| {
+                let state = State::unpack(gpu.state.load(Ordering::Acquire));
+                state.tag == TAG_RESERVED && state.owner == shard
+            })
+            .map(|index| index as u32)
+    }
+
+    /// Step 4: reserves the freed `gpu` for the posted waiter with the smallest
+    /// `invalid_after`. Returns that shard; `None` when no one waits or the GPU was claimed.
+    fn hand_off(&self, gpu: u32) -> Option<u16> {
+        let slot = &self.gpus[gpu as usize];
+        for _ in 0..CAS_RETRY_LIMIT {
+            // The releaser's half of the Dekker pair with `post_and_claim` (module doc): the
+            // store that freed the GPU is ordered before the loads of the waiter slots.
+            fence(Ordering::SeqCst);
+            let (shard, _) = self
+                .waiters
+                .iter()
+                .enumerate()
+                .map(|(shard, waiter)| (shard as u16, waiter.load(Ordering::Relaxed)))
+                .filter(|&(_, invalid_after_ns)| invalid_after_ns != NO_WAITER)
+                .min_by_key(|&(shard, invalid_after_ns)| (invalid_after_ns, shard))?;
+            let word = slot.state.load(Ordering::Acquire);
+            let state = State::unpack(word);
+            if state.tag != TAG_FREE {
+                // Claimed (its release hands off again) or already reserved.
+                return None;
+            }
+            let reserved = state.next(TAG_RESERVED, shard);
+            if slot
+                .state
+                .compare_exchange(word, reserved, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // The waiter is served: its slot is cleared by the shard when it claims.
+                return Some(shard);
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,82 @@
+//! The GPU table's single-threaded behaviour; the concurrent protocol is checked by the loom
+//! models in `verify/tests/loom_gpu_table.rs`.
+
+use symphony_core::policy::GrantPolicy;
+use symphony_shards::sync::gpu_table::GpuTable;
+
+#[test]
+fn lowest_index_claims_in_order_and_respects_free_at() {
+    let table = GpuTable::new(3, 2);
+    let a = table.claim(0, 100, GrantPolicy::LowestIndex).unwrap();
+    let b = table.claim(1, 100, GrantPolicy::LowestIndex).unwrap();
+    assert_eq!((a.gpu(), b.gpu()), (0, 1));
+    assert_eq!(table.release(a, 500), None);
+    // GPU 0 frees at 500: a batch at 200 takes GPU 2, one at 600 takes GPU 0.
+    let c = table.claim(0, 200, GrantPolicy::LowestIndex).unwrap();
+    assert_eq!(c.gpu(), 2);
+    let d = table.claim(0, 600, GrantPolicy::LowestIndex).unwrap();
+    assert_eq!((d.gpu(), d.free_at_ns()), (0, 500));
+    assert!(
+        table.claim(1, 10_000, GrantPolicy::LowestIndex).is_none(),
+        "all claimed"
+    );
+    let _ = (table.cancel(b), table.cancel(c), table.cancel(d));
+}
+
+#[test]
+fn earliest_free_and_best_fit_pick_by_free_at() {
+    let table = GpuTable::new(3, 1);
+    for (gpu, finish) in [(0, 300), (1, 100), (2, 200)] {
+        let claim = table.try_claim(0, gpu, 0).unwrap();
+        let _ = table.release(claim, finish);
+    }
+    let e = table.claim(0, 250, GrantPolicy::EarliestFree).unwrap();
+    assert_eq!(e.gpu(), 1);
+    let f = table.claim(0, 250, GrantPolicy::BestFit).unwrap();
+    assert_eq!(f.gpu(), 2);
+    let _ = (table.cancel(e), table.cancel(f));
+}
+
+#[test]
+fn release_hands_off_to_the_earliest_invalid_after() {
+    let table = GpuTable::new(1, 3);
+    let held = table.claim(0, 0, GrantPolicy::LowestIndex).unwrap();
+    assert!(table.post_and_claim(1, 900).is_none());
+    assert!(table.post_and_claim(2, 400).is_none());
+    assert_eq!(table.release(held, 300), Some(2));
+    assert!(
+        table.claim(1, 1_000, GrantPolicy::LowestIndex).is_none(),
+        "reserved for 2"
+    );
+    assert_eq!(table.reservation_of(2), Some(0));
+    // Shard 2 declines: the GPU goes on to shard 1, which claims it as a waiter.
+    table.clear_waiter(2);
+    assert_eq!(table.decline(2, 0), Some(1));
+    let claim = table.post_and_claim(1, 900).unwrap();
+    assert_eq!(claim.free_at_ns(), 300);
+    assert_eq!(table.release(claim, 350), None);
+}
+
+#[test]
+#[should_panic(expected = "before the previous one")]
+fn overlapping_release_is_a_bug() {
+    let table = GpuTable::new(1, 1);
+    let claim = table.try_claim(0, 0, 0).unwrap();
+    let _ = table.release(claim, 100);
+    let claim = table.try_claim(0, 0, 100).unwrap();
+    let _ = table.release(claim, 50);
+}
+
+#[test]
+fn a_waiter_takes_a_free_gpu_whatever_its_free_at() {
+    let table = GpuTable::new(2, 2);
+    for gpu in 0..2 {
+        let claim = table.try_claim(0, gpu, 0).unwrap();
+        let _ = table.release(claim, 1_000 * u64::from(gpu + 1));
+    }
+    // Nothing frees by 10, so a plain claim fails; the waiter takes the earliest free GPU.
+    assert!(table.claim(1, 10, GrantPolicy::LowestIndex).is_none());
+    let claim = table.post_and_claim(1, 5_000).unwrap();
+    assert_eq!((claim.gpu(), claim.free_at_ns()), (0, 1_000));
+    let _ = table.cancel(claim);
+}
