@@ -726,4 +726,67 @@ mod tests {
         assert_eq!(out.plans[0].model, 0, "earliest invalid_after first");
         assert_eq!(out.plans[0].exec_at_ns, busy_until_ns);
     }
+
+    /// Feeds model `index` one arrival every `gap_ns` from 0 to `until_ns` (meter only).
+    fn meter_steady_rate(d: &mut Deferred, index: usize, gap_ns: u64, until_ns: u64) {
+        let mut t = 0;
+        while t <= until_ns {
+            if d.models[index].meter.record(t) {
+                d.on_rate_sample(index);
+            }
+            t += gap_ns;
+        }
+    }
+
+    #[test]
+    fn target_queuing_delay_waits_one_target_batch_of_arrivals() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::TargetQueuingDelay, 1);
+        // 1000 req/s: target (n = (b + 5)/b > 1): (b + 5)(1 + b/(b + 5)) = 2b + 5 <= 97.9 - 0.05 b
+        // -> 2.05 b <= 92.9 -> 45.
+        meter_steady_rate(&mut d, 0, MS, 2_000 * MS);
+        assert_eq!(d.target_batch_size(0), 45);
+        d.models[0].last_exec_at_ns = 1_000 * MS;
+        // choice = last_exec_at + 45 / 1000 s = 1045 ms; within [earliest, latest] for D = 1100.
+        let w = d.window(0, 1_010 * MS, 3, 1_100 * MS);
+        assert_eq!(w.exec_at_ns, 1_045 * MS);
+    }
+
+    #[test]
+    fn saturation_switches_deferral_off_at_the_threshold() {
+        // Ours: demand = r * exec(t)/t GPU-seconds per second; saturated when the sum reaches
+        // 0.8 of the GPUs. One model on 2 GPUs at 1000 req/s and t = 45: 1000 * 0.050 / 45
+        // = 1.11 GPU < 1.6; at 2000 req/s, t = 59: 2000 * 0.064 / 59 = 2.17 GPUs >= 1.6.
+        let config = Config::of(PolicyKind::Symphony, &Knobs::default());
+        let mut d = Deferred::new(config, &[model()], 2, &Knobs::default());
+        meter_steady_rate(&mut d, 0, MS, 2_000 * MS);
+        assert!(!d.is_saturated());
+        assert_eq!(d.condition(), Condition::Frontrun);
+        let mut d = Deferred::new(config, &[model()], 2, &Knobs::default());
+        meter_steady_rate(&mut d, 0, MS / 2, 2_000 * MS);
+        assert_eq!(d.target_batch_size(0), 59);
+        assert!(d.is_saturated());
+        assert_eq!(d.condition(), Condition::Immediately);
+        // Once saturated, window drop keeps ceil(0.6 * 59) = 36 of the target.
+        for id in 0..100 {
+            d.models[0].queue.push_back(request(id, 2_200 * MS));
+        }
+        d.queued_count = 100;
+        let mut out = Output::new();
+        let (b, _) = d.form_batch(0, 2_000 * MS, 2_000 * MS, &mut out).unwrap();
+        assert!(b >= 36, "at least the reduced target: {b}");
+    }
+
+    #[test]
+    fn contention_margin_pulls_the_window_by_a_long_recent_batch() {
+        // Ours: margin = 2 * E * min(others, G) / G with E the decaying max of batch times.
+        let config = Config::of(PolicyKind::Symphony, &Knobs::default());
+        let mut d = Deferred::new(config, &[model(), model()], 1, &Knobs::default());
+        let w = d.window(0, 10 * MS, 3, 80 * MS);
+        assert_eq!(w.exec_at_ns, 70_850 * US, "no other model: the frontrun of the spec");
+        d.recent_exec_ns = 12 * MS;
+        d.set_active(1, true);
+        // frontrun 70.85 ms - 2 * 12 ms * min(1, 1)/1 = 46.85 ms.
+        let w = d.window(0, 10 * MS, 3, 80 * MS);
+        assert_eq!(w.exec_at_ns, 46_850 * US);
+    }
 }
