@@ -1,5 +1,10 @@
-//! symphony-gpu-exec: the executor process (not built yet).
+//! symphony-gpu-exec: the executor process (being built).
 //!
-//! This crate will hold the plan follower and the backends (`sim`, `cpu`, `cuda` via cudarc)
-//! and the latency profiler (see ARCHITECTURE.md). Today it is empty on purpose: the
-//! simulator's fake GPUs in `symphony-core::sim` stand in for executors.
+//! Today this crate holds the executor's pure building blocks: the per-GPU plan follower
+//! ([`follower`]) and the clock-offset estimate made at the handshake ([`clock`]). The
+//! executor process itself (connection to the scheduler, the `sim`, `cpu` and `cuda`
+//! backends, the profiler) is not built yet (see ARCHITECTURE.md and the issues "The
+//! scheduler service" and "Executors that really compute").
+
+pub mod clock;
+pub mod follower;
