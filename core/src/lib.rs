@@ -14,4 +14,5 @@ pub mod request;
 pub mod sim;
 pub mod sweep;
 pub mod timers;
+pub mod wire;
 pub mod workload;
