@@ -155,7 +155,6 @@ fn hand_off_serves_waiters_and_forgets_none_with_three_threads() {
                 break;
             };
             let claim = table.claim_reserved(shard, 0).unwrap();
-            table.clear_waiter(shard);
             served.push(claim.gpu());
             let _ = plan_and_release(&table, &log, claim, 0);
         }

@@ -231,7 +231,8 @@ impl GpuTable {
     }
 
     /// Claims `gpu`, reserved for `shard` by a hand-off, whatever its `free_at` (the shard
-    /// plans its batch from `Claim::free_at_ns`). `None` if it is not reserved for `shard`.
+    /// plans its batch from `Claim::free_at_ns`), and withdraws `shard`'s post. `None` if it is
+    /// not reserved for `shard`.
     pub fn claim_reserved(&self, shard: u16, gpu: u32) -> Option<Claim> {
         let slot = &self.gpus[gpu as usize];
         let word = slot.state.load(Ordering::Acquire);
@@ -245,13 +246,16 @@ impl GpuTable {
         // CAS anyway so a protocol bug shows as `None`, not as a stolen GPU.
         slot.state
             .compare_exchange(word, claimed, Ordering::AcqRel, Ordering::Acquire)
-            .ok()
-            .map(|_| Claim {
-                gpu,
-                shard,
-                word: claimed,
-                free_at_ns,
-            })
+            .ok()?;
+        // The waiter this reservation served has its GPU: withdraw the post (a shard with
+        // another waiting candidate posts again).
+        self.clear_waiter(shard);
+        Some(Claim {
+            gpu,
+            shard,
+            word: claimed,
+            free_at_ns,
+        })
     }
 
     /// Ends `claim`: the GPU runs the claimer's plan until `finish_ns` and is free again for
