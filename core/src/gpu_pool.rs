@@ -1,10 +1,31 @@
-//! The single-threaded GPU pool of one scheduler: each GPU's `free_at` and the grant policies.
+//! Where a policy's GPUs come from ([`GpuSource`]), and the single-threaded source: the GPU
+//! pool of one scheduler, each GPU's `free_at` and the grant policies.
 //!
 //! This is the view a policy plans with: when each GPU's last planned batch ends. The service
-//! shares the same facts across shards in a lock-free table (`symphony-shards::sync`); here one
-//! owner reads and writes them.
+//! shares the same facts across shards in a lock-free table (`symphony-shards::sync`), which
+//! implements [`GpuSource`] too, so the deferred scheduler runs unchanged over either.
 
 use crate::policy::GrantPolicy;
+
+/// A GPU claimed for one plan: the plan may start no earlier than `free_at_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuClaim {
+    pub gpu: u32,
+    pub free_at_ns: u64,
+}
+
+/// The GPUs a policy plans on. A claim is ended by exactly one `release` (with the plan's
+/// finish) or `cancel` (no plan).
+pub trait GpuSource: std::fmt::Debug {
+    fn gpu_count(&self) -> u32;
+    /// The earliest time any GPU is free (a snapshot: a claim may still fail).
+    fn min_free_at_ns(&self) -> u64;
+    /// Claims a GPU with `free_at <= exec_at_ns`, chosen by `policy`; `None` when none
+    /// qualifies (or, shared, another claimer was faster).
+    fn claim(&mut self, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim>;
+    fn release(&mut self, claim: GpuClaim, finish_ns: u64);
+    fn cancel(&mut self, claim: GpuClaim);
+}
 
 #[derive(Debug, Clone)]
 pub struct GpuPool {
@@ -84,6 +105,32 @@ impl GpuPool {
                 .map(|(i, _)| i),
         };
         picked.map(|i| i as u32)
+    }
+}
+
+impl GpuSource for GpuPool {
+    fn gpu_count(&self) -> u32 {
+        GpuPool::gpu_count(self)
+    }
+
+    fn min_free_at_ns(&self) -> u64 {
+        self.min_free_at_ns
+    }
+
+    fn claim(&mut self, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {
+        let gpu = self.pick(exec_at_ns, policy)?;
+        Some(GpuClaim {
+            gpu,
+            free_at_ns: self.free_at_ns(gpu),
+        })
+    }
+
+    fn release(&mut self, claim: GpuClaim, finish_ns: u64) {
+        self.occupy(claim.gpu, finish_ns);
+    }
+
+    fn cancel(&mut self, _claim: GpuClaim) {
+        // Single owner: a claim reserved nothing.
     }
 }
 

@@ -223,8 +223,21 @@ pub fn simulate_with(workload: &Workload, config: &SimConfig, arrivals: &mut Vec
         knobs.to_mut().nexus_true_rates = Some(rates);
     }
     let mut policy = policy::build(config.policy, &models, config.gpu_count, &knobs);
+    run_policy(workload, config, policy.as_mut(), arrivals)
+}
+
+/// Runs one simulation of a policy the caller built (for example over another
+/// [`crate::gpu_pool::GpuSource`]); `config.policy` only names it in the summary.
+pub fn simulate_policy(workload: &Workload, config: &SimConfig, policy: &mut dyn Policy) -> SimReport {
+    let mut arrivals = Vec::new();
+    workload.generate_arrivals(config.rate_scale, config.seed, &mut arrivals);
+    run_policy(workload, config, policy, &arrivals)
+}
+
+fn run_policy(workload: &Workload, config: &SimConfig, policy: &mut dyn Policy, arrivals: &[Arrival]) -> SimReport {
+    let models = model_configs(workload);
     let mut engine = Engine::new(workload, &models, config, arrivals.len());
-    engine.run(policy.as_mut(), arrivals);
+    engine.run(policy, arrivals);
     engine.report(workload, config)
 }
 

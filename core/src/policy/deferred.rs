@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 
 use super::{Completion, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, Output, Policy, PolicyKind};
-use crate::gpu_pool::GpuPool;
+use crate::gpu_pool::{GpuClaim, GpuPool, GpuSource};
 use crate::profile::Profile;
 use crate::rate::RateMeter;
 use crate::request::Request;
@@ -111,13 +111,14 @@ struct ModelState {
     demand: f64,
 }
 
-/// Symphony's deferred batch scheduler over one GPU pool.
+/// Symphony's deferred batch scheduler over one GPU source: the single-threaded pool in the
+/// simulator, the table shared by all shards in the service.
 #[derive(Debug)]
-pub struct Deferred {
+pub struct Deferred<G: GpuSource = GpuPool> {
     config: Config,
     knobs: Knobs,
     models: Vec<ModelState>,
-    pool: GpuPool,
+    pool: G,
     timers: TimerQueue,
     /// Models waiting for a GPU, keyed by their candidate's `invalid_after`.
     waiting: TimerQueue,
@@ -134,8 +135,16 @@ pub struct Deferred {
     saturated: bool,
 }
 
-impl Deferred {
-    pub fn new(config: Config, models: &[ModelConfig], gpu_count: u32, knobs: &Knobs) -> Deferred {
+impl Deferred<GpuPool> {
+    /// Over a pool of `gpu_count` GPUs of its own.
+    pub fn new(config: Config, models: &[ModelConfig], gpu_count: u32, knobs: &Knobs) -> Deferred<GpuPool> {
+        Deferred::with_source(config, models, GpuPool::new(gpu_count), knobs)
+    }
+}
+
+impl<G: GpuSource> Deferred<G> {
+    /// Over the GPUs of `pool`.
+    pub fn with_source(config: Config, models: &[ModelConfig], pool: G, knobs: &Knobs) -> Deferred<G> {
         let models = models
             .iter()
             .map(|m| {
@@ -165,7 +174,7 @@ impl Deferred {
             active_count: 0,
             recent_exec_ns: 0,
             models,
-            pool: GpuPool::new(gpu_count),
+            pool,
             queued_count: 0,
             demand_total: 0.0,
             saturated: false,
@@ -369,20 +378,27 @@ impl Deferred {
                 self.timers.set(index as u32, request_at_ns);
                 return;
             }
-            let gpu = self
-                .pool
-                .pick(window.exec_at_ns, self.config.grant)
-                .expect("the earliest-free GPU qualifies");
-            self.grant(index, gpu, now_ns, out);
+            let Some(claim) = self.pool.claim(window.exec_at_ns, self.config.grant) else {
+                // Shared GPUs: another claimer was faster than the snapshot. Wait.
+                self.set_waiting(index, Some(window));
+                self.timers.set(
+                    index as u32,
+                    window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
+                );
+                return;
+            };
+            self.grant(index, claim, now_ns, out);
         }
     }
 
     /// Section 6, on a grant: re-forms the batch with the GPU's real `free_at`, pops it and
     /// emits the plan.
-    fn grant(&mut self, index: usize, gpu: u32, now_ns: u64, out: &mut Output) {
-        let gpu_free_at_ns = self.pool.free_at_ns(gpu).max(now_ns);
+    fn grant(&mut self, index: usize, claim: GpuClaim, now_ns: u64, out: &mut Output) {
+        let gpu = claim.gpu;
+        let gpu_free_at_ns = claim.free_at_ns.max(now_ns);
         let Some((b, deadline_ns)) = self.form_batch(index, now_ns, gpu_free_at_ns, out) else {
-            return; // An empty batch returns the GPU at once.
+            self.pool.cancel(claim); // An empty batch returns the GPU at once.
+            return;
         };
         let window = self.window(index, now_ns, b, deadline_ns);
         let exec_ns = self.models[index].profile.exec_ns(b);
@@ -397,7 +413,7 @@ impl Deferred {
         self.queued_count -= taken;
         let plan = out.push_plan(gpu, index as u32, exec_at_ns, finish_ns, model.queue.drain(..taken));
         debug_assert!(plan.exec_at_ns >= now_ns + self.knobs.lead_ns(b));
-        self.pool.occupy(gpu, finish_ns);
+        self.pool.release(claim, finish_ns);
     }
 
     fn set_active(&mut self, index: usize, active: bool) {
@@ -477,7 +493,7 @@ pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, 
     target
 }
 
-impl Policy for Deferred {
+impl<G: GpuSource> Policy for Deferred<G> {
     fn on_arrival(&mut self, now_ns: u64, request: Request, out: &mut Output) {
         let index = request.model as usize;
         let model = &mut self.models[index];
@@ -519,11 +535,13 @@ impl Policy for Deferred {
                 .pool
                 .min_free_at_ns()
                 .max(now_ns + self.knobs.lead_ns(window.batch_size));
-            let gpu = self
-                .pool
-                .pick(start_ns, self.config.grant)
-                .expect("the earliest-free GPU qualifies");
-            self.grant(head as usize, gpu, now_ns, out);
+            let Some(claim) = self.pool.claim(start_ns, self.config.grant) else {
+                // Shared GPUs: taken since the snapshot. The head waits on; its next chance
+                // is a later event (a single-owner pool never gets here).
+                self.set_waiting(head as usize, Some(window));
+                break;
+            };
+            self.grant(head as usize, claim, now_ns, out);
             self.update(head as usize, now_ns, out);
         }
     }

@@ -159,6 +159,20 @@ impl GpuTable {
         self.gpus[gpu as usize].free_at_ns.load(Ordering::Acquire)
     }
 
+    /// The earliest `free_at` among GPUs `shard` could claim now (free, or reserved for it);
+    /// `u64::MAX` when every GPU is claimed or reserved for another shard.
+    pub fn min_free_at_ns(&self, shard: u16) -> u64 {
+        self.gpus
+            .iter()
+            .filter(|gpu| {
+                let state = State::unpack(gpu.state.load(Ordering::Acquire));
+                state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard)
+            })
+            .map(|gpu| gpu.free_at_ns.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// Claims a GPU with `free_at <= exec_at_ns` for `shard`, chosen by `policy` among those
     /// free or reserved for this shard. `None` when none qualifies right now.
     pub fn claim(&self, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<Claim> {
