@@ -29,6 +29,73 @@ enum Command {
     Sweep(SweepArgs),
     /// Measures the simulator's own speed (simulated requests per second, one core).
     PerfSim(PerfSimArgs),
+    /// Runs the scheduler service: glommio shards, TCP front door, embedded simulated GPUs.
+    Serve(ServeArgs),
+    /// Sends one-off requests to a running service and prints the replies.
+    Client(ClientArgs),
+    /// Open-loop load from a workload file against a running service, with a final report.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ClientArgs {
+    /// The service, host:port.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    target: String,
+    /// The model, by name (or by id with --model-id).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    model_id: Option<u32>,
+    /// A tighter SLO than the model's, milliseconds.
+    #[arg(long)]
+    slo_ms: Option<f64>,
+    /// Bytes of input (zeros).
+    #[arg(long, default_value_t = 0)]
+    input_bytes: usize,
+    /// Requests to send (pipelined on one connection).
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct LoadgenArgs {
+    /// The service, host:port.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    target: String,
+    /// Workload file (its model names must exist on the service).
+    #[arg(long)]
+    workload: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    input_bytes: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration (default: the built-in example: 3 models, 8 simulated GPUs).
+    #[arg(long, conflicts_with = "workload")]
+    config: Option<PathBuf>,
+    /// Serve a workload file's models and GPU count instead (as `symphony sim` would).
+    #[arg(long)]
+    workload: Option<PathBuf>,
+    /// Address every shard listens on (overrides the config's `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Shards, one per core (default: the config's, else every CPU).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// CPUs to pin the shards to, comma-separated (default: 0, 1, ...).
+    #[arg(long, value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -176,6 +243,12 @@ impl KnobArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // A closed stdout (`symphony sim ... | head`) ends the program quietly, as for any Unix
+    // tool, instead of a panic on the next print.
+    // SAFETY: resetting SIGPIPE to its default action before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -191,7 +264,141 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim(args) => run_sim(args),
         Command::Sweep(args) => run_sweep(args),
         Command::PerfSim(args) => run_perf_sim(args),
+        Command::Serve(args) => run_serve(args),
+        Command::Client(args) => run_client(args),
+        Command::Loadgen(args) => run_loadgen(args),
     }
+}
+
+fn run_client(args: ClientArgs) -> anyhow::Result<()> {
+    use symphony_core::wire::ModelRef;
+    let model = match (args.model, args.model_id) {
+        (Some(name), None) => ModelRef::Name(name),
+        (None, Some(id)) => ModelRef::Id(id),
+        _ => anyhow::bail!("name the model with exactly one of --model NAME or --model-id ID"),
+    };
+    anyhow::ensure!((1..=1_000_000).contains(&args.count), "--count must be 1 to 1000000");
+    let slo_us = match args.slo_ms {
+        Some(ms) => {
+            anyhow::ensure!(
+                ms.is_finite() && ms > 0.0 && ms * 1e3 <= f64::from(u32::MAX),
+                "--slo-ms must be a positive number of milliseconds"
+            );
+            Some((ms * 1e3).round() as u32)
+        }
+        None => None,
+    };
+    let input = vec![0u8; args.input_bytes];
+    let mut client = symphony_shards::client::Client::connect(args.target.as_str())
+        .with_context(|| format!("connecting to {}", args.target))?;
+    let started = std::time::Instant::now();
+    for id in 0..u64::from(args.count) {
+        client.send(id, &model, slo_us, &input)?;
+    }
+    client.flush()?;
+    for _ in 0..args.count {
+        let reply = client.recv()?;
+        println!(
+            "id {} status {:?} queued {} us exec {} us total {} us output {} bytes",
+            reply.client_request_id,
+            reply.status,
+            reply.timings.queued_us,
+            reply.timings.exec_us,
+            reply.timings.total_us,
+            reply.output.len()
+        );
+    }
+    eprintln!(
+        "{} replies in {:.1} ms",
+        args.count,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn run_loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
+    let workload = Workload::load(&args.workload)?;
+    let spec = symphony_perf::loadgen::LoadSpec {
+        target: args.target.clone(),
+        seed: args.seed.unwrap_or(workload.seed),
+        workload,
+        rate_scale: args.rate_scale,
+        connections: args.connections,
+        input_bytes: args.input_bytes,
+        progress: true,
+    };
+    eprintln!(
+        "loadgen: target {} workload {} rate scale {} connections {} input {} bytes seed {}",
+        args.target,
+        args.workload.display(),
+        args.rate_scale,
+        args.connections,
+        args.input_bytes,
+        spec.seed
+    );
+    let report = symphony_perf::loadgen::run(&spec)?;
+    println!(
+        "offered {:.0} req/s, achieved {:.0} req/s, success {:.0} req/s | latency p50 {} us p99 {} us p99.9 {} us max {} us | bad rate {:.3} % (noreply {}, late {}) | max send lag {} us",
+        report.offered_rps,
+        report.achieved_rps,
+        report.success_rps,
+        report.latency_us_p50,
+        report.latency_us_p99,
+        report.latency_us_p999,
+        report.latency_us_max,
+        report.bad_rate,
+        report.noreply,
+        report.late,
+        report.send_lag_us_max
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    use symphony_shards::config::ServeConfig;
+    let mut config = match (&args.config, &args.workload) {
+        (Some(path), _) => ServeConfig::load(path)?,
+        (None, Some(path)) => ServeConfig::from_workload(&Workload::load(path)?),
+        (None, None) => ServeConfig::example(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(shards) = args.shards {
+        anyhow::ensure!(shards > 0, "--shards must be at least 1");
+        config.shards = Some(shards);
+    }
+    if let Some(cpus) = args.cpus {
+        config.cpus = Some(cpus);
+    }
+    let server = symphony_shards::server::start(&config)?;
+    let memory = server.memory();
+    let limit = match memory.memlock_limit_bytes {
+        u64::MAX => "unlimited".to_string(),
+        bytes => format!("{} KiB", bytes >> 10),
+    };
+    eprintln!(
+        "symphony serve: {} model(s) from {} on {}; {} shard(s), io_memory {} KiB and ring depth {} each (RLIMIT_MEMLOCK {limit}); {} embedded simulated GPU(s); policy {}. Ctrl-C stops.",
+        config.models.len(),
+        config.source,
+        server.local_addr(),
+        server.shard_count(),
+        memory.io_memory_bytes >> 10,
+        memory.ring_depth,
+        config.gpus,
+        config.policy,
+    );
+    let stop = server.stop_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+    server.wait()?;
+    eprintln!("symphony serve: stopped");
+    Ok(())
 }
 
 fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {

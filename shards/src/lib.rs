@@ -7,5 +7,11 @@
 //! front door, routing to each model's owning shard and the executor links are not built yet
 //! (see ARCHITECTURE.md and the issue "The scheduler service").
 
+pub mod client;
+pub mod config;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+#[cfg(feature = "runtime")]
+pub mod server;
 pub mod shared_gpus;
 pub mod sync;

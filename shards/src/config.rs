@@ -1,0 +1,309 @@
+//! The service's configuration: a TOML file, or the built-in example that makes
+//! `symphony serve` work with no arguments on any machine.
+//!
+//! Validated into [`ServeConfig`] at start-up; every error names the file and the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, PolicyKind};
+use symphony_core::profile::Profile;
+
+/// The example served when no `--config` is given: three models on 8 simulated GPUs.
+pub const EXAMPLE_CONFIG: &str = r#"# Symphony's built-in example: three models on 8 embedded simulated GPUs.
+listen = "127.0.0.1:7070"
+gpus = 8
+
+[[models]]
+name = "resnet_a"
+profile = "sleep#1082,5204,0,0"
+slo_ms = 100
+
+[[models]]
+name = "resnet_b"
+profile = "sleep#1082,5204,0,0"
+slo_ms = 100
+
+[[models]]
+name = "small"
+profile = "sleep#400,2000,0,0"
+slo_ms = 50
+
+[policy]
+kind = "symphony"
+"#;
+
+/// Models one service may serve.
+pub const MODELS_LIMIT: usize = 65_536;
+/// Embedded simulated GPUs one service may run.
+pub const EMBEDDED_GPUS_LIMIT: u32 = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {file}: cannot read: {reason}")]
+    Read { file: String, reason: String },
+    #[error("config {file}: {reason}")]
+    Syntax { file: String, reason: String },
+    #[error("config {file}: `{field}`: expected {expected}")]
+    Invalid {
+        file: String,
+        field: String,
+        expected: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    shards: Option<usize>,
+    cpus: Option<Vec<usize>>,
+    #[serde(default)]
+    gpus: u32,
+    models: Vec<RawModel>,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    limits: Limits,
+    executor_token: Option<String>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7070".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    profile: String,
+    slo_ms: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    kind: Option<String>,
+    drop: Option<String>,
+    condition: Option<String>,
+    grant: Option<String>,
+    d_ctrl_us: Option<u64>,
+    d_data_us: Option<u64>,
+    d_resp_us: Option<u64>,
+    jitter_us: Option<u64>,
+}
+
+/// Named limits of one service; each produces an error reply, never unbounded growth.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open client connections per shard; more are closed at once.
+    pub connections_per_shard: usize,
+    /// Requests one shard holds (queued or running); past it, replies are `overloaded`.
+    pub requests_per_shard: usize,
+    /// Requests one cross-shard message carries.
+    pub routed_batch: usize,
+    /// Messages a cross-shard channel holds before its sender waits (backpressure).
+    pub mesh_channel: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections_per_shard: 1024,
+            requests_per_shard: 1 << 20,
+            routed_batch: 1024,
+            mesh_channel: 1024,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub source: String,
+    pub listen: String,
+    pub shards: Option<usize>,
+    pub cpus: Option<Vec<usize>>,
+    /// Embedded simulated GPUs (executors in this process).
+    pub gpus: u32,
+    pub models: Vec<ModelConfig>,
+    pub policy: PolicyKind,
+    pub knobs: Knobs,
+    pub limits: Limits,
+    pub executor_token: Option<String>,
+}
+
+impl ServeConfig {
+    pub fn example() -> ServeConfig {
+        ServeConfig::parse(EXAMPLE_CONFIG, Path::new("."), "built-in example").expect("the example is valid")
+    }
+
+    /// Serves a workload file's models (profiles, SLOs) on its GPU count, with the default
+    /// policy: the same models `symphony sim` simulates, for comparing the two.
+    pub fn from_workload(workload: &symphony_core::workload::Workload) -> ServeConfig {
+        let mut config = ServeConfig::example();
+        config.source = workload.source.clone();
+        config.gpus = workload.gpu_count;
+        config.models = symphony_core::sim::model_configs(workload);
+        config
+    }
+
+    pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        ServeConfig::parse(&text, &base_dir, &file)
+    }
+
+    pub fn parse(text: &str, base_dir: &Path, source: &str) -> Result<ServeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: source.to_string(),
+            reason: e.to_string().trim().to_string(),
+        })?;
+        let invalid = |field: &str, expected: String| ConfigError::Invalid {
+            file: source.to_string(),
+            field: field.to_string(),
+            expected,
+        };
+        if raw.models.is_empty() || raw.models.len() > MODELS_LIMIT {
+            return Err(invalid("models", format!("1 to {MODELS_LIMIT} models")));
+        }
+        if raw.gpus == 0 || raw.gpus > EMBEDDED_GPUS_LIMIT {
+            return Err(invalid(
+                "gpus",
+                format!("1 to {EMBEDDED_GPUS_LIMIT} embedded simulated GPUs (external executors are not built yet)"),
+            ));
+        }
+        if raw.shards == Some(0) {
+            return Err(invalid("shards", "at least 1".to_string()));
+        }
+        let mut models = Vec::with_capacity(raw.models.len());
+        for (index, m) in raw.models.iter().enumerate() {
+            let field = |name: &str| format!("models[{index}].{name}");
+            if m.name.is_empty() || m.name.len() > symphony_core::wire::MODEL_NAME_LIMIT {
+                return Err(invalid(
+                    &field("name"),
+                    format!("1 to {} bytes", symphony_core::wire::MODEL_NAME_LIMIT),
+                ));
+            }
+            if models.iter().any(|other: &ModelConfig| other.name == m.name) {
+                return Err(invalid(&field("name"), format!("a unique name, `{}` is taken", m.name)));
+            }
+            if !(m.slo_ms.is_finite() && m.slo_ms > 0.0 && m.slo_ms <= 3_600_000.0) {
+                return Err(invalid(
+                    &field("slo_ms"),
+                    "a number of milliseconds in (0, 3600000]".to_string(),
+                ));
+            }
+            let slo_ns = (m.slo_ms * 1e6).round() as u64;
+            let profile = match m.profile.strip_prefix("table:") {
+                Some(path) => Profile::load_table(&base_dir.join(path)),
+                None => Profile::parse_linear(&m.profile, slo_ns),
+            }
+            .map_err(|e| invalid(&field("profile"), e.to_string()))?;
+            models.push(ModelConfig {
+                name: m.name.clone(),
+                profile,
+                slo_ns,
+            });
+        }
+        let p = &raw.policy;
+        fn knob(value: &Option<String>) -> Option<&str> {
+            value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+        }
+        let policy: PolicyKind = knob(&p.kind)
+            .unwrap_or("symphony")
+            .parse()
+            .map_err(|e: String| invalid("policy.kind", e))?;
+        if !matches!(
+            policy,
+            PolicyKind::Symphony | PolicyKind::SymphonyRef | PolicyKind::Eager
+        ) {
+            return Err(invalid(
+                "policy.kind",
+                "symphony, symphony-ref or eager (the peers run in the simulator only)".to_string(),
+            ));
+        }
+        let mut knobs = Knobs::default();
+        if let Some(v) = knob(&p.drop) {
+            knobs.drop = Some(v.parse::<DropPolicy>().map_err(|e| invalid("policy.drop", e))?);
+        }
+        if let Some(v) = knob(&p.condition) {
+            knobs.condition = Some(v.parse::<Condition>().map_err(|e| invalid("policy.condition", e))?);
+        }
+        if let Some(v) = knob(&p.grant) {
+            knobs.grant = Some(v.parse::<GrantPolicy>().map_err(|e| invalid("policy.grant", e))?);
+        }
+        for (value, slot) in [
+            (p.d_ctrl_us, &mut knobs.d_ctrl_ns),
+            (p.d_data_us, &mut knobs.d_data_ns),
+            (p.d_resp_us, &mut knobs.d_resp_ns),
+            (p.jitter_us, &mut knobs.jitter_ns),
+        ] {
+            if let Some(us) = value {
+                *slot = us.saturating_mul(1000);
+            }
+        }
+        let limits = raw.limits;
+        if limits.connections_per_shard == 0 || limits.requests_per_shard == 0 || limits.routed_batch == 0 {
+            return Err(invalid("limits", "every limit at least 1".to_string()));
+        }
+        if limits.mesh_channel < 2 {
+            return Err(invalid("limits.mesh_channel", "at least 2".to_string()));
+        }
+        Ok(ServeConfig {
+            source: source.to_string(),
+            listen: raw.listen,
+            shards: raw.shards,
+            cpus: raw.cpus,
+            gpus: raw.gpus,
+            models,
+            policy,
+            knobs,
+            limits,
+            executor_token: raw.executor_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_valid() {
+        let c = ServeConfig::example();
+        assert_eq!(c.models.len(), 3);
+        assert_eq!(c.gpus, 8);
+        assert_eq!(c.policy, PolicyKind::Symphony);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("gpus = 1\nmodels = []\n", "`models`"),
+            ("gpus = 0\n[[models]]\nname = \"a\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = 10\n", "`gpus`"),
+            ("gpus = 1\n[[models]]\nname = \"a\"\nprofile = \"bad\"\nslo_ms = 10\n", "`models[0].profile`"),
+            ("gpus = 1\n[[models]]\nname = \"a\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = -1\n", "`models[0].slo_ms`"),
+            (
+                "gpus = 1\n[[models]]\nname = \"a\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = 10\n[policy]\nkind = \"nexus\"\n",
+                "`policy.kind`",
+            ),
+            ("gpus = 1\nbogus = 3\n", "bogus"),
+        ];
+        for (text, needle) in cases {
+            let e = ServeConfig::parse(text, Path::new("."), "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("c.toml") && e.contains(needle), "{e}");
+        }
+    }
+}

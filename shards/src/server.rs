@@ -1,0 +1,850 @@
+//! The scheduler service: one glommio shard per core, each a front door and the owner of
+//! some models, all planning on one shared GPU table.
+//!
+//! The path of a request (ARCHITECTURE.md): a client connection on any shard sends REQUEST
+//! frames (`core::wire`, many per read); the shard validates each, looks the model up and
+//! routes it to the model's owning shard (itself, or over the channel mesh in batches: a full
+//! channel is backpressure). The owner runs the core's deferred scheduler for its models with
+//! real time (glommio timers), claiming GPUs in the shared [`GpuTable`]. Each plan runs on an
+//! embedded simulated executor (a task that waits until `exec_at`, then for the profile's time);
+//! its requests are answered OK, dropped requests at once, and every reply goes back to the
+//! connection's shard, which writes many reply frames per write.
+//!
+//! Built so far, and what is not (README, issue notes): external executor processes, the
+//! heartbeats and re-planning of an executor lost, client-disconnect removal of queued
+//! requests, graceful shutdown on SIGINT/SIGTERM, zero-copy input forwarding (the simulated
+//! executors need no input bytes: they are validated and dropped) and hwloc NUMA placement are
+//! not built yet.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::net::{TcpListener, TcpStream};
+use symphony_core::policy::deferred::{Config, Deferred};
+use symphony_core::policy::{Completion, ModelConfig, Output, Policy};
+use symphony_core::request::Request;
+use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, ReplyRef, Status, Timings};
+
+use crate::config::{Limits, ServeConfig};
+use crate::runtime::{self, RuntimeError, ShardMemory};
+use crate::shared_gpus::SharedGpus;
+use crate::sync::gpu_table::GpuTable;
+
+/// Bytes a connection reads at once (frames beyond it wait for the next read).
+const READ_BUFFER_BYTES: usize = 256 << 10;
+/// How often idle loops look at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("listening on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("a shard stopped before it was ready: {0}")]
+    Startup(String),
+}
+
+/// One model as every shard knows it.
+#[derive(Debug)]
+struct CatalogEntry {
+    slo_ns: u64,
+    owner: usize,
+    /// Index in the owner's scheduler.
+    local: u32,
+}
+
+/// Read-only after start-up: the models by id and name, and who owns each.
+#[derive(Debug)]
+struct Catalog {
+    models: Vec<CatalogEntry>,
+    by_name: HashMap<String, u32>,
+    /// Per shard: the global ids of the models it owns, in local order.
+    owned: Vec<Vec<u32>>,
+}
+
+impl Catalog {
+    fn new(models: &[ModelConfig], shards: usize) -> Catalog {
+        let mut owned = vec![Vec::new(); shards];
+        let mut by_name = HashMap::with_capacity(models.len());
+        let mut entries = Vec::with_capacity(models.len());
+        for (index, m) in models.iter().enumerate() {
+            // A stable placement: model i on shard i mod n.
+            let owner = index % shards;
+            owned[owner].push(index as u32);
+            by_name.insert(m.name.clone(), index as u32);
+            entries.push(CatalogEntry {
+                slo_ns: m.slo_ns,
+                owner,
+                local: owned[owner].len() as u32 - 1,
+            });
+        }
+        Catalog {
+            models: entries,
+            by_name,
+            owned,
+        }
+    }
+
+    fn lookup(&self, model: &wire::ArchivedModelRef) -> Option<u32> {
+        match model {
+            wire::ArchivedModelRef::Id(id) => {
+                let id = id.to_native();
+                ((id as usize) < self.models.len()).then_some(id)
+            }
+            wire::ArchivedModelRef::Name(name) => self.by_name.get(name.as_str()).copied(),
+        }
+    }
+}
+
+/// Where a reply goes: a connection on a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Origin {
+    shard: u32,
+    connection: u32,
+    client_request_id: u64,
+    received_ns: u64,
+}
+
+/// A request on its way to the owner of its model.
+#[derive(Debug, Clone, Copy)]
+struct Routed {
+    origin: Origin,
+    model: u32,
+    deadline_ns: u64,
+}
+
+/// A reply on its way back to the connection's shard.
+#[derive(Debug, Clone, Copy)]
+struct RoutedReply {
+    origin: Origin,
+    status: Status,
+    timings: Timings,
+}
+
+/// What shards send each other, in batches.
+#[derive(Debug)]
+enum ShardMsg {
+    Requests(Vec<Routed>),
+    Replies(Vec<RoutedReply>),
+}
+
+/// A request the owner holds until it is answered.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    origin: Origin,
+    /// Bumped when the slot is reused, so a stale id never answers a newer request.
+    generation: u32,
+}
+
+/// Requests a shard holds, keyed by slot and generation (the scheduler's request id).
+#[derive(Debug)]
+struct PendingTable {
+    slots: Vec<Option<Pending>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    limit: usize,
+}
+
+impl PendingTable {
+    fn new(limit: usize) -> PendingTable {
+        PendingTable {
+            slots: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            limit,
+        }
+    }
+
+    fn insert(&mut self, origin: Origin) -> Option<u64> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.slots.len() < self.limit => {
+                self.slots.push(None);
+                self.generations.push(0);
+                self.slots.len() as u32 - 1
+            }
+            None => return None,
+        };
+        let generation = self.generations[slot as usize];
+        self.slots[slot as usize] = Some(Pending { origin, generation });
+        Some(u64::from(generation) << 32 | u64::from(slot))
+    }
+
+    fn held(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Takes every held request (shutdown).
+    fn drain(&mut self) -> Vec<Origin> {
+        let mut origins = Vec::new();
+        for slot in 0..self.slots.len() {
+            if let Some(pending) = self.slots[slot].take() {
+                origins.push(pending.origin);
+                self.generations[slot] = pending.generation.wrapping_add(1);
+                self.free.push(slot as u32);
+            }
+        }
+        origins
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Origin> {
+        let slot = (id & u64::from(u32::MAX)) as usize;
+        let generation = (id >> 32) as u32;
+        let pending = self.slots.get_mut(slot)?;
+        if pending.is_some_and(|p| p.generation == generation) {
+            let origin = pending.take().map(|p| p.origin);
+            self.generations[slot] = generation.wrapping_add(1);
+            self.free.push(slot as u32);
+            origin
+        } else {
+            None
+        }
+    }
+}
+
+/// A client connection's outgoing side.
+#[derive(Debug)]
+struct Connection {
+    /// Reply frames waiting for the writer.
+    out: RefCell<Vec<u8>>,
+    /// Wakes the writer; holds at most one token.
+    notify: LocalSender<()>,
+    /// Set when the connection must close after what is queued has been written.
+    closing: Cell<bool>,
+}
+
+/// Everything one shard owns.
+struct Shard {
+    id: u32,
+    epoch: Instant,
+    catalog: Arc<Catalog>,
+    knobs_d_resp_ns: u64,
+    limits: Limits,
+    scheduler: RefCell<Deferred<SharedGpus>>,
+    output: RefCell<Output>,
+    pending: RefCell<PendingTable>,
+    connections: RefCell<Vec<Option<Rc<Connection>>>>,
+    open_connections: Cell<usize>,
+    /// Requests this shard routed to other shards and has no reply for yet.
+    awaiting_remote: Cell<usize>,
+    /// Per destination shard: requests and replies to send in the next batch.
+    outbox_requests: RefCell<Vec<Vec<Routed>>>,
+    outbox_replies: RefCell<Vec<Vec<RoutedReply>>>,
+    senders: Senders<ShardMsg>,
+    wake: LocalSender<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// A request for a model this shard owns enters its scheduler.
+    fn admit(self: &Rc<Self>, routed: Routed) {
+        let now_ns = self.now_ns();
+        let Some(id) = self.pending.borrow_mut().insert(routed.origin) else {
+            self.reply(routed.origin, Status::Overloaded, self.timings(routed.origin, None));
+            return;
+        };
+        let local = self.catalog.models[routed.model as usize].local;
+        let request = Request {
+            id,
+            model: local,
+            arrival_ns: now_ns,
+            deadline_ns: routed.deadline_ns,
+        };
+        {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let mut output = self.output.borrow_mut();
+            scheduler.on_arrival(now_ns, request, &mut output);
+        }
+        self.drain_output();
+    }
+
+    /// Acts on the scheduler's decisions: drops are answered, plans go to the executors.
+    fn drain_output(self: &Rc<Self>) {
+        let mut output = self.output.borrow_mut();
+        for request in &output.drops {
+            if let Some(origin) = self.pending.borrow_mut().remove(request.id) {
+                self.reply(origin, Status::Dropped, self.timings(origin, None));
+            }
+        }
+        for plan in &output.plans {
+            let ids: Vec<u64> = output.plan_requests(plan).iter().map(|r| r.id).collect();
+            let shard = Rc::clone(self);
+            let plan = *plan;
+            glommio::spawn_local(async move {
+                shard.run_embedded(plan, ids).await;
+            })
+            .detach();
+        }
+        output.clear();
+        drop(output);
+        self.flush_outbox();
+        // The scheduler's next timer may have moved earlier: wake its loop (one token).
+        let _ = self.wake.try_send(());
+    }
+
+    /// An embedded simulated executor: the batch starts at `exec_at` and runs for its
+    /// profile's time, then its requests are answered.
+    async fn run_embedded(self: Rc<Self>, plan: symphony_core::policy::Plan, ids: Vec<u64>) {
+        sleep_until(self.epoch, plan.exec_at_ns).await;
+        let started_ns = self.now_ns();
+        sleep_until(self.epoch, started_ns + (plan.finish_ns - plan.exec_at_ns)).await;
+        let finished_ns = self.now_ns();
+        for id in ids {
+            if let Some(origin) = self.pending.borrow_mut().remove(id) {
+                let timings = self.timings(origin, Some((started_ns, finished_ns)));
+                self.reply(origin, Status::Ok, timings);
+            }
+        }
+        let completion = Completion {
+            plan_id: plan.plan_id,
+            gpu: plan.gpu,
+            model: plan.model,
+            batch_size: plan.batch_size,
+            started_ns,
+            finished_ns,
+        };
+        {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let mut output = self.output.borrow_mut();
+            scheduler.on_completion(finished_ns, &completion, &mut output);
+        }
+        self.drain_output();
+    }
+
+    fn timings(&self, origin: Origin, ran: Option<(u64, u64)>) -> Timings {
+        let us = |ns: u64| (ns / 1000).min(u64::from(u32::MAX)) as u32;
+        let now_ns = self.now_ns();
+        let (queued_us, exec_us) = match ran {
+            Some((started_ns, finished_ns)) => (
+                us(started_ns.saturating_sub(origin.received_ns)),
+                us(finished_ns.saturating_sub(started_ns)),
+            ),
+            None => (0, 0),
+        };
+        Timings {
+            queued_us,
+            exec_us,
+            total_us: us(now_ns.saturating_sub(origin.received_ns)),
+        }
+    }
+
+    /// Sends a reply toward its connection: written here, or batched for its shard.
+    fn reply(&self, origin: Origin, status: Status, timings: Timings) {
+        if origin.shard == self.id {
+            self.write_reply(origin, status, timings);
+        } else {
+            self.outbox_replies.borrow_mut()[origin.shard as usize].push(RoutedReply {
+                origin,
+                status,
+                timings,
+            });
+        }
+    }
+
+    fn write_reply(&self, origin: Origin, status: Status, timings: Timings) {
+        let connection = self
+            .connections
+            .borrow()
+            .get(origin.connection as usize)
+            .and_then(|c| c.clone());
+        // A closed connection's replies have nowhere to go.
+        let Some(connection) = connection else { return };
+        let reply = ReplyRef {
+            client_request_id: origin.client_request_id,
+            status,
+            timings,
+            output: &[],
+        };
+        if wire::encode_reply(&mut connection.out.borrow_mut(), &reply).is_ok() {
+            let _ = connection.notify.try_send(());
+        }
+    }
+
+    /// Sends every batched cross-shard message (a full channel makes the task wait: that is
+    /// the backpressure).
+    fn flush_outbox(self: &Rc<Self>) {
+        let shard_count = self.outbox_requests.borrow().len();
+        for dest in 0..shard_count {
+            let requests = std::mem::take(&mut self.outbox_requests.borrow_mut()[dest]);
+            let replies = std::mem::take(&mut self.outbox_replies.borrow_mut()[dest]);
+            for msg in [
+                (!requests.is_empty()).then_some(ShardMsg::Requests(requests)),
+                (!replies.is_empty()).then_some(ShardMsg::Replies(replies)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                match self.senders.try_send_to(dest, msg) {
+                    Ok(()) => {}
+                    Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => {
+                        // Full: wait for room in a task (backpressure, never loss).
+                        let shard = Rc::clone(self);
+                        glommio::spawn_local(async move {
+                            let _ = shard.senders.send_to(dest, msg).await;
+                        })
+                        .detach();
+                    }
+                    // Closed: the peer shard has stopped; the service is stopping.
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    fn handle_msg(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Requests(requests) => {
+                for routed in requests {
+                    self.admit(routed);
+                }
+            }
+            ShardMsg::Replies(replies) => {
+                self.awaiting_remote
+                    .set(self.awaiting_remote.get().saturating_sub(replies.len()));
+                for r in replies {
+                    self.write_reply(r.origin, r.status, r.timings);
+                }
+            }
+        }
+    }
+
+    /// One request frame from a client: validated, looked up, routed.
+    fn on_request(self: &Rc<Self>, connection: u32, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
+        let request = wire::access_request(payload).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
+        let received_ns = self.now_ns();
+        let origin = Origin {
+            shard: self.id,
+            connection,
+            client_request_id: request.client_request_id.to_native(),
+            received_ns,
+        };
+        if wire::check_request(request).is_err() {
+            self.write_reply(origin, Status::Malformed, self.timings(origin, None));
+            return Ok(());
+        }
+        let Some(model) = self.catalog.lookup(&request.model) else {
+            self.write_reply(origin, Status::UnknownModel, self.timings(origin, None));
+            return Ok(());
+        };
+        let entry = &self.catalog.models[model as usize];
+        let slo_ns = match request.slo_us_tighter() {
+            Some(slo_us) => entry.slo_ns.min(u64::from(slo_us) * 1000),
+            None => entry.slo_ns,
+        };
+        let routed = Routed {
+            origin,
+            model,
+            deadline_ns: (received_ns + slo_ns).saturating_sub(self.knobs_d_resp_ns),
+        };
+        if self.stop.load(Ordering::Relaxed) {
+            self.write_reply(origin, Status::ShuttingDown, self.timings(origin, None));
+        } else if entry.owner == self.id as usize {
+            self.admit(routed);
+        } else {
+            self.awaiting_remote.set(self.awaiting_remote.get() + 1);
+            let mut outbox = self.outbox_requests.borrow_mut();
+            let batch = &mut outbox[entry.owner];
+            batch.push(routed);
+            if batch.len() >= self.limits.routed_batch {
+                drop(outbox);
+                self.flush_outbox();
+            }
+        }
+        Ok(())
+    }
+
+    fn on_timer(self: &Rc<Self>) {
+        let now_ns = self.now_ns();
+        {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let mut output = self.output.borrow_mut();
+            scheduler.on_timer(now_ns, &mut output);
+        }
+        self.drain_output();
+    }
+}
+
+async fn sleep_until(epoch: Instant, at_ns: u64) {
+    let now_ns = epoch.elapsed().as_nanos() as u64;
+    if at_ns > now_ns {
+        glommio::timer::sleep(Duration::from_nanos(at_ns - now_ns)).await;
+    }
+}
+
+/// The scheduler's timers: sleeps until the next one, or until new work wakes it.
+async fn timer_loop(shard: Rc<Shard>, wake: LocalReceiver<()>) {
+    while !shard.stop.load(Ordering::Relaxed) {
+        let next_ns = shard.scheduler.borrow_mut().next_timer_ns();
+        let now_ns = shard.now_ns();
+        match next_ns {
+            Some(at_ns) if at_ns <= now_ns => shard.on_timer(),
+            Some(at_ns) => {
+                let wait = Duration::from_nanos(at_ns - now_ns).min(STOP_POLL);
+                futures_lite::future::or(glommio::timer::sleep(wait), async {
+                    let _ = wake.recv().await;
+                })
+                .await;
+            }
+            None => {
+                futures_lite::future::or(glommio::timer::sleep(STOP_POLL), async {
+                    let _ = wake.recv().await;
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// Reads frames from a client until it closes or breaks the protocol.
+async fn serve_connection(
+    shard: Rc<Shard>,
+    key: u32,
+    stream: TcpStream,
+    connection: Rc<Connection>,
+    notify_rx: LocalReceiver<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let writer_shard = Rc::clone(&shard);
+    let writer_connection = Rc::clone(&connection);
+    let writer_task = glommio::spawn_local(async move {
+        let mut spare = Vec::with_capacity(64 << 10);
+        while notify_rx.recv().await.is_some() {
+            std::mem::swap(&mut spare, &mut writer_connection.out.borrow_mut());
+            if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
+                break;
+            }
+            spare.clear();
+            if writer_connection.closing.get() && writer_connection.out.borrow().is_empty() {
+                break;
+            }
+        }
+        let _ = writer.close().await;
+        drop(writer_shard);
+    })
+    .detach();
+    let decoder = FrameDecoder::default();
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+    let mut filled = 0usize;
+    'read: loop {
+        if filled == buffer.len() {
+            // A frame larger than the buffer: grow up to the frame cap.
+            let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
+            if buffer.len() >= limit {
+                break;
+            }
+            buffer.resize((buffer.len() * 2).min(limit), 0);
+        }
+        let read = match reader.read(&mut buffer[filled..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        filled += read;
+        let mut frames = decoder.frames(&buffer[..filled]);
+        for frame in &mut frames {
+            let outcome = match frame {
+                Ok(frame) if frame.kind == Kind::Request => shard.on_request(key, frame.payload),
+                Ok(frame) => Err((
+                    ErrorCode::UnexpectedKind,
+                    format!("a client sends REQUEST frames, not {:?}", frame.kind),
+                )),
+                Err(e) => Err((e.error_code().unwrap_or(ErrorCode::Malformed), e.to_string())),
+            };
+            if let Err((code, message)) = outcome {
+                let _ = wire::encode_error(&mut connection.out.borrow_mut(), code, &message);
+                connection.closing.set(true);
+                let _ = connection.notify.try_send(());
+                shard.flush_outbox();
+                break 'read;
+            }
+        }
+        let consumed = frames.consumed();
+        buffer.copy_within(consumed..filled, 0);
+        filled -= consumed;
+        shard.flush_outbox();
+    }
+    // Replies still owed on this connection go nowhere now.
+    shard.connections.borrow_mut()[key as usize] = None;
+    shard.open_connections.set(shard.open_connections.get() - 1);
+    if !connection.closing.get() {
+        connection.closing.set(true);
+        let _ = connection.notify.try_send(());
+    }
+    drop(writer_task);
+}
+
+/// Accepts clients until the service stops.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            while !shard.stop.load(Ordering::Relaxed) {
+                glommio::timer::sleep(STOP_POLL).await;
+            }
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { return };
+        let Ok(stream) = accepted else { continue };
+        if shard.open_connections.get() >= shard.limits.connections_per_shard {
+            drop(stream); // Over the limit: closed at once.
+            continue;
+        }
+        let (notify, notify_rx) = local_channel::new_bounded(1);
+        let connection = Rc::new(Connection {
+            out: RefCell::new(Vec::with_capacity(64 << 10)),
+            notify,
+            closing: Cell::new(false),
+        });
+        let key = {
+            let mut connections = shard.connections.borrow_mut();
+            match connections.iter().position(Option::is_none) {
+                Some(free) => {
+                    connections[free] = Some(Rc::clone(&connection));
+                    free
+                }
+                None => {
+                    connections.push(Some(Rc::clone(&connection)));
+                    connections.len() - 1
+                }
+            }
+        } as u32;
+        shard.open_connections.set(shard.open_connections.get() + 1);
+        glommio::spawn_local(serve_connection(Rc::clone(&shard), key, stream, connection, notify_rx)).detach();
+    }
+}
+
+/// What a running service gives its caller.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shard_count: usize,
+    memory: ShardMemory,
+    stop: Arc<AtomicBool>,
+    joins: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address every shard listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shard_count
+    }
+
+    pub fn memory(&self) -> ShardMemory {
+        self.memory
+    }
+
+    /// A flag that stops the service when set (for a signal handler).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// Stops accepting and ends every shard.
+    pub fn stop(self) -> Result<(), ServeError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+
+    /// Waits until the service stops (its stop flag is set).
+    pub fn wait(self) -> Result<(), ServeError> {
+        for (shard, join) in self.joins.into_iter().enumerate() {
+            join.join().map_err(|e| RuntimeError::Join {
+                shard,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the service: `shards` pinned executors (default: the machine's CPUs).
+pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
+    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shard_count = config.shards.unwrap_or(available).max(1);
+    let memory = runtime::shard_memory(shard_count, runtime::memlock_limit_bytes())?;
+    let cpus = runtime::shard_cpus(shard_count, config.cpus.as_deref())?;
+    let catalog = Arc::new(Catalog::new(&config.models, shard_count));
+    let table = Arc::new(GpuTable::new(config.gpus as usize, shard_count));
+    let mesh = MeshBuilder::<ShardMsg, Full>::full(shard_count, config.limits.mesh_channel);
+    let stop = Arc::new(AtomicBool::new(false));
+    let epoch = Instant::now();
+    let mut joins = Vec::with_capacity(shard_count);
+    let mut listen = config.listen.clone();
+    let mut local_addr = None;
+    for (shard, &cpu) in cpus.iter().enumerate() {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, ServeError>>();
+        let setup = ShardSetup {
+            id: shard as u32,
+            listen: listen.clone(),
+            catalog: Arc::clone(&catalog),
+            models: config.models.clone(),
+            policy: Config::of(config.policy, &config.knobs),
+            knobs: config.knobs.clone(),
+            limits: config.limits,
+            table: Arc::clone(&table),
+            mesh: mesh.clone(),
+            stop: Arc::clone(&stop),
+            epoch,
+        };
+        let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
+        joins.push(join);
+        match ready_rx.recv() {
+            Ok(Ok(addr)) => {
+                // Shard 0 may have been given port 0: the others bind the port it got.
+                listen = addr.to_string();
+                local_addr.get_or_insert(addr);
+            }
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(ServeError::Startup(format!("shard {shard} exited during start-up")));
+            }
+        }
+    }
+    Ok(ServerHandle {
+        local_addr: local_addr.expect("at least one shard"),
+        shard_count,
+        memory,
+        stop,
+        joins,
+    })
+}
+
+struct ShardSetup {
+    id: u32,
+    listen: String,
+    catalog: Arc<Catalog>,
+    models: Vec<ModelConfig>,
+    policy: Config,
+    knobs: symphony_core::policy::Knobs,
+    limits: Limits,
+    table: Arc<GpuTable>,
+    mesh: MeshBuilder<ShardMsg, Full>,
+    stop: Arc<AtomicBool>,
+    epoch: Instant,
+}
+
+async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<SocketAddr, ServeError>>) {
+    let listener = match TcpListener::bind(setup.listen.as_str()) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = ready.send(Err(ServeError::Listen {
+                addr: setup.listen.clone(),
+                reason: e.to_string(),
+            }));
+            return;
+        }
+    };
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    let _ = ready.send(Ok(addr));
+    let (senders, mut receivers) = match setup.mesh.join().await {
+        Ok(joined) => joined,
+        Err(_) => return,
+    };
+    let shard_count = senders.nr_consumers();
+    let owned: Vec<ModelConfig> = setup.catalog.owned[setup.id as usize]
+        .iter()
+        .map(|&global| setup.models[global as usize].clone())
+        .collect();
+    // A shard that owns no model still serves as a front door; its scheduler is idle.
+    let scheduler_models = if owned.is_empty() {
+        vec![setup.models[0].clone()]
+    } else {
+        owned
+    };
+    let scheduler = Deferred::with_source(
+        setup.policy,
+        &scheduler_models,
+        SharedGpus::new(setup.table, setup.id as u16),
+        &setup.knobs,
+    );
+    let (wake, wake_rx) = local_channel::new_bounded(1);
+    let shard = Rc::new(Shard {
+        id: setup.id,
+        epoch: setup.epoch,
+        catalog: setup.catalog,
+        knobs_d_resp_ns: setup.knobs.d_resp_ns,
+        limits: setup.limits,
+        scheduler: RefCell::new(scheduler),
+        output: RefCell::new(Output::new()),
+        pending: RefCell::new(PendingTable::new(setup.limits.requests_per_shard)),
+        connections: RefCell::new(Vec::new()),
+        open_connections: Cell::new(0),
+        awaiting_remote: Cell::new(0),
+        outbox_requests: RefCell::new(vec![Vec::new(); shard_count]),
+        outbox_replies: RefCell::new(vec![Vec::new(); shard_count]),
+        senders,
+        wake,
+        stop: setup.stop,
+    });
+    for (_, receiver) in receivers.streams() {
+        let shard = Rc::clone(&shard);
+        glommio::spawn_local(async move {
+            while let Some(msg) = receiver.recv().await {
+                shard.handle_msg(msg);
+            }
+        })
+        .detach();
+    }
+    glommio::spawn_local(timer_loop(Rc::clone(&shard), wake_rx)).detach();
+    accept_loop(Rc::clone(&shard), listener).await;
+    drain(&shard).await;
+}
+
+/// After stop: no new connections, new requests are answered "shutting down"; planned batches
+/// finish and are answered; what is still queued when the grace period ends is answered
+/// "shutting down"; then the writers get a moment to flush.
+async fn drain(shard: &Rc<Shard>) {
+    let grace_ns = shard.catalog.models.iter().map(|m| m.slo_ns).max().unwrap_or(0) + 1_000_000_000;
+    let started_ns = shard.now_ns();
+    loop {
+        let held = shard.pending.borrow().held();
+        if held == 0 && shard.awaiting_remote.get() == 0 {
+            break;
+        }
+        if shard.now_ns() - started_ns > grace_ns {
+            // The scheduler's timers stopped with the stop flag: answer what is left.
+            let left = shard.pending.borrow_mut().drain();
+            for origin in left {
+                shard.reply(origin, Status::ShuttingDown, shard.timings(origin, None));
+            }
+            shard.flush_outbox();
+            break;
+        }
+        if shard
+            .scheduler
+            .borrow_mut()
+            .next_timer_ns()
+            .is_some_and(|t| t <= shard.now_ns())
+        {
+            shard.on_timer();
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    glommio::timer::sleep(STOP_POLL).await;
+}

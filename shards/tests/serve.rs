@@ -1,0 +1,137 @@
+//! `symphony serve` end to end on loopback: the glommio shards with embedded simulated
+//! executors, spoken to with raw protocol frames from std sockets.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use symphony_core::wire::{self, FrameDecoder, Kind, ModelRef, RequestRef, Status};
+use symphony_shards::config::ServeConfig;
+use symphony_shards::server::{self, ServerHandle};
+
+fn start(shards: usize) -> ServerHandle {
+    let text = symphony_shards::config::EXAMPLE_CONFIG.replace("127.0.0.1:7070", "127.0.0.1:0");
+    let mut config = ServeConfig::parse(&text, Path::new("."), "test").unwrap();
+    config.shards = Some(shards);
+    server::start(&config).expect("the service starts")
+}
+
+fn request(buffer: &mut Vec<u8>, id: u64, model: ModelRef, input: &[u8]) {
+    wire::encode_request(
+        buffer,
+        &RequestRef {
+            client_request_id: id,
+            model: &model,
+            slo_us: None,
+            input,
+        },
+    )
+    .unwrap();
+}
+
+/// Reads frames until `count` replies came or the deadline passed; returns (id, status).
+fn read_replies(stream: &mut TcpStream, count: usize) -> (Vec<(u64, Status)>, Vec<Kind>) {
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let decoder = FrameDecoder::default();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut filled = 0;
+    let mut replies = Vec::new();
+    let mut other_kinds = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replies.len() < count && Instant::now() < deadline {
+        match stream.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(_) => continue,
+        }
+        let mut frames = decoder.frames(&buffer[..filled]);
+        for frame in &mut frames {
+            let frame = frame.expect("the server sends valid frames");
+            match frame.kind {
+                Kind::Reply => {
+                    let reply = wire::access_reply(frame.payload).unwrap();
+                    replies.push((reply.client_request_id.to_native(), reply.status));
+                }
+                other => other_kinds.push(other),
+            }
+        }
+        let consumed = frames.consumed();
+        buffer.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+    (replies, other_kinds)
+}
+
+#[test]
+fn requests_to_several_models_get_one_reply_each() {
+    let server = start(2);
+    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    let mut buffer = Vec::new();
+    let models = ["resnet_a", "resnet_b", "small"];
+    for id in 0..300u64 {
+        request(
+            &mut buffer,
+            id,
+            ModelRef::Name(models[id as usize % 3].into()),
+            &[1, 2, 3],
+        );
+    }
+    request(&mut buffer, 1000, ModelRef::Id(2), &[]);
+    request(&mut buffer, 1001, ModelRef::Name("nope".into()), &[]);
+    request(&mut buffer, 1002, ModelRef::Id(99), &[]);
+    stream.write_all(&buffer).unwrap();
+    let (replies, others) = read_replies(&mut stream, 303);
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(replies.len(), 303, "every request gets exactly one reply");
+    let mut ids: Vec<u64> = replies.iter().map(|r| r.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 303, "no reply twice");
+    for &(id, status) in &replies {
+        let expected = if id >= 1001 { Status::UnknownModel } else { Status::Ok };
+        assert_eq!(status, expected, "request {id}");
+    }
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_malformed_frame_gets_an_error_and_the_service_serves_others() {
+    let server = start(2);
+    let mut bad = TcpStream::connect(server.local_addr()).unwrap();
+    bad.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let (_, kinds) = read_replies(&mut bad, 1);
+    assert_eq!(kinds, vec![Kind::Error]);
+    let mut rest = Vec::new();
+    let _ = bad.read_to_end(&mut rest);
+    let mut good = TcpStream::connect(server.local_addr()).unwrap();
+    let mut buffer = Vec::new();
+    request(&mut buffer, 7, ModelRef::Name("small".into()), &[]);
+    good.write_all(&buffer).unwrap();
+    let (replies, _) = read_replies(&mut good, 1);
+    assert_eq!(replies, vec![(7, Status::Ok)]);
+    server.stop().unwrap();
+}
+
+#[test]
+fn stopping_answers_every_request_in_flight() {
+    let server = start(2);
+    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    let mut buffer = Vec::new();
+    for id in 0..200u64 {
+        request(
+            &mut buffer,
+            id,
+            ModelRef::Name(["resnet_a", "small"][id as usize % 2].into()),
+            &[],
+        );
+    }
+    stream.write_all(&buffer).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    server.stop().unwrap();
+    let (replies, _) = read_replies(&mut stream, 200);
+    assert_eq!(replies.len(), 200, "planned batches finish, the rest is answered");
+    assert!(replies
+        .iter()
+        .all(|&(_, s)| s == Status::Ok || s == Status::ShuttingDown));
+}
