@@ -104,6 +104,15 @@ fn a_malformed_frame_gets_an_error_and_the_service_serves_others() {
     assert_eq!(kinds, vec![Kind::Error]);
     let mut rest = Vec::new();
     let _ = bad.read_to_end(&mut rest);
+    // An oversized frame is refused from its header alone.
+    let mut big = TcpStream::connect(server.local_addr()).unwrap();
+    let header = wire::FrameHeader {
+        kind: Kind::Request,
+        payload_len: wire::FRAME_PAYLOAD_LIMIT + 1,
+    };
+    big.write_all(&header.to_bytes()).unwrap();
+    let (_, kinds) = read_replies(&mut big, 1);
+    assert_eq!(kinds, vec![Kind::Error]);
     let mut good = TcpStream::connect(server.local_addr()).unwrap();
     let mut buffer = Vec::new();
     request(&mut buffer, 7, ModelRef::Name("small".into()), &[]);
@@ -134,4 +143,28 @@ fn stopping_answers_every_request_in_flight() {
     assert!(replies
         .iter()
         .all(|&(_, s)| s == Status::Ok || s == Status::ShuttingDown));
+}
+
+#[test]
+fn a_client_that_disconnects_does_not_disturb_others() {
+    let server = start(2);
+    {
+        let mut gone = TcpStream::connect(server.local_addr()).unwrap();
+        let mut buffer = Vec::new();
+        for id in 0..100u64 {
+            request(&mut buffer, id, ModelRef::Name("resnet_b".into()), &[0; 32]);
+        }
+        gone.write_all(&buffer).unwrap();
+        // Dropped with 100 requests queued: their replies have nowhere to go.
+    }
+    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    let mut buffer = Vec::new();
+    for id in 0..50u64 {
+        request(&mut buffer, id, ModelRef::Name("resnet_b".into()), &[]);
+    }
+    stream.write_all(&buffer).unwrap();
+    let (replies, _) = read_replies(&mut stream, 50);
+    assert_eq!(replies.len(), 50);
+    assert!(replies.iter().all(|&(_, s)| s == Status::Ok));
+    server.stop().unwrap();
 }
