@@ -11,10 +11,11 @@
 //! connection's shard, which writes many reply frames per write.
 //!
 //! Built so far, and what is not (README, issue notes): external executor processes, the
-//! heartbeats and re-planning of an executor lost, client-disconnect removal of queued
-//! requests, graceful shutdown on SIGINT/SIGTERM, zero-copy input forwarding (the simulated
-//! executors need no input bytes: they are validated and dropped) and hwloc NUMA placement are
-//! not built yet.
+//! heartbeats and re-planning of an executor lost, zero-copy input forwarding (the simulated
+//! executors need no input bytes: they are validated and dropped), cross-shard GPU waiting
+//! through the table's posts, and hwloc NUMA placement are not built yet. Built: a client that
+//! disconnects has its queued requests removed from every shard's scheduler before they use a
+//! GPU; SIGINT/SIGTERM stop accepting, let planned batches finish and answer the rest.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -109,7 +110,9 @@ impl Catalog {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Origin {
     shard: u32,
-    connection: u32,
+    /// Slot and generation of the connection on its shard (a reused slot never gets an
+    /// older connection's replies).
+    connection: u64,
     client_request_id: u64,
     received_ns: u64,
 }
@@ -135,12 +138,19 @@ struct RoutedReply {
 enum ShardMsg {
     Requests(Vec<Routed>),
     Replies(Vec<RoutedReply>),
+    /// A client connection closed: drop its queued requests.
+    Disconnected {
+        shard: u32,
+        connection: u64,
+    },
 }
 
 /// A request the owner holds until it is answered.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     origin: Origin,
+    /// The model's index in this shard's scheduler.
+    model: u32,
     /// Bumped when the slot is reused, so a stale id never answers a newer request.
     generation: u32,
 }
@@ -164,7 +174,7 @@ impl PendingTable {
         }
     }
 
-    fn insert(&mut self, origin: Origin) -> Option<u64> {
+    fn insert(&mut self, origin: Origin, model: u32) -> Option<u64> {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None if self.slots.len() < self.limit => {
@@ -175,8 +185,25 @@ impl PendingTable {
             None => return None,
         };
         let generation = self.generations[slot as usize];
-        self.slots[slot as usize] = Some(Pending { origin, generation });
+        self.slots[slot as usize] = Some(Pending {
+            origin,
+            model,
+            generation,
+        });
         Some(u64::from(generation) << 32 | u64::from(slot))
+    }
+
+    /// The held requests of one client connection: `(request id, model)`.
+    fn of_connection(&self, shard: u32, connection: u64) -> Vec<(u64, u32)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, pending)| {
+                let p = pending.as_ref()?;
+                (p.origin.shard == shard && p.origin.connection == connection)
+                    .then_some((u64::from(p.generation) << 32 | slot as u64, p.model))
+            })
+            .collect()
     }
 
     fn held(&self) -> usize {
@@ -233,6 +260,8 @@ struct Shard {
     output: RefCell<Output>,
     pending: RefCell<PendingTable>,
     connections: RefCell<Vec<Option<Rc<Connection>>>>,
+    /// Per connection slot: bumped when the slot is reused.
+    connection_generations: RefCell<Vec<u32>>,
     open_connections: Cell<usize>,
     /// Requests this shard routed to other shards and has no reply for yet.
     awaiting_remote: Cell<usize>,
@@ -242,6 +271,7 @@ struct Shard {
     senders: Senders<ShardMsg>,
     wake: LocalSender<()>,
     stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -258,11 +288,11 @@ impl Shard {
     /// A request for a model this shard owns enters its scheduler.
     fn admit(self: &Rc<Self>, routed: Routed) {
         let now_ns = self.now_ns();
-        let Some(id) = self.pending.borrow_mut().insert(routed.origin) else {
+        let local = self.catalog.models[routed.model as usize].local;
+        let Some(id) = self.pending.borrow_mut().insert(routed.origin, local) else {
             self.reply(routed.origin, Status::Overloaded, self.timings(routed.origin, None));
             return;
         };
-        let local = self.catalog.models[routed.model as usize].local;
         let request = Request {
             id,
             model: local,
@@ -286,6 +316,7 @@ impl Shard {
             }
         }
         for plan in &output.plans {
+            self.stats.plans.fetch_add(1, Ordering::Relaxed);
             let ids: Vec<u64> = output.plan_requests(plan).iter().map(|r| r.id).collect();
             let shard = Rc::clone(self);
             let plan = *plan;
@@ -361,11 +392,12 @@ impl Shard {
     }
 
     fn write_reply(&self, origin: Origin, status: Status, timings: Timings) {
-        let connection = self
-            .connections
-            .borrow()
-            .get(origin.connection as usize)
-            .and_then(|c| c.clone());
+        let slot = (origin.connection & u64::from(u32::MAX)) as usize;
+        let generation = (origin.connection >> 32) as u32;
+        if self.connection_generations.borrow().get(slot) != Some(&generation) {
+            return; // That connection closed; its slot may serve another by now.
+        }
+        let connection = self.connections.borrow().get(slot).and_then(|c| c.clone());
         // A closed connection's replies have nowhere to go.
         let Some(connection) = connection else { return };
         let reply = ReplyRef {
@@ -424,12 +456,69 @@ impl Shard {
                     self.write_reply(r.origin, r.status, r.timings);
                 }
             }
+            ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection),
+        }
+    }
+
+    /// A client went away: its requests still queued here leave the scheduler before they
+    /// use a GPU (those already planned run; their replies are discarded).
+    fn cancel_connection(self: &Rc<Self>, shard: u32, connection: u64) {
+        let held = self.pending.borrow().of_connection(shard, connection);
+        if held.is_empty() {
+            return;
+        }
+        let now_ns = self.now_ns();
+        for (id, model) in held {
+            let cancelled = {
+                let mut scheduler = self.scheduler.borrow_mut();
+                let mut output = self.output.borrow_mut();
+                scheduler.cancel(now_ns, model, id, &mut output)
+            };
+            if cancelled {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                if let Some(origin) = self.pending.borrow_mut().remove(id) {
+                    if shard != self.id {
+                        // No reply will come: the origin shard stops waiting for one (its
+                        // connection is gone, so nothing is written).
+                        self.outbox_replies.borrow_mut()[shard as usize].push(RoutedReply {
+                            origin,
+                            status: Status::ShuttingDown,
+                            timings: Timings::default(),
+                        });
+                    }
+                }
+            }
+        }
+        self.drain_output();
+    }
+
+    /// Tells every shard (this one included) that a connection of this shard closed.
+    fn disconnected(self: &Rc<Self>, connection: u64) {
+        self.cancel_connection(self.id, connection);
+        for dest in 0..self.outbox_requests.borrow().len() {
+            if dest == self.id as usize {
+                continue;
+            }
+            let msg = ShardMsg::Disconnected {
+                shard: self.id,
+                connection,
+            };
+            if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
+                self.senders.try_send_to(dest, msg)
+            {
+                let shard = Rc::clone(self);
+                glommio::spawn_local(async move {
+                    let _ = shard.senders.send_to(dest, msg).await;
+                })
+                .detach();
+            }
         }
     }
 
     /// One request frame from a client: validated, looked up, routed.
-    fn on_request(self: &Rc<Self>, connection: u32, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
+    fn on_request(self: &Rc<Self>, connection: u64, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
         let request = wire::access_request(payload).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let received_ns = self.now_ns();
         let origin = Origin {
             shard: self.id,
@@ -517,7 +606,7 @@ async fn timer_loop(shard: Rc<Shard>, wake: LocalReceiver<()>) {
 /// Reads frames from a client until it closes or breaks the protocol.
 async fn serve_connection(
     shard: Rc<Shard>,
-    key: u32,
+    key: u64,
     stream: TcpStream,
     connection: Rc<Connection>,
     notify_rx: LocalReceiver<()>,
@@ -582,9 +671,15 @@ async fn serve_connection(
         filled -= consumed;
         shard.flush_outbox();
     }
-    // Replies still owed on this connection go nowhere now.
-    shard.connections.borrow_mut()[key as usize] = None;
+    // Replies still owed on this connection go nowhere now; its queued requests are dropped
+    // from the schedulers before they use a GPU.
+    let slot = (key & u64::from(u32::MAX)) as usize;
+    shard.connections.borrow_mut()[slot] = None;
+    let mut generations = shard.connection_generations.borrow_mut();
+    generations[slot] = generations[slot].wrapping_add(1);
+    drop(generations);
     shard.open_connections.set(shard.open_connections.get() - 1);
+    shard.disconnected(key);
     if !connection.closing.get() {
         connection.closing.set(true);
         let _ = connection.notify.try_send(());
@@ -616,26 +711,41 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         });
         let key = {
             let mut connections = shard.connections.borrow_mut();
-            match connections.iter().position(Option::is_none) {
+            let mut generations = shard.connection_generations.borrow_mut();
+            let slot = match connections.iter().position(Option::is_none) {
                 Some(free) => {
                     connections[free] = Some(Rc::clone(&connection));
                     free
                 }
                 None => {
                     connections.push(Some(Rc::clone(&connection)));
+                    generations.push(0);
                     connections.len() - 1
                 }
-            }
-        } as u32;
+            };
+            u64::from(generations[slot]) << 32 | slot as u64
+        };
         shard.open_connections.set(shard.open_connections.get() + 1);
         glommio::spawn_local(serve_connection(Rc::clone(&shard), key, stream, connection, notify_rx)).detach();
     }
+}
+
+/// Counters of the whole service (all shards), for tests and operators.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Request frames accepted from clients.
+    pub requests: std::sync::atomic::AtomicU64,
+    /// Queued requests removed because their client went away.
+    pub cancelled: std::sync::atomic::AtomicU64,
+    /// Batches run on the embedded executors.
+    pub plans: std::sync::atomic::AtomicU64,
 }
 
 /// What a running service gives its caller.
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    stats: Arc<Stats>,
     shard_count: usize,
     memory: ShardMemory,
     stop: Arc<AtomicBool>,
@@ -654,6 +764,10 @@ impl ServerHandle {
 
     pub fn memory(&self) -> ShardMemory {
         self.memory
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// A flag that stops the service when set (for a signal handler).
@@ -689,6 +803,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let table = Arc::new(GpuTable::new(config.gpus as usize, shard_count));
     let mesh = MeshBuilder::<ShardMsg, Full>::full(shard_count, config.limits.mesh_channel);
     let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Stats::default());
     let epoch = Instant::now();
     let mut joins = Vec::with_capacity(shard_count);
     let mut listen = config.listen.clone();
@@ -706,6 +821,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             table: Arc::clone(&table),
             mesh: mesh.clone(),
             stop: Arc::clone(&stop),
+            stats: Arc::clone(&stats),
             epoch,
         };
         let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
@@ -728,6 +844,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     }
     Ok(ServerHandle {
         local_addr: local_addr.expect("at least one shard"),
+        stats,
         shard_count,
         memory,
         stop,
@@ -746,6 +863,7 @@ struct ShardSetup {
     table: Arc<GpuTable>,
     mesh: MeshBuilder<ShardMsg, Full>,
     stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
     epoch: Instant,
 }
 
@@ -794,6 +912,7 @@ async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<Sock
         output: RefCell::new(Output::new()),
         pending: RefCell::new(PendingTable::new(setup.limits.requests_per_shard)),
         connections: RefCell::new(Vec::new()),
+        connection_generations: RefCell::new(Vec::new()),
         open_connections: Cell::new(0),
         awaiting_remote: Cell::new(0),
         outbox_requests: RefCell::new(vec![Vec::new(); shard_count]),
@@ -801,6 +920,7 @@ async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<Sock
         senders,
         wake,
         stop: setup.stop,
+        stats: setup.stats,
     });
     for (_, receiver) in receivers.streams() {
         let shard = Rc::clone(&shard);

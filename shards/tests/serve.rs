@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use symphony_core::wire::{self, FrameDecoder, Kind, ModelRef, RequestRef, Status};
@@ -155,8 +156,21 @@ fn a_client_that_disconnects_does_not_disturb_others() {
             request(&mut buffer, id, ModelRef::Name("resnet_b".into()), &[0; 32]);
         }
         gone.write_all(&buffer).unwrap();
-        // Dropped with 100 requests queued: their replies have nowhere to go.
+        // Closed with 100 requests deferred (resnet_b waits tens of ms to batch): they leave
+        // the scheduler before they use a GPU.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while server.stats().requests.load(Ordering::Relaxed) < 100 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while server.stats().cancelled.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        server.stats().cancelled.load(Ordering::Relaxed) > 0,
+        "a gone client's queued requests are removed"
+    );
     let mut stream = TcpStream::connect(server.local_addr()).unwrap();
     let mut buffer = Vec::new();
     for id in 0..50u64 {

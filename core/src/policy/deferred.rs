@@ -189,6 +189,24 @@ impl<G: GpuSource> Deferred<G> {
         self.models[model as usize].target_batch_size
     }
 
+    /// Removes a queued request (its client went away) before it uses a GPU; returns whether
+    /// it was still queued. Planned requests are past recall. The model's candidate is formed
+    /// again without it.
+    pub fn cancel(&mut self, now_ns: u64, model: u32, request_id: u64, out: &mut Output) -> bool {
+        let index = model as usize;
+        let state = &mut self.models[index];
+        let Some(position) = state.queue.iter().position(|r| r.id == request_id) else {
+            return false;
+        };
+        state.queue.remove(position);
+        if position < state.prefix_len {
+            state.prefix_len -= 1;
+        }
+        self.queued_count -= 1;
+        self.update(index, now_ns, out);
+        true
+    }
+
     /// Whether deferral is switched off because the GPUs are saturated (ours).
     pub fn is_saturated(&self) -> bool {
         self.saturated
@@ -650,6 +668,23 @@ mod tests {
         // The GPU frees at 5 ms: fin(1) = 5 + 6 = 11 ms misses r0's 10 ms: dropped.
         assert_eq!(d.form_batch(0, 0, 5 * MS, &mut out).unwrap().1, 60 * MS);
         assert_eq!(out.drops.len(), 1);
+    }
+
+    #[test]
+    fn cancel_removes_a_queued_request_and_reforms_the_batch() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 1);
+        let mut out = Output::new();
+        d.on_arrival(0, request(0, 98 * MS), &mut out);
+        d.on_arrival(0, request(1, 98 * MS), &mut out);
+        assert!(d.cancel(MS, 0, 0, &mut out));
+        assert!(!d.cancel(MS, 0, 0, &mut out), "only once");
+        assert_eq!(d.queued_count(), 1);
+        // The one left is planned alone at its frontrun: 98 - 0.1 - 7 - 0.05 = 90.85 ms.
+        let at_ns = d.next_timer_ns().unwrap();
+        d.on_timer(at_ns, &mut out);
+        assert_eq!(out.plans.len(), 1);
+        assert_eq!(out.plan_requests(&out.plans[0])[0].id, 1);
+        assert_eq!(out.plans[0].exec_at_ns, 90_850 * US);
     }
 
     #[test]
