@@ -82,14 +82,37 @@ pub fn shard_memory(shards: usize, memlock_limit_bytes: u64) -> Result<ShardMemo
     })
 }
 
-/// The CPUs shards are pinned to: `cpus` if given (checked), else the first `shards` CPUs.
-/// (One NUMA node's CPUs come first in Linux's numbering on the machines we know; hwloc-based
-/// placement is not built yet.)
+/// The machine's CPUs grouped by NUMA node, node by node, as hwloc sees them; `None` when the
+/// topology cannot be read.
+pub fn numa_cpus() -> Option<Vec<Vec<usize>>> {
+    use hwlocality::object::types::ObjectType;
+    let topology = hwlocality::Topology::new().ok()?;
+    let nodes: Vec<Vec<usize>> = topology
+        .objects_with_type(ObjectType::NUMANode)
+        .filter_map(|node| {
+            node.cpuset()
+                .map(|set| set.iter_set().map(usize::from).collect::<Vec<_>>())
+        })
+        .filter(|cpus| !cpus.is_empty())
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
+/// The CPUs shards are pinned to: `cpus` if given (checked), else one NUMA node's CPUs before
+/// the next node's (hwloc), so shards that talk most share a node; without a readable topology,
+/// CPUs 0, 1, ...
 pub fn shard_cpus(shards: usize, cpus: Option<&[usize]>) -> Result<Vec<usize>, RuntimeError> {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chosen: Vec<usize> = match cpus {
         Some(list) => list.iter().copied().cycle().take(shards).collect(),
-        None => (0..shards).map(|shard| shard % available).collect(),
+        None => {
+            let by_node: Vec<usize> = numa_cpus().map(|nodes| nodes.concat()).unwrap_or_default();
+            if by_node.is_empty() {
+                (0..shards).map(|shard| shard % available).collect()
+            } else {
+                by_node.iter().copied().cycle().take(shards).collect()
+            }
+        }
     };
     for &cpu in &chosen {
         if cpu >= available {
@@ -134,6 +157,21 @@ mod tests {
         assert!(m.io_memory_bytes >= IO_MEMORY_MIN_BYTES && m.io_memory_bytes < IO_MEMORY_MAX_BYTES);
         let e = shard_memory(64, 8 << 20).unwrap_err().to_string();
         assert!(e.contains("RLIMIT_MEMLOCK") && e.contains("64 shards"), "{e}");
+    }
+
+    #[test]
+    fn hwloc_sees_every_cpu_once() {
+        let nodes = numa_cpus().expect("hwloc reads this machine's topology");
+        let mut cpus = nodes.concat();
+        cpus.sort_unstable();
+        cpus.dedup();
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(cpus.len() >= available, "hwloc sees every usable CPU: {nodes:?}");
+        assert_eq!(
+            shard_cpus(1, None).unwrap()[0],
+            nodes[0][0],
+            "the first node's CPUs come first"
+        );
     }
 
     #[test]
