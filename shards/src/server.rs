@@ -13,9 +13,10 @@
 //! Built so far, and what is not (README, issue notes): external executor processes, the
 //! heartbeats and re-planning of an executor lost, zero-copy input forwarding (the simulated
 //! executors need no input bytes: they are validated and dropped), cross-shard GPU waiting
-//! through the table's posts, and hwloc NUMA placement are not built yet. Built: a client that
-//! disconnects has its queued requests removed from every shard's scheduler before they use a
-//! GPU; SIGINT/SIGTERM stop accepting, let planned batches finish and answer the rest.
+//! through the table's posts, and placing executor links near their GPUs are not built yet.
+//! Built: a client that disconnects has its queued requests removed from every shard's
+//! scheduler before they use a GPU; SIGINT/SIGTERM stop accepting, let planned batches finish
+//! and answer the rest.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
