@@ -12,8 +12,10 @@
 //!
 //! Built so far, and what is not (README, issue notes): external executor processes, the
 //! heartbeats and re-planning of an executor lost, zero-copy input forwarding (the simulated
-//! executors need no input bytes: they are validated and dropped), cross-shard GPU waiting
-//! through the table's posts, and placing executor links near their GPUs are not built yet.
+//! executors need no input bytes: they are validated and dropped) and placing executor links
+//! near their GPUs are not built yet. Built: cross-shard waiting (each shard posts its most
+//! urgent waiting candidate to the GPU table; a release reserves the freed GPU for the
+//! earliest `invalid_after` across shards and tells that shard).
 //! Built: a client that disconnects has its queued requests removed from every shard's
 //! scheduler before they use a GPU; SIGINT/SIGTERM stop accepting, let planned batches finish
 //! and answer the rest.
@@ -144,6 +146,8 @@ enum ShardMsg {
         shard: u32,
         connection: u64,
     },
+    /// A release reserved a GPU for the receiver's waiting candidate.
+    HandOff,
 }
 
 /// A request the owner holds until it is answered.
@@ -328,6 +332,7 @@ impl Shard {
         }
         output.clear();
         drop(output);
+        self.exchange_gpus();
         self.flush_outbox();
         // The scheduler's next timer may have moved earlier: wake its loop (one token).
         let _ = self.wake.try_send(());
@@ -412,6 +417,37 @@ impl Shard {
         }
     }
 
+    /// Cross-shard GPU waiting: posts the scheduler's most urgent waiting candidate, declines
+    /// reservations it no longer wants, and tells the shards that releases handed GPUs to.
+    fn exchange_gpus(self: &Rc<Self>) {
+        let handoffs: Vec<u16> = {
+            let mut scheduler = self.scheduler.borrow_mut();
+            let waiting = scheduler.waiting_invalid_after_ns();
+            let gpus = scheduler.gpus_mut();
+            gpus.post(waiting);
+            gpus.decline_unwanted();
+            gpus.drain_handoffs().collect()
+        };
+        for shard in handoffs {
+            self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
+            if u32::from(shard) == self.id {
+                let _ = self.wake.try_send(());
+                continue;
+            }
+            match self.senders.try_send_to(shard as usize, ShardMsg::HandOff) {
+                Ok(()) => {}
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => {
+                    let this = Rc::clone(self);
+                    glommio::spawn_local(async move {
+                        let _ = this.senders.send_to(shard as usize, msg).await;
+                    })
+                    .detach();
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Sends every batched cross-shard message (a full channel makes the task wait: that is
     /// the backpressure).
     fn flush_outbox(self: &Rc<Self>) {
@@ -458,6 +494,7 @@ impl Shard {
                 }
             }
             ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection),
+            ShardMsg::HandOff => self.on_timer(),
         }
     }
 
@@ -740,6 +777,8 @@ pub struct Stats {
     pub cancelled: std::sync::atomic::AtomicU64,
     /// Batches run on the embedded executors.
     pub plans: std::sync::atomic::AtomicU64,
+    /// GPUs a release reserved for another shard's waiting candidate (cross-shard EDF).
+    pub handoffs: std::sync::atomic::AtomicU64,
 }
 
 /// What a running service gives its caller.

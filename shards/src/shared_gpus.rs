@@ -4,6 +4,12 @@
 //! Claims are kept here between `claim` and `release` (the table's `Claim` is a linear token;
 //! the core sees only the GPU and its `free_at`). A release that hands a GPU off to another
 //! shard's waiting candidate is queued in `handoffs`; the shard's loop sends those messages.
+//!
+//! Cross-shard waiting: after each event the shard posts its scheduler's most urgent waiting
+//! candidate (`post`). A GPU reserved for this shard counts in `min_free_at_ns` and is
+//! claimable, so the scheduler's own hand-off takes it at its next timer (the hand-off message
+//! wakes it); one reserved but no longer wanted is declined (`decline_unwanted`) and goes on to
+//! the next waiter.
 
 use std::sync::Arc;
 
@@ -20,6 +26,8 @@ pub struct SharedGpus {
     claims: Vec<Option<Claim>>,
     /// Shards that were handed a GPU by this shard's releases, to be told.
     handoffs: Vec<u16>,
+    /// What this shard has posted as its most urgent waiting candidate.
+    posted: Option<u64>,
 }
 
 impl SharedGpus {
@@ -30,11 +38,38 @@ impl SharedGpus {
             shard,
             claims: (0..gpu_count).map(|_| None).collect(),
             handoffs: Vec::with_capacity(gpu_count),
+            posted: None,
         }
     }
 
     pub fn table(&self) -> &GpuTable {
         &self.table
+    }
+
+    /// Posts (or withdraws) this shard's most urgent waiting candidate when it changed.
+    pub fn post(&mut self, invalid_after_ns: Option<u64>) {
+        if invalid_after_ns == self.posted {
+            return;
+        }
+        self.posted = invalid_after_ns;
+        match invalid_after_ns {
+            Some(at_ns) => self.table.post_waiter(self.shard, at_ns),
+            None => self.table.clear_waiter(self.shard),
+        }
+    }
+
+    /// Gives back a GPU reserved for this shard that it no longer waits for; the GPU goes on
+    /// to the next waiter (queued in `handoffs`).
+    pub fn decline_unwanted(&mut self) {
+        if self.posted.is_some() {
+            return;
+        }
+        while let Some(gpu) = self.table.reservation_of(self.shard) {
+            match self.table.decline(self.shard, gpu) {
+                Some(next) => self.handoffs.push(next),
+                None => break,
+            }
+        }
     }
 
     /// The shards to tell that a GPU was reserved for them, since the last call.

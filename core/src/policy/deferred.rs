@@ -207,6 +207,21 @@ impl<G: GpuSource> Deferred<G> {
         true
     }
 
+    /// The smallest `invalid_after` of the candidates waiting for a GPU, if any (what a shard
+    /// posts to the shared GPU table so other shards' releases hand it a GPU).
+    pub fn waiting_invalid_after_ns(&mut self) -> Option<u64> {
+        self.waiting.peek().map(|(invalid_after_ns, _)| invalid_after_ns)
+    }
+
+    /// The GPU source (for a shard: its view of the shared table).
+    pub fn gpus(&self) -> &G {
+        &self.pool
+    }
+
+    pub fn gpus_mut(&mut self) -> &mut G {
+        &mut self.pool
+    }
+
     /// Whether deferral is switched off because the GPUs are saturated (ours).
     pub fn is_saturated(&self) -> bool {
         self.saturated

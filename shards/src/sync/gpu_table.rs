@@ -321,6 +321,15 @@ impl GpuTable {
         self.hand_off(gpu)
     }
 
+    /// Step 3 without the claim: posts `shard`'s most urgent waiting candidate and fences, so
+    /// that the caller's next look at the GPUs (`min_free_at_ns`, a claim) sees every GPU
+    /// freed before a release could have missed the post.
+    pub fn post_waiter(&self, shard: u16, invalid_after_ns: u64) {
+        assert!(invalid_after_ns != NO_WAITER);
+        self.waiters[shard as usize].store(invalid_after_ns, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
     /// Step 3: posts `shard`'s most urgent waiting candidate, then claims any GPU that is free
     /// (whatever its `free_at`) or reserved for `shard`, earliest `free_at` first. On success
     /// the post is withdrawn; otherwise it stays, and a release will reserve a GPU for it.
