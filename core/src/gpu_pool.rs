@@ -57,38 +57,12 @@ impl GpuPool {
         self.min_free_at_ns
     }
 
-    /// Number of GPUs free at or before `at_ns`.
-    pub fn free_count_at(&self, at_ns: u64) -> u32 {
-        self.free_at_ns.iter().filter(|&&f| f <= at_ns).count() as u32
-    }
-
-    /// Whether at least `count` GPUs are free at or before `at_ns` (stops scanning early).
-    #[inline]
-    pub fn has_free_at(&self, at_ns: u64, count: u32) -> bool {
-        let mut found = 0;
-        for &free_at_ns in &self.free_at_ns {
-            if free_at_ns <= at_ns {
-                found += 1;
-                if found >= count {
-                    return true;
-                }
-            }
-        }
-        count == 0
-    }
-
     /// Records that `gpu` is busy until `free_at_ns` (a plan was granted on it).
     #[inline]
     pub fn occupy(&mut self, gpu: u32, free_at_ns: u64) {
         let slot = &mut self.free_at_ns[gpu as usize];
         assert!(free_at_ns >= *slot, "plans on one GPU never overlap");
         *slot = free_at_ns;
-        self.min_free_at_ns = self.free_at_ns.iter().copied().min().expect("gpus > 0");
-    }
-
-    /// Marks `gpu` free at `free_at_ns` even if a plan on it was to run longer (preemption).
-    pub fn release(&mut self, gpu: u32, free_at_ns: u64) {
-        self.free_at_ns[gpu as usize] = free_at_ns;
         self.min_free_at_ns = self.free_at_ns.iter().copied().min().expect("gpus > 0");
     }
 
@@ -152,7 +126,5 @@ mod tests {
         assert_eq!(pool.pick(40, GrantPolicy::BestFit), Some(2));
         assert_eq!(pool.pick(60, GrantPolicy::LowestIndex), Some(0));
         assert_eq!(pool.pick(5, GrantPolicy::LowestIndex), None);
-        assert_eq!(pool.free_count_at(50), 3);
-        assert!(pool.has_free_at(50, 3) && !pool.has_free_at(50, 4) && !pool.has_free_at(5, 1));
     }
 }

@@ -70,19 +70,6 @@ impl TimerQueue {
         Some((at_ns, key))
     }
 
-    /// The earliest armed `(deadline, key)` of any key but `key`, everything left armed.
-    #[inline]
-    pub fn peek_excluding(&mut self, key: u32) -> Option<(u64, u32)> {
-        let first = self.peek()?;
-        if first.1 != key {
-            return Some(first);
-        }
-        let entry = self.heap.pop().expect("peek saw an entry");
-        let second = self.peek();
-        self.heap.push(entry); // Into the slot just freed: no allocation.
-        second
-    }
-
     /// Disarms and returns one key whose deadline is at or before `now_ns`, earliest first.
     #[inline]
     pub fn pop_due(&mut self, now_ns: u64) -> Option<u32> {
@@ -122,19 +109,6 @@ mod tests {
         assert_eq!(t.pop_due(100), Some(0));
         assert_eq!(t.pop_due(100), Some(1));
         assert_eq!(t.pop_due(100), None, "50 was replaced, 2 was cancelled");
-    }
-
-    #[test]
-    fn peek_excluding_skips_one_key() {
-        let mut t = TimerQueue::new(3);
-        t.set(0, 10);
-        t.set(1, 20);
-        t.set(2, 30);
-        assert_eq!(t.peek_excluding(0), Some((20, 1)));
-        assert_eq!(t.peek_excluding(1), Some((10, 0)));
-        assert_eq!(t.peek(), Some((10, 0)), "left armed");
-        t.cancel(1);
-        assert_eq!(t.peek_excluding(0), Some((30, 2)));
     }
 
     #[test]
