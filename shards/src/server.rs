@@ -431,6 +431,7 @@ impl Shard {
         for shard in handoffs {
             self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
             if u32::from(shard) == self.id {
+                self.scheduler.borrow_mut().gpus_mut().note_handoff();
                 let _ = self.wake.try_send(());
                 continue;
             }
@@ -494,7 +495,10 @@ impl Shard {
                 }
             }
             ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection),
-            ShardMsg::HandOff => self.on_timer(),
+            ShardMsg::HandOff => {
+                self.scheduler.borrow_mut().gpus_mut().note_handoff();
+                self.on_timer();
+            }
         }
     }
 

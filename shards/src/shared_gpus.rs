@@ -28,6 +28,8 @@ pub struct SharedGpus {
     handoffs: Vec<u16>,
     /// What this shard has posted as its most urgent waiting candidate.
     posted: Option<u64>,
+    /// A hand-off came since the last scan for unwanted reservations.
+    maybe_reserved: bool,
 }
 
 impl SharedGpus {
@@ -39,6 +41,7 @@ impl SharedGpus {
             claims: (0..gpu_count).map(|_| None).collect(),
             handoffs: Vec::with_capacity(gpu_count),
             posted: None,
+            maybe_reserved: false,
         }
     }
 
@@ -58,12 +61,18 @@ impl SharedGpus {
         }
     }
 
+    /// Notes that a GPU may have been reserved for this shard (a hand-off message came).
+    pub fn note_handoff(&mut self) {
+        self.maybe_reserved = true;
+    }
+
     /// Gives back a GPU reserved for this shard that it no longer waits for; the GPU goes on
-    /// to the next waiter (queued in `handoffs`).
+    /// to the next waiter (queued in `handoffs`). Scans the table only after a hand-off.
     pub fn decline_unwanted(&mut self) {
-        if self.posted.is_some() {
+        if self.posted.is_some() || !self.maybe_reserved {
             return;
         }
+        self.maybe_reserved = false;
         while let Some(gpu) = self.table.reservation_of(self.shard) {
             match self.table.decline(self.shard, gpu) {
                 Some(next) => self.handoffs.push(next),
