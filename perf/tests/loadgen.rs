@@ -8,45 +8,29 @@
 //!
 //! A frame it cannot decode gets an ERROR frame and a closed connection.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use symphony_core::wire::{
-    decode_request, encode_error, encode_reply, ErrorCode, FrameDecoder, Kind, ModelRef, ReplyRef, Status, Timings,
-};
+use symphony_core::wire::{decode_request, ErrorCode, FrameDecoder, Kind, ModelRef, Status};
 use symphony_core::workload::{Phase, Workload};
 use symphony_perf::loadgen::{self, LoadError, LoadSpec, CONNECTIONS_LIMIT};
 
+#[path = "../../shards/tests/support/fake_server.rs"]
+mod fake_server;
+
+use fake_server::{error_frame, Out};
+
 const OK_DELAY: Duration = Duration::from_millis(1);
-
-enum Out {
-    At(Instant, Vec<u8>),
-    Close(Vec<u8>),
-}
-
-fn start_fake_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
-    let addr = listener.local_addr().expect("has an address");
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            thread::spawn(move || serve(stream));
-        }
-    });
-    addr
-}
 
 fn serve(mut stream: TcpStream) {
     stream.set_nodelay(true).expect("nodelay");
     let write_stream = stream.try_clone().expect("clones");
     let (tx, rx) = mpsc::channel::<Out>();
-    let writer = thread::spawn(move || write_loop(write_stream, rx));
+    let writer = thread::spawn(move || fake_server::write_loop(write_stream, rx, Shutdown::Both));
     let decoder = FrameDecoder::default();
     let mut buffer = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -84,11 +68,11 @@ fn serve(mut stream: TcpStream) {
                 ModelRef::Id(_) => "",
             };
             let out = match name {
-                "drop-me" => Out::At(now, reply_frame(id, Status::Dropped)),
-                "nope" => Out::At(now, reply_frame(id, Status::UnknownModel)),
+                "drop-me" => Out::At(now, fake_server::reply_frame(id, Status::Dropped, &[], 0)),
+                "nope" => Out::At(now, fake_server::reply_frame(id, Status::UnknownModel, &[], 0)),
                 "silent" => continue,
                 "close-me" => Out::Close(Vec::new()),
-                _ => Out::At(now + OK_DELAY, reply_frame(id, Status::Ok)),
+                _ => Out::At(now + OK_DELAY, fake_server::reply_frame(id, Status::Ok, &[], 0)),
             };
             let closing = matches!(out, Out::Close(_));
             let _ = tx.send(out);
@@ -102,68 +86,6 @@ fn serve(mut stream: TcpStream) {
     drop(tx);
     let _ = writer.join();
     let _ = stream.shutdown(Shutdown::Both);
-}
-
-fn reply_frame(id: u64, status: Status) -> Vec<u8> {
-    let mut out = Vec::new();
-    let reply = ReplyRef {
-        client_request_id: id,
-        status,
-        timings: Timings::default(),
-        output: &[],
-    };
-    encode_reply(&mut out, &reply).expect("encodes");
-    out
-}
-
-fn error_frame(code: ErrorCode, message: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_error(&mut out, code, message).expect("encodes");
-    out
-}
-
-fn write_loop(mut stream: TcpStream, rx: mpsc::Receiver<Out>) {
-    let mut pending: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
-    let mut sequence = 0u64;
-    let mut batch = Vec::new();
-    loop {
-        let now = Instant::now();
-        batch.clear();
-        while pending.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
-            let Some(Reverse((_, _, bytes))) = pending.pop() else {
-                break;
-            };
-            batch.extend_from_slice(&bytes);
-        }
-        if !batch.is_empty() && stream.write_all(&batch).is_err() {
-            return;
-        }
-        let message = match pending.peek() {
-            Some(Reverse((due, _, _))) => match rx.recv_timeout(due.saturating_duration_since(now)) {
-                Ok(message) => message,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    thread::sleep(due.saturating_duration_since(now));
-                    continue;
-                }
-            },
-            None => match rx.recv() {
-                Ok(message) => message,
-                Err(_) => return,
-            },
-        };
-        match message {
-            Out::At(due, bytes) => {
-                sequence += 1;
-                pending.push(Reverse((due, sequence, bytes)));
-            }
-            Out::Close(bytes) => {
-                let _ = stream.write_all(&bytes);
-                let _ = stream.shutdown(Shutdown::Both);
-                return;
-            }
-        }
-    }
 }
 
 /// Two models: `fast` (answered OK after 1 ms) and a dropped one, `rps` each in warm-up, bench
@@ -209,7 +131,7 @@ fn spec(target: String, workload: Workload) -> LoadSpec {
 
 #[test]
 fn open_loop_load_is_offered_achieved_and_measured() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let spec = spec(addr.to_string(), two_models("drop-me", 1.0));
     let mut arrivals = Vec::new();
     spec.workload
@@ -269,7 +191,7 @@ fn open_loop_load_is_offered_achieved_and_measured() {
 
 #[test]
 fn requests_without_replies_are_noreply_after_the_grace_time() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let workload = workload(
         "seed: 1
 gpus: 1
@@ -304,7 +226,7 @@ models:
 
 #[test]
 fn a_connection_the_server_closes_is_reported_not_fatal() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let workload = workload(
         "seed: 1
 gpus: 1

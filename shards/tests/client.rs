@@ -16,68 +16,30 @@
 //!
 //! A frame the fake server cannot decode gets an ERROR frame and a closed connection.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use symphony_core::wire::{
-    decode_error, decode_request, encode_error, encode_reply, encode_request, Decoded, ErrorCode, FrameDecoder, Kind,
-    ModelRef, ReplyRef, RequestRef, Status, Timings,
+    decode_error, decode_request, encode_request, Decoded, ErrorCode, FrameDecoder, Kind, ModelRef, RequestRef, Status,
 };
 use symphony_shards::client::{Client, ClientError};
 
+mod support {
+    pub mod fake_server;
+}
+
+use support::fake_server::{self, error_frame, reply_frame, Out};
+
 const BIG_OUTPUT_SIZE: usize = 3 * 1024 * 1024;
-
-enum Out {
-    /// Write these bytes at this time (replies due at once are written together).
-    At(Instant, Vec<u8>),
-    /// Write these bytes now, then close the writing direction.
-    CloseAfter(Vec<u8>),
-}
-
-fn start_fake_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binds");
-    let addr = listener.local_addr().expect("has an address");
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            thread::spawn(move || serve(stream));
-        }
-    });
-    addr
-}
-
-fn reply_frame(id: u64, status: Status, output: &[u8], total_us: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    let reply = ReplyRef {
-        client_request_id: id,
-        status,
-        timings: Timings {
-            queued_us: 0,
-            exec_us: 0,
-            total_us,
-        },
-        output,
-    };
-    encode_reply(&mut out, &reply).expect("encodes");
-    out
-}
-
-fn error_frame(code: ErrorCode, message: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_error(&mut out, code, message).expect("encodes");
-    out
-}
 
 fn serve(stream: TcpStream) {
     stream.set_nodelay(true).expect("nodelay");
     let write_stream = stream.try_clone().expect("clones");
     let (tx, rx) = mpsc::channel::<Out>();
-    let writer = thread::spawn(move || write_loop(write_stream, rx));
+    let writer = thread::spawn(move || fake_server::write_loop(write_stream, rx, Shutdown::Write));
     read_loop(stream, &tx);
     drop(tx);
     let _ = writer.join();
@@ -97,21 +59,21 @@ fn read_loop(mut stream: TcpStream, tx: &mpsc::Sender<Out>) {
         let mut closing = false;
         for frame in frames.by_ref() {
             let out = match frame {
-                Err(error) => Some(Out::CloseAfter(error_frame(
+                Err(error) => Some(Out::Close(error_frame(
                     error.error_code().expect("a decode error has a code"),
                     &error.to_string(),
                 ))),
-                Ok(frame) if frame.kind != Kind::Request => Some(Out::CloseAfter(error_frame(
+                Ok(frame) if frame.kind != Kind::Request => Some(Out::Close(error_frame(
                     ErrorCode::UnexpectedKind,
                     "a server accepts only REQUEST frames",
                 ))),
                 Ok(frame) => match decode_request(frame.payload) {
-                    Err(error) => Some(Out::CloseAfter(error_frame(ErrorCode::Malformed, &error.to_string()))),
+                    Err(error) => Some(Out::Close(error_frame(ErrorCode::Malformed, &error.to_string()))),
                     Ok(request) => answer(&request.model, request.client_request_id, &request.input),
                 },
             };
             match out {
-                Some(out @ Out::CloseAfter(_)) => {
+                Some(out @ Out::Close(_)) => {
                     let _ = tx.send(out);
                     closing = true;
                     break;
@@ -145,13 +107,13 @@ fn answer(model: &ModelRef, id: u64, input: &[u8]) -> Option<Out> {
         "drop-me" => Out::At(now, reply_frame(id, Status::Dropped, &[], 0)),
         "big" => Out::At(now, reply_frame(id, Status::Ok, &vec![7u8; BIG_OUTPUT_SIZE], 0)),
         "silent" => return None,
-        "error-me" => Out::CloseAfter(error_frame(ErrorCode::Malformed, "the fake server was asked to fail")),
+        "error-me" => Out::Close(error_frame(ErrorCode::Malformed, "the fake server was asked to fail")),
         "close-me" => {
             let frame = reply_frame(id, Status::Ok, b"some output", 0);
-            Out::CloseAfter(frame[..frame.len() / 2].to_vec())
+            Out::Close(frame[..frame.len() / 2].to_vec())
         }
-        "hangup" => Out::CloseAfter(Vec::new()),
-        "garbage-me" => Out::CloseAfter(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()),
+        "hangup" => Out::Close(Vec::new()),
+        "garbage-me" => Out::Close(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()),
         "bad-status" => {
             let mut frame = reply_frame(id, Status::Ok, &[], 0);
             // Empty output: the root starts right after the header; status is at root + 8.
@@ -181,50 +143,6 @@ fn answer(model: &ModelRef, id: u64, input: &[u8]) -> Option<Out> {
     Some(out)
 }
 
-fn write_loop(mut stream: TcpStream, rx: mpsc::Receiver<Out>) {
-    let mut pending: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
-    let mut sequence = 0u64;
-    let mut batch = Vec::new();
-    loop {
-        let now = Instant::now();
-        batch.clear();
-        while pending.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
-            let Some(Reverse((_, _, bytes))) = pending.pop() else {
-                break;
-            };
-            batch.extend_from_slice(&bytes);
-        }
-        if !batch.is_empty() && stream.write_all(&batch).is_err() {
-            return;
-        }
-        let message = match pending.peek() {
-            Some(Reverse((due, _, _))) => match rx.recv_timeout(due.saturating_duration_since(now)) {
-                Ok(message) => message,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    thread::sleep(due.saturating_duration_since(now));
-                    continue;
-                }
-            },
-            None => match rx.recv() {
-                Ok(message) => message,
-                Err(_) => return,
-            },
-        };
-        match message {
-            Out::At(due, bytes) => {
-                sequence += 1;
-                pending.push(Reverse((due, sequence, bytes)));
-            }
-            Out::CloseAfter(bytes) => {
-                let _ = stream.write_all(&bytes);
-                let _ = stream.shutdown(Shutdown::Write);
-                return;
-            }
-        }
-    }
-}
-
 fn name(name: &str) -> ModelRef {
     ModelRef::Name(name.to_string())
 }
@@ -246,7 +164,7 @@ fn connect(addr: SocketAddr) -> Client {
 
 #[test]
 fn pipelined_requests_get_their_replies_out_of_order() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     let model = name("resnet50_v1");
     let count = 64u64;
@@ -283,7 +201,7 @@ fn pipelined_requests_get_their_replies_out_of_order() {
 
 #[test]
 fn statuses_come_through_and_the_connection_stays_usable() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     let reply = client.call(&name("nope"), None, b"x").expect("a reply");
     assert_eq!(reply.status, Status::UnknownModel);
@@ -304,7 +222,7 @@ fn statuses_come_through_and_the_connection_stays_usable() {
 
 #[test]
 fn a_reply_larger_than_the_receive_buffer_arrives_whole() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     for _ in 0..2 {
         let reply = client.call(&name("big"), None, &[]).expect("a reply");
@@ -318,7 +236,7 @@ fn a_reply_larger_than_the_receive_buffer_arrives_whole() {
 
 #[test]
 fn an_error_frame_is_a_server_error_after_the_replies_before_it() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     client.send(1, &name("echo"), None, &echo_input(0, 1)).expect("buffers");
     client.send(2, &name("echo"), None, &echo_input(0, 2)).expect("buffers");
@@ -341,7 +259,7 @@ fn an_error_frame_is_a_server_error_after_the_replies_before_it() {
 
 #[test]
 fn a_server_closing_mid_frame_or_between_frames_is_closed() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     client.send(1, &name("close-me"), None, &[]).expect("buffers");
     match client.recv() {
@@ -360,7 +278,7 @@ fn a_server_closing_mid_frame_or_between_frames_is_closed() {
 
 #[test]
 fn bad_server_bytes_are_typed_errors_not_panics() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
 
     let mut client = connect(addr);
     match client.call(&name("garbage-me"), None, &[]) {
@@ -388,7 +306,7 @@ fn bad_server_bytes_are_typed_errors_not_panics() {
 
 #[test]
 fn a_read_timeout_loses_nothing() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     client
         .set_read_timeout(Some(Duration::from_millis(50)))
@@ -414,7 +332,7 @@ fn a_read_timeout_loses_nothing() {
 
 #[test]
 fn call_needs_an_idle_connection_and_refuses_oversized_input() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut client = connect(addr);
     client.send(1, &name("echo"), None, &[]).expect("buffers");
     assert!(matches!(
@@ -435,7 +353,7 @@ fn call_needs_an_idle_connection_and_refuses_oversized_input() {
 
 #[test]
 fn split_halves_pipeline_many_requests_from_two_threads() {
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let client = connect(addr);
     let (mut sender, mut receiver) = client.split();
     let count = 20_000u64;
@@ -483,7 +401,7 @@ fn split_halves_pipeline_many_requests_from_two_threads() {
 #[test]
 fn the_fake_server_answers_an_undecodable_frame_with_an_error_frame() {
     // The fake server follows the protocol too: otherwise the tests above prove little.
-    let addr = start_fake_server();
+    let addr = fake_server::start(serve);
     let mut stream = TcpStream::connect(addr).expect("connects");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
