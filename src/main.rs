@@ -29,8 +29,11 @@ enum Command {
     Sweep(SweepArgs),
     /// Measures the simulator's own speed (simulated requests per second, one core).
     PerfSim(PerfSimArgs),
-    /// Runs the scheduler service: glommio shards, TCP front door, embedded simulated GPUs.
+    /// Runs the scheduler service: glommio shards, TCP front door, embedded simulated GPUs
+    /// and/or external executors.
     Serve(ServeArgs),
+    /// Runs an executor: connects to a scheduler and runs its plans on this machine's GPUs.
+    Executor(ExecutorArgs),
     /// Sends one-off requests to a running service and prints the replies.
     Client(ClientArgs),
     /// Open-loop load from a workload file against a running service, with a final report.
@@ -96,6 +99,40 @@ struct ServeArgs {
     /// CPUs to pin the shards to, comma-separated (default: 0, 1, ...).
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
+    /// Embedded simulated GPUs (overrides the config's `gpus`; 0 with external executors).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Accept external executors that present this token (overrides `executor_token`).
+    #[arg(long)]
+    executor_token: Option<String>,
+    /// GPU slots for external executors (overrides `executor_gpus`; default 64 with a token).
+    #[arg(long)]
+    executor_gpus: Option<u32>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExecutorArgs {
+    /// The scheduler's front door(s), host:port, comma-separated: tried in order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    scheduler: Vec<String>,
+    /// The scheduler's executor token.
+    #[arg(long)]
+    token: String,
+    /// GPUs this executor runs.
+    #[arg(long, default_value_t = 1)]
+    gpus: u32,
+    /// sim: runs each batch for its profile time and echoes inputs as outputs.
+    #[arg(long, default_value = "sim")]
+    backend: String,
+    /// A name for the scheduler's logs (default: $HOSTNAME).
+    #[arg(long)]
+    name: Option<String>,
+    /// Refuse a plan that could start only this many milliseconds after its exec_at.
+    #[arg(long, default_value_t = 5.0)]
+    late_bound_ms: f64,
+    /// Heartbeat interval, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -265,6 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => run_sweep(args),
         Command::PerfSim(args) => run_perf_sim(args),
         Command::Serve(args) => run_serve(args),
+        Command::Executor(args) => run_executor(args),
         Command::Client(args) => run_client(args),
         Command::Loadgen(args) => run_loadgen(args),
     }
@@ -375,6 +413,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(cpus) = args.cpus {
         config.cpus = Some(cpus);
     }
+    config.apply_executor_overrides(args.gpus, args.executor_token, args.executor_gpus)?;
     let server = symphony_shards::server::start(&config)?;
     let memory = server.memory();
     let limit = match memory.memlock_limit_bytes {
@@ -382,7 +421,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         bytes => format!("{} KiB", bytes >> 10),
     };
     eprintln!(
-        "symphony serve: {} model(s) from {} on {}; {} shard(s), io_memory {} KiB and ring depth {} each (RLIMIT_MEMLOCK {limit}); {} embedded simulated GPU(s); policy {}. Ctrl-C stops.",
+        "symphony serve: {} model(s) from {} on {}; {} shard(s), io_memory {} KiB and ring depth {} each (RLIMIT_MEMLOCK {limit}); {} embedded simulated GPU(s){}; policy {}. Ctrl-C stops.",
         config.models.len(),
         config.source,
         server.local_addr(),
@@ -390,6 +429,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         memory.io_memory_bytes >> 10,
         memory.ring_depth,
         config.gpus,
+        if config.executor_gpus > 0 {
+            format!(", room for {} executor GPU(s)", config.executor_gpus)
+        } else {
+            String::new()
+        },
         config.policy,
     );
     let stop = server.stop_flag();
@@ -398,6 +442,42 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     server.wait()?;
     eprintln!("symphony serve: stopped");
+    Ok(())
+}
+
+fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
+    use symphony_gpu_exec::executor::{self, ExecutorConfig};
+    let backend = args.backend.parse().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        args.late_bound_ms.is_finite() && args.late_bound_ms >= 0.0,
+        "--late-bound-ms must be a number of milliseconds >= 0"
+    );
+    anyhow::ensure!(
+        (1..=60_000).contains(&args.heartbeat_ms),
+        "--heartbeat-ms must be 1 to 60000"
+    );
+    let mut config = ExecutorConfig::new(args.scheduler, args.token, args.gpus, backend);
+    if let Some(name) = args.name {
+        config.name = name;
+    }
+    config.late_bound_ns = (args.late_bound_ms * 1e6) as u64;
+    config.heartbeat_interval = std::time::Duration::from_millis(args.heartbeat_ms);
+    let running = executor::start(&config)?;
+    eprintln!(
+        "symphony executor: executor {} with {} {} GPU(s), {} model(s); clock offset {} us (+- {} us). Ctrl-C stops.",
+        running.executor_id,
+        config.gpus,
+        backend.name(),
+        running.models.len(),
+        running.offset.offset_ns / 1000,
+        running.offset.error_bound_ns / 1000,
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;
+    }
+    running.wait(&stop)?;
+    eprintln!("symphony executor: stopped");
     Ok(())
 }
 

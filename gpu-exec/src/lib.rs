@@ -1,10 +1,13 @@
-//! symphony-gpu-exec: the executor process (being built).
+//! symphony-gpu-exec: the executor process.
 //!
-//! Today this crate holds the executor's pure building blocks: the per-GPU plan follower
-//! ([`follower`]) and the clock-offset estimate made at the handshake ([`clock`]). The
-//! executor process itself (connection to the scheduler, the `sim`, `cpu` and `cuda`
-//! backends, the profiler) is not built yet (see ARCHITECTURE.md and the issues "The
-//! scheduler service" and "Executors that really compute").
+//! [`executor`] connects to the scheduler (`symphony executor`), registers its GPUs and
+//! models with their profiles, and runs each plan at its `exec_at` on a [`backend`]: one
+//! worker thread per GPU with a [`follower`], the clock offset from the handshake's probes
+//! ([`clock`]). Backends today: `sim` (runs each batch for its profile time). The `cpu` and
+//! `cuda` backends and the profiler are not built yet (the issue "Executors that really
+//! compute").
 
+pub mod backend;
 pub mod clock;
+pub mod executor;
 pub mod follower;

@@ -77,7 +77,7 @@ const SLOT_UNSENT: u64 = 0;
 const SLOT_REPLIED: u64 = u64::MAX;
 
 /// One status per value of [`Status`], indexed by its wire value.
-const STATUS_COUNT: usize = 7;
+const STATUS_COUNT: usize = 8;
 
 const _: () = {
     assert!(
@@ -86,7 +86,7 @@ const _: () = {
     );
     assert!(INPUT_BYTES_LIMIT < INPUT_LIMIT);
     assert!(CONNECTIONS_LIMIT as u64 <= REQUESTS_LIMIT);
-    assert!(Status::ExecutorLost as usize == STATUS_COUNT - 1);
+    assert!(Status::ExecutionFailed as usize == STATUS_COUNT - 1);
     // Request ids are arrival indexes: they fit every index type on the way.
     assert!(REQUESTS_LIMIT <= u32::MAX as u64);
 };
@@ -149,6 +149,7 @@ pub struct StatusCounts {
     pub overloaded: u64,
     pub shutting_down: u64,
     pub executor_lost: u64,
+    pub execution_failed: u64,
 }
 
 impl StatusCounts {
@@ -161,6 +162,7 @@ impl StatusCounts {
             overloaded: counts[Status::Overloaded as usize],
             shutting_down: counts[Status::ShuttingDown as usize],
             executor_lost: counts[Status::ExecutorLost as usize],
+            execution_failed: counts[Status::ExecutionFailed as usize],
         }
     }
 }

@@ -316,10 +316,7 @@ impl Receiver {
                     )),
                     Err(error) => Some((Some(ErrorCode::Malformed), ClientError::Protocol(error))),
                 },
-                Kind::Request => Some((
-                    Some(ErrorCode::UnexpectedKind),
-                    ClientError::UnexpectedKind { kind: Kind::Request },
-                )),
+                kind => Some((Some(ErrorCode::UnexpectedKind), ClientError::UnexpectedKind { kind })),
             };
             if let Some((code, error)) = stop {
                 return self.stop(count, code, error);

@@ -37,6 +37,10 @@ kind = "symphony"
 pub const MODELS_LIMIT: usize = 65_536;
 /// Embedded simulated GPUs one service may run.
 pub const EMBEDDED_GPUS_LIMIT: u32 = 65_536;
+/// GPU slots of external executors when a token is set and `executor_gpus` is not.
+pub const EXECUTOR_GPUS_DEFAULT: u32 = 64;
+/// How long a link may stay silent before its executor counts as lost.
+pub const HEARTBEAT_TIMEOUT_MS_DEFAULT: u64 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +71,8 @@ struct RawConfig {
     #[serde(default)]
     limits: Limits,
     executor_token: Option<String>,
+    executor_gpus: Option<u32>,
+    heartbeat_timeout_ms: Option<u64>,
 }
 
 fn default_listen() -> String {
@@ -126,8 +132,12 @@ pub struct ServeConfig {
     pub listen: String,
     pub shards: Option<usize>,
     pub cpus: Option<Vec<usize>>,
-    /// Embedded simulated GPUs (executors in this process).
+    /// Embedded simulated GPUs (executors in this process); 0 with external executors only.
     pub gpus: u32,
+    /// GPU slots for external executors (0 without an executor token).
+    pub executor_gpus: u32,
+    /// A link silent this long loses its executor.
+    pub heartbeat_timeout_ms: u64,
     pub models: Vec<ModelConfig>,
     pub policy: PolicyKind,
     pub knobs: Knobs,
@@ -136,6 +146,54 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Command-line overrides of the GPU fields, checked as the file's are.
+    pub fn apply_executor_overrides(
+        &mut self,
+        gpus: Option<u32>,
+        executor_token: Option<String>,
+        executor_gpus: Option<u32>,
+    ) -> Result<(), ConfigError> {
+        let invalid = |field: &str, expected: String| ConfigError::Invalid {
+            file: "command line".to_string(),
+            field: field.to_string(),
+            expected,
+        };
+        if let Some(gpus) = gpus {
+            if gpus > EMBEDDED_GPUS_LIMIT {
+                return Err(invalid("--gpus", format!("0 to {EMBEDDED_GPUS_LIMIT}")));
+            }
+            self.gpus = gpus;
+        }
+        if let Some(token) = executor_token {
+            if token.is_empty() || token.len() > symphony_core::wire::executor::TOKEN_LIMIT {
+                return Err(invalid(
+                    "--executor-token",
+                    format!("1 to {} bytes", symphony_core::wire::executor::TOKEN_LIMIT),
+                ));
+            }
+            self.executor_token = Some(token);
+            if self.executor_gpus == 0 {
+                self.executor_gpus = EXECUTOR_GPUS_DEFAULT;
+            }
+        }
+        if let Some(slots) = executor_gpus {
+            if self.executor_token.is_none() && slots > 0 {
+                return Err(invalid("--executor-gpus", "an executor token as well".to_string()));
+            }
+            if slots > EMBEDDED_GPUS_LIMIT {
+                return Err(invalid("--executor-gpus", format!("at most {EMBEDDED_GPUS_LIMIT}")));
+            }
+            self.executor_gpus = slots;
+        }
+        if self.gpus == 0 && self.executor_gpus == 0 {
+            return Err(invalid(
+                "--gpus",
+                "at least 1 embedded GPU, or an executor token for external executors".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn example() -> ServeConfig {
         ServeConfig::parse(EXAMPLE_CONFIG, Path::new("."), "built-in example").expect("the example is valid")
     }
@@ -176,11 +234,39 @@ impl ServeConfig {
         if raw.models.is_empty() || raw.models.len() > MODELS_LIMIT {
             return Err(invalid("models", format!("1 to {MODELS_LIMIT} models")));
         }
-        if raw.gpus == 0 || raw.gpus > EMBEDDED_GPUS_LIMIT {
+        if raw.gpus > EMBEDDED_GPUS_LIMIT {
             return Err(invalid(
                 "gpus",
-                format!("1 to {EMBEDDED_GPUS_LIMIT} embedded simulated GPUs (external executors are not built yet)"),
+                format!("0 to {EMBEDDED_GPUS_LIMIT} embedded simulated GPUs"),
             ));
+        }
+        if let Some(token) = &raw.executor_token {
+            if token.is_empty() || token.len() > symphony_core::wire::executor::TOKEN_LIMIT {
+                return Err(invalid(
+                    "executor_token",
+                    format!("1 to {} bytes", symphony_core::wire::executor::TOKEN_LIMIT),
+                ));
+            }
+        }
+        let executor_gpus = match (&raw.executor_token, raw.executor_gpus) {
+            (None, None | Some(0)) => 0,
+            (None, Some(_)) => {
+                return Err(invalid("executor_gpus", "an executor_token as well".to_string()));
+            }
+            (Some(_), gpus) => gpus.unwrap_or(EXECUTOR_GPUS_DEFAULT),
+        };
+        if executor_gpus > EMBEDDED_GPUS_LIMIT {
+            return Err(invalid("executor_gpus", format!("at most {EMBEDDED_GPUS_LIMIT}")));
+        }
+        if raw.gpus == 0 && executor_gpus == 0 {
+            return Err(invalid(
+                "gpus",
+                "at least 1 embedded GPU, or an executor_token for external executors".to_string(),
+            ));
+        }
+        let heartbeat_timeout_ms = raw.heartbeat_timeout_ms.unwrap_or(HEARTBEAT_TIMEOUT_MS_DEFAULT);
+        if !(50..=600_000).contains(&heartbeat_timeout_ms) {
+            return Err(invalid("heartbeat_timeout_ms", "50 to 600000".to_string()));
         }
         if raw.shards == Some(0) {
             return Err(invalid("shards", "at least 1".to_string()));
@@ -265,6 +351,8 @@ impl ServeConfig {
             shards: raw.shards,
             cpus: raw.cpus,
             gpus: raw.gpus,
+            executor_gpus,
+            heartbeat_timeout_ms,
             models,
             policy,
             knobs,
@@ -291,6 +379,10 @@ mod tests {
         let cases = [
             ("gpus = 1\nmodels = []\n", "`models`"),
             ("gpus = 0\n[[models]]\nname = \"a\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = 10\n", "`gpus`"),
+            (
+                "gpus = 1\nexecutor_gpus = 4\n[[models]]\nname = \"a\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = 10\n",
+                "`executor_gpus`",
+            ),
             ("gpus = 1\n[[models]]\nname = \"a\"\nprofile = \"bad\"\nslo_ms = 10\n", "`models[0].profile`"),
             ("gpus = 1\n[[models]]\nname = \"a\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = -1\n", "`models[0].slo_ms`"),
             (

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod config;
+pub mod executors;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 #[cfg(feature = "runtime")]

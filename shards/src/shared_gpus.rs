@@ -49,6 +49,11 @@ impl SharedGpus {
         &self.table
     }
 
+    /// Queues a hand-off made outside a release (a GPU brought online) to be told.
+    pub fn push_handoff(&mut self, shard: u16) {
+        self.handoffs.push(shard);
+    }
+
     /// Posts (or withdraws) this shard's most urgent waiting candidate when it changed.
     pub fn post(&mut self, invalid_after_ns: Option<u64>) {
         if invalid_after_ns == self.posted {
@@ -96,8 +101,9 @@ impl SharedGpus {
 }
 
 impl GpuSource for SharedGpus {
+    /// GPUs online (at least 1: the policy divides by it), not the table's slots.
     fn gpu_count(&self) -> u32 {
-        self.table.gpu_count() as u32
+        self.table.online_count().max(1) as u32
     }
 
     fn min_free_at_ns(&self) -> u64 {

@@ -112,6 +112,22 @@ fn check_frame(frame: Frame<'_>) -> Option<Message> {
             );
             Some(Message::Error(owned.code, again.message))
         }
+        // The executor protocol: its access functions refuse or accept any payload, never
+        // panic.
+        _ => {
+            use symphony_core::wire::executor as exec;
+            let _ = exec::access_plan(frame.payload);
+            let _ = exec::access_result(frame.payload);
+            let _ = exec::access::<exec::Hello>(frame.kind, frame.payload);
+            let _ = exec::access::<exec::Welcome>(frame.kind, frame.payload);
+            if let Ok(register) = exec::access::<exec::Register>(frame.kind, frame.payload) {
+                for m in register.models.iter() {
+                    let _ = m.profile.to_profile();
+                }
+            }
+            let _ = exec::access::<exec::Join>(frame.kind, frame.payload);
+            None
+        }
     }
 }
 
@@ -173,6 +189,7 @@ fn status() -> impl Strategy<Value = Status> {
         Status::Overloaded,
         Status::ShuttingDown,
         Status::ExecutorLost,
+        Status::ExecutionFailed,
     ])
 }
 
@@ -185,6 +202,8 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::ReservedNonzero,
         ErrorCode::Malformed,
         ErrorCode::UnexpectedKind,
+        ErrorCode::Unauthorized,
+        ErrorCode::Refused,
     ])
 }
 
@@ -346,7 +365,7 @@ fn steady_state_encode_decode_access_allocates_nothing() {
                     checked += request.input.len();
                 }
                 Kind::Reply => checked += access_reply(frame.payload).expect("valid").output.len(),
-                Kind::Error => unreachable!("none sent"),
+                _ => unreachable!("only requests and replies were sent"),
             }
         }
         checked

@@ -189,6 +189,20 @@ impl<G: GpuSource> Deferred<G> {
         self.models[model as usize].target_batch_size
     }
 
+    /// The profile model `model` is planned with.
+    pub fn profile(&self, model: u32) -> &Profile {
+        &self.models[model as usize].profile
+    }
+
+    /// Plans model `model` with `profile` from now on (an executor measured it). The target
+    /// batch size follows; queued requests are formed again at the next event.
+    pub fn set_profile(&mut self, model: u32, profile: Profile) {
+        let state = &mut self.models[model as usize];
+        let rate_rps = state.meter.rate_rps();
+        state.target_batch_size = target_batch_size(&profile, state.slo_ns, rate_rps, &self.knobs);
+        state.profile = profile;
+    }
+
     /// Removes a queued request (its client went away) before it uses a GPU; returns whether
     /// it was still queued. Planned requests are past recall. The model's candidate is formed
     /// again without it.
@@ -283,7 +297,10 @@ impl<G: GpuSource> Deferred<G> {
         // fin(b) = max(now + d_ctrl + d_data*b, gpu_free_at) + pre + l(b) + post
         let fin = |b: usize| -> u64 {
             let b = b.min(batch_size_max) as u32;
-            (now_ns + knobs.lead_ns(b)).max(gpu_free_at_ns) + profile.exec_ns(b)
+            // Saturating: a source with no GPU at all says `u64::MAX` (nothing can be served).
+            (now_ns + knobs.lead_ns(b))
+                .max(gpu_free_at_ns)
+                .saturating_add(profile.exec_ns(b))
         };
         if queue.is_empty() {
             return None;

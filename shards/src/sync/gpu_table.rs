@@ -9,6 +9,13 @@
 //! waiting candidate (`invalid_after`), and a release hands the GPU it frees to the posted
 //! candidate with the smallest `invalid_after` across shards by *reserving* it for that shard.
 //!
+//! 5. **Offline and online** (`set_offline`, `set_online`): GPUs of external executors come
+//!    and go. Taking a GPU offline CASes its state from FREE or RESERVED to OFFLINE (a
+//!    CLAIMED GPU is released within its claimer's event, so the caller retries until it is
+//!    not); no claim, post or hand-off ever takes an OFFLINE GPU. Bringing one online stores
+//!    its `free_at` and CASes OFFLINE to FREE (Release), then hands it off like a release.
+//!    A reservation lost to OFFLINE leaves its waiter posted: the next release serves it.
+//!
 //! This is not a scheduler: which batch to run is the shard's business (the core's policy).
 //!
 //! # Protocol
@@ -68,6 +75,7 @@ const VERSION_SHIFT: u32 = OWNER_BITS + TAG_BITS;
 const TAG_FREE: u64 = 0;
 const TAG_CLAIMED: u64 = 1;
 const TAG_RESERVED: u64 = 2;
+const TAG_OFFLINE: u64 = 3;
 
 /// A waiter slot with no candidate posted.
 const NO_WAITER: u64 = u64::MAX;
@@ -133,25 +141,96 @@ pub struct GpuTable {
     gpus: Box<[Gpu]>,
     /// Per shard: the `invalid_after_ns` of its most urgent waiting candidate, or `NO_WAITER`.
     waiters: Box<[AtomicU64]>,
+    /// GPUs not OFFLINE (for planning: the saturation measure divides by it).
+    online: AtomicU64,
 }
 
 impl GpuTable {
+    /// `gpu_count` GPUs, all online and free.
     pub fn new(gpu_count: usize, shard_count: usize) -> GpuTable {
+        GpuTable::with_offline(gpu_count, 0, shard_count)
+    }
+
+    /// `online` GPUs free now, then `offline` slots for GPUs that come later (`set_online`).
+    pub fn with_offline(online: usize, offline: usize, shard_count: usize) -> GpuTable {
+        let gpu_count = online + offline;
         assert!(gpu_count > 0 && gpu_count <= GPU_LIMIT);
         assert!(shard_count > 0 && shard_count <= SHARD_LIMIT);
+        let offline_word = State::unpack(0).next(TAG_OFFLINE, 0);
         GpuTable {
             gpus: (0..gpu_count)
-                .map(|_| Gpu {
-                    state: AtomicU64::new(0),
+                .map(|index| Gpu {
+                    state: AtomicU64::new(if index < online { 0 } else { offline_word }),
                     free_at_ns: AtomicU64::new(0),
                 })
                 .collect(),
             waiters: (0..shard_count).map(|_| AtomicU64::new(NO_WAITER)).collect(),
+            online: AtomicU64::new(online as u64),
         }
     }
 
+    /// Slots in the table, online or not.
     pub fn gpu_count(&self) -> usize {
         self.gpus.len()
+    }
+
+    /// GPUs online now.
+    pub fn online_count(&self) -> usize {
+        self.online.load(Ordering::Relaxed) as usize
+    }
+
+    pub fn is_online(&self, gpu: u32) -> bool {
+        State::unpack(self.gpus[gpu as usize].state.load(Ordering::Acquire)).tag != TAG_OFFLINE
+    }
+
+    /// Takes `gpu` out of planning (its executor is gone). Returns false if it was offline
+    /// already. Spins while another shard holds a claim on it (claims last one event).
+    pub fn set_offline(&self, gpu: u32) -> bool {
+        let slot = &self.gpus[gpu as usize];
+        loop {
+            let word = slot.state.load(Ordering::Acquire);
+            let state = State::unpack(word);
+            match state.tag {
+                TAG_OFFLINE => return false,
+                TAG_CLAIMED => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                _ => {}
+            }
+            let offline = state.next(TAG_OFFLINE, 0);
+            if slot
+                .state
+                .compare_exchange(word, offline, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.online.fetch_sub(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+    }
+
+    /// Brings `gpu` into planning, free from `free_at_ns` (a GPU online already is left as it
+    /// is). Returns the shard it was handed off to, if any: the caller tells it.
+    pub fn set_online(&self, gpu: u32, free_at_ns: u64) -> Option<u16> {
+        let slot = &self.gpus[gpu as usize];
+        let word = slot.state.load(Ordering::Acquire);
+        let state = State::unpack(word);
+        if state.tag != TAG_OFFLINE {
+            return None;
+        }
+        // Only the registering shard brings an OFFLINE slot online: nobody else writes it.
+        slot.free_at_ns.store(free_at_ns, Ordering::Relaxed);
+        let freed = state.next(TAG_FREE, 0);
+        if slot
+            .state
+            .compare_exchange(word, freed, Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        self.online.fetch_add(1, Ordering::Relaxed);
+        self.hand_off(gpu)
     }
 
     /// A snapshot of when `gpu` frees (planning input; a claim re-checks it).
@@ -160,17 +239,28 @@ impl GpuTable {
     }
 
     /// The earliest `free_at` among GPUs `shard` could claim now (free, or reserved for it);
-    /// `u64::MAX` when every GPU is claimed or reserved for another shard.
+    /// when every online GPU is claimed or reserved for another shard, the earliest `free_at`
+    /// of any online GPU (a planning estimate: the claim will wait for a hand-off);
+    /// `u64::MAX` when no GPU is online (nothing can be planned).
     pub fn min_free_at_ns(&self, shard: u16) -> u64 {
-        self.gpus
-            .iter()
-            .filter(|gpu| {
-                let state = State::unpack(gpu.state.load(Ordering::Acquire));
-                state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard)
-            })
-            .map(|gpu| gpu.free_at_ns.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(u64::MAX)
+        let mut open = u64::MAX;
+        let mut online = u64::MAX;
+        for gpu in self.gpus.iter() {
+            let state = State::unpack(gpu.state.load(Ordering::Acquire));
+            if state.tag == TAG_OFFLINE {
+                continue;
+            }
+            let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
+            online = online.min(free_at_ns);
+            if state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard) {
+                open = open.min(free_at_ns);
+            }
+        }
+        if open == u64::MAX {
+            online
+        } else {
+            open
+        }
     }
 
     /// Claims a GPU with `free_at <= exec_at_ns` for `shard`, chosen by `policy` among those

@@ -69,8 +69,10 @@ pub const MODEL_NAME_LIMIT: usize = 256;
 pub const INPUT_LIMIT: usize = FRAME_PAYLOAD_LIMIT as usize;
 /// Longest message of an error frame, in bytes of UTF-8; [`encode_error`] truncates.
 pub const ERROR_MESSAGE_LIMIT: usize = 1024;
-/// Kinds reserved for the executor protocol (defined with it; refused as unknown today).
+/// Kinds of the executor protocol: 16 to 26 are defined ([`executor`]), the rest reserved.
 pub const KIND_EXECUTOR_RESERVED: core::ops::RangeInclusive<u16> = 16..=63;
+
+pub mod executor;
 
 const _: () = {
     // rkyv's relative pointers and lengths are 32-bit: every offset inside a payload must fit.
@@ -93,6 +95,28 @@ pub enum Kind {
     Reply = 2,
     /// Either direction: an [`ErrorFrame`]; the sender closes the connection after it.
     Error = 3,
+    /// Executor protocol ([`executor`]): executor to scheduler, [`executor::Hello`].
+    ExecHello = 16,
+    /// [`executor::Welcome`].
+    ExecWelcome = 17,
+    /// [`executor::Probe`].
+    ExecProbe = 18,
+    /// [`executor::ProbeReply`].
+    ExecProbeReply = 19,
+    /// [`executor::Register`].
+    ExecRegister = 20,
+    /// [`executor::Registered`].
+    ExecRegistered = 21,
+    /// [`executor::Join`].
+    ExecJoin = 22,
+    /// [`executor::Joined`].
+    ExecJoined = 23,
+    /// [`executor::PlanMsg`], sectioned (inputs).
+    ExecPlan = 24,
+    /// [`executor::ResultMsg`], sectioned (outputs).
+    ExecResult = 25,
+    /// [`executor::Heartbeat`].
+    ExecHeartbeat = 26,
 }
 
 impl Kind {
@@ -102,6 +126,17 @@ impl Kind {
             1 => Some(Kind::Request),
             2 => Some(Kind::Reply),
             3 => Some(Kind::Error),
+            16 => Some(Kind::ExecHello),
+            17 => Some(Kind::ExecWelcome),
+            18 => Some(Kind::ExecProbe),
+            19 => Some(Kind::ExecProbeReply),
+            20 => Some(Kind::ExecRegister),
+            21 => Some(Kind::ExecRegistered),
+            22 => Some(Kind::ExecJoin),
+            23 => Some(Kind::ExecJoined),
+            24 => Some(Kind::ExecPlan),
+            25 => Some(Kind::ExecResult),
+            26 => Some(Kind::ExecHeartbeat),
             _ => None,
         }
     }
@@ -113,6 +148,17 @@ impl core::fmt::Display for Kind {
             Kind::Request => "REQUEST",
             Kind::Reply => "REPLY",
             Kind::Error => "ERROR",
+            Kind::ExecHello => "EXEC_HELLO",
+            Kind::ExecWelcome => "EXEC_WELCOME",
+            Kind::ExecProbe => "EXEC_PROBE",
+            Kind::ExecProbeReply => "EXEC_PROBE_REPLY",
+            Kind::ExecRegister => "EXEC_REGISTER",
+            Kind::ExecRegistered => "EXEC_REGISTERED",
+            Kind::ExecJoin => "EXEC_JOIN",
+            Kind::ExecJoined => "EXEC_JOINED",
+            Kind::ExecPlan => "EXEC_PLAN",
+            Kind::ExecResult => "EXEC_RESULT",
+            Kind::ExecHeartbeat => "EXEC_HEARTBEAT",
         };
         f.write_str(name)
     }
@@ -436,6 +482,9 @@ pub enum Status {
     ShuttingDown = 5,
     /// The executor running its batch was lost; it may or may not have run.
     ExecutorLost = 6,
+    /// The executor could not run its batch (a backend error, an input the model refuses,
+    /// or inputs or an output too large for one frame).
+    ExecutionFailed = 7,
 }
 
 /// Where a request's time went, in microseconds on the scheduler's clock, saturating at
@@ -489,6 +538,11 @@ pub enum ErrorCode {
     Malformed = 5,
     /// A valid frame of a kind this side does not accept (a client sending a REPLY).
     UnexpectedKind = 6,
+    /// An executor's token is not the configured one (or none is configured).
+    Unauthorized = 7,
+    /// An executor's registration cannot be taken (a model it lacks, no room for its GPUs,
+    /// an unknown executor id on a link).
+    Refused = 8,
 }
 
 /// Either direction: why the sender is closing the connection.
@@ -644,7 +698,7 @@ where
 // Encoding.
 
 /// Appends one frame: header, then the archive of `value`. On error `out` is left as it was.
-fn encode_frame<T>(out: &mut Vec<u8>, kind: Kind, value: &T) -> Result<usize, WireError>
+pub(crate) fn encode_frame<T>(out: &mut Vec<u8>, kind: Kind, value: &T) -> Result<usize, WireError>
 where
     T: for<'a, 'b> Serialize<
         rkyv::api::high::HighSerializer<&'b mut Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
@@ -848,7 +902,7 @@ mod tests {
         ]
     }
 
-    const STATUSES: [Status; 7] = [
+    const STATUSES: [Status; 8] = [
         Status::Ok,
         Status::Dropped,
         Status::UnknownModel,
@@ -856,9 +910,10 @@ mod tests {
         Status::Overloaded,
         Status::ShuttingDown,
         Status::ExecutorLost,
+        Status::ExecutionFailed,
     ];
 
-    const ERROR_CODES: [ErrorCode; 7] = [
+    const ERROR_CODES: [ErrorCode; 9] = [
         ErrorCode::BadMagic,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownKind,
@@ -866,6 +921,8 @@ mod tests {
         ErrorCode::ReservedNonzero,
         ErrorCode::Malformed,
         ErrorCode::UnexpectedKind,
+        ErrorCode::Unauthorized,
+        ErrorCode::Refused,
     ];
 
     #[test]
@@ -1077,7 +1134,7 @@ mod tests {
             decode(&header_bytes(FRAME_MAGIC, 0, 1, 0, 0)),
             Err(WireError::UnsupportedVersion { version: 0 })
         );
-        for kind in [0, 4, 16, 63, u16::MAX] {
+        for kind in [0, 4, 15, 27, 63, u16::MAX] {
             assert_eq!(
                 decode(&header_bytes(FRAME_MAGIC, 1, kind, 0, 0)),
                 Err(WireError::UnknownKind { kind })
@@ -1166,7 +1223,7 @@ mod tests {
         )
         .expect("encodes");
         let reply_root = reply.len() - core::mem::size_of::<ArchivedReply>();
-        reply[reply_root + 8] = 7;
+        reply[reply_root + 8] = 8;
         assert!(matches!(
             access_reply(&reply[FRAME_HEADER_SIZE..]),
             Err(WireError::Malformed { kind: Kind::Reply, .. })

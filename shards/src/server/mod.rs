@@ -38,6 +38,7 @@ use symphony_core::request::Request;
 use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, ReplyRef, Status, Timings};
 
 use crate::config::{Limits, ServeConfig};
+use crate::executors::Executors;
 use crate::runtime::{self, RuntimeError, ShardMemory};
 use crate::shared_gpus::SharedGpus;
 use crate::sync::gpu_table::GpuTable;
@@ -57,6 +58,12 @@ pub enum ServeError {
     Startup(String),
 }
 
+mod buffers;
+mod links;
+
+use buffers::{ReadBuffer, Slice};
+use links::Link;
+
 /// One model as every shard knows it.
 #[derive(Debug)]
 struct CatalogEntry {
@@ -73,6 +80,8 @@ struct Catalog {
     by_name: HashMap<String, u32>,
     /// Per shard: the global ids of the models it owns, in local order.
     owned: Vec<Vec<u32>>,
+    /// The models as configured (what executors are told at the handshake).
+    configs: Vec<ModelConfig>,
 }
 
 impl Catalog {
@@ -95,6 +104,7 @@ impl Catalog {
             models: entries,
             by_name,
             owned,
+            configs: models.to_vec(),
         }
     }
 
@@ -121,19 +131,24 @@ struct Origin {
 }
 
 /// A request on its way to the owner of its model.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Routed {
     origin: Origin,
     model: u32,
     deadline_ns: u64,
+    /// Its input bytes, in the client connection's receive buffer (kept only when external
+    /// executors may run it).
+    input: Option<Slice>,
 }
 
 /// A reply on its way back to the connection's shard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct RoutedReply {
     origin: Origin,
     status: Status,
     timings: Timings,
+    /// The output, in an executor link's receive buffer.
+    output: Option<Slice>,
 }
 
 /// What shards send each other, in batches.
@@ -148,14 +163,18 @@ enum ShardMsg {
     },
     /// A release reserved a GPU for the receiver's waiting candidate.
     HandOff,
+    /// An executor is gone: drop the link to it, re-plan or answer its plans' requests.
+    ExecutorLost(u32),
 }
 
 /// A request the owner holds until it is answered.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
     origin: Origin,
     /// The model's index in this shard's scheduler.
     model: u32,
+    deadline_ns: u64,
+    input: Option<Slice>,
     /// Bumped when the slot is reused, so a stale id never answers a newer request.
     generation: u32,
 }
@@ -179,7 +198,7 @@ impl PendingTable {
         }
     }
 
-    fn insert(&mut self, origin: Origin, model: u32) -> Option<u64> {
+    fn insert(&mut self, origin: Origin, model: u32, deadline_ns: u64, input: Option<Slice>) -> Option<u64> {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None if self.slots.len() < self.limit => {
@@ -193,9 +212,21 @@ impl PendingTable {
         self.slots[slot as usize] = Some(Pending {
             origin,
             model,
+            deadline_ns,
+            input,
             generation,
         });
         Some(u64::from(generation) << 32 | u64::from(slot))
+    }
+
+    /// The request with scheduler id `id`, if it is still held.
+    fn get(&self, id: u64) -> Option<&Pending> {
+        let slot = (id & u64::from(u32::MAX)) as usize;
+        let generation = (id >> 32) as u32;
+        self.slots
+            .get(slot)?
+            .as_ref()
+            .filter(|pending| pending.generation == generation)
     }
 
     /// The held requests of one client connection: `(request id, model)`.
@@ -232,7 +263,7 @@ impl PendingTable {
         let slot = (id & u64::from(u32::MAX)) as usize;
         let generation = (id >> 32) as u32;
         let pending = self.slots.get_mut(slot)?;
-        if pending.is_some_and(|p| p.generation == generation) {
+        if pending.as_ref().is_some_and(|p| p.generation == generation) {
             let origin = pending.take().map(|p| p.origin);
             self.generations[slot] = generation.wrapping_add(1);
             self.free.push(slot as u32);
@@ -277,6 +308,19 @@ struct Shard {
     wake: LocalSender<()>,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
+    /// Table slots `0..embedded_gpus` run on embedded simulated executors; the rest belong
+    /// to external executors.
+    embedded_gpus: u32,
+    executors: Arc<Executors>,
+    /// Every shard's executor link address, by shard (set once all shards listen).
+    link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
+    /// This shard's links, by executor id.
+    links: RefCell<HashMap<u32, Rc<Link>>>,
+    heartbeat_timeout_ns: u64,
+    /// The plan message being encoded (its request list keeps its capacity).
+    plan_msg: RefCell<wire::executor::PlanMsg>,
+    /// Spare request-id lists of finished plans (no allocation per plan in steady state).
+    id_lists: RefCell<Vec<Vec<u64>>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -294,7 +338,11 @@ impl Shard {
     fn admit(self: &Rc<Self>, routed: Routed) {
         let now_ns = self.now_ns();
         let local = self.catalog.models[routed.model as usize].local;
-        let Some(id) = self.pending.borrow_mut().insert(routed.origin, local) else {
+        let inserted = self
+            .pending
+            .borrow_mut()
+            .insert(routed.origin, local, routed.deadline_ns, routed.input);
+        let Some(id) = inserted else {
             self.reply(routed.origin, Status::Overloaded, self.timings(routed.origin, None));
             return;
         };
@@ -320,8 +368,15 @@ impl Shard {
                 self.reply(origin, Status::Dropped, self.timings(origin, None));
             }
         }
+        let mut lost = Vec::new();
         for plan in &output.plans {
             self.stats.plans.fetch_add(1, Ordering::Relaxed);
+            if plan.gpu >= self.embedded_gpus {
+                if !self.send_plan(plan, output.plan_requests(plan)) {
+                    lost.extend(output.plan_requests(plan).iter().map(|r| r.id));
+                }
+                continue;
+            }
             let ids: Vec<u64> = output.plan_requests(plan).iter().map(|r| r.id).collect();
             let shard = Rc::clone(self);
             let plan = *plan;
@@ -332,6 +387,13 @@ impl Shard {
         }
         output.clear();
         drop(output);
+        if !lost.is_empty() {
+            // Planned on a GPU whose executor is gone (its slot went offline meanwhile).
+            for id in lost {
+                self.replan_or_lose(id);
+            }
+            return self.drain_output();
+        }
         self.exchange_gpus();
         self.flush_outbox();
         // The scheduler's next timer may have moved earlier: wake its loop (one token).
@@ -387,17 +449,33 @@ impl Shard {
     /// Sends a reply toward its connection: written here, or batched for its shard.
     fn reply(&self, origin: Origin, status: Status, timings: Timings) {
         if origin.shard == self.id {
-            self.write_reply(origin, status, timings);
+            self.write_reply(origin, status, timings, &[]);
         } else {
             self.outbox_replies.borrow_mut()[origin.shard as usize].push(RoutedReply {
                 origin,
                 status,
                 timings,
+                output: None,
             });
         }
     }
 
-    fn write_reply(&self, origin: Origin, status: Status, timings: Timings) {
+    /// An OK reply with `output`, a slice of `buffer` (a link's receive buffer): copied into
+    /// the reply frame here, or passed by reference to the connection's shard.
+    fn reply_output(&self, origin: Origin, timings: Timings, output: &[u8], buffer: &ReadBuffer) {
+        if origin.shard == self.id {
+            self.write_reply(origin, Status::Ok, timings, output);
+        } else {
+            self.outbox_replies.borrow_mut()[origin.shard as usize].push(RoutedReply {
+                origin,
+                status: Status::Ok,
+                timings,
+                output: (!output.is_empty()).then(|| buffer.slice_of(output)),
+            });
+        }
+    }
+
+    fn write_reply(&self, origin: Origin, status: Status, timings: Timings, output: &[u8]) {
         let slot = (origin.connection & u64::from(u32::MAX)) as usize;
         let generation = (origin.connection >> 32) as u32;
         if self.connection_generations.borrow().get(slot) != Some(&generation) {
@@ -410,11 +488,21 @@ impl Shard {
             client_request_id: origin.client_request_id,
             status,
             timings,
-            output: &[],
+            output,
         };
-        if wire::encode_reply(&mut connection.out.borrow_mut(), &reply).is_ok() {
-            let _ = connection.notify.try_send(());
+        let mut out = connection.out.borrow_mut();
+        if wire::encode_reply(&mut out, &reply).is_err() {
+            // Only an output over the frame cap fails to encode: the request still gets its
+            // one reply.
+            let failed = ReplyRef {
+                status: Status::ExecutionFailed,
+                output: &[],
+                ..reply
+            };
+            let _ = wire::encode_reply(&mut out, &failed);
         }
+        drop(out);
+        let _ = connection.notify.try_send(());
     }
 
     /// Cross-shard GPU waiting: posts the scheduler's most urgent waiting candidate, declines
@@ -435,17 +523,21 @@ impl Shard {
                 let _ = self.wake.try_send(());
                 continue;
             }
-            match self.senders.try_send_to(shard as usize, ShardMsg::HandOff) {
-                Ok(()) => {}
-                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => {
-                    let this = Rc::clone(self);
-                    glommio::spawn_local(async move {
-                        let _ = this.senders.send_to(shard as usize, msg).await;
-                    })
-                    .detach();
-                }
-                Err(_) => {}
-            }
+            self.send_msg(shard as usize, ShardMsg::HandOff);
+        }
+    }
+
+    /// Sends one message to shard `dest`; a full channel makes a task wait for room
+    /// (backpressure, never loss). A closed one means the service is stopping.
+    fn send_msg(self: &Rc<Self>, dest: usize, msg: ShardMsg) {
+        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
+            self.senders.try_send_to(dest, msg)
+        {
+            let this = Rc::clone(self);
+            glommio::spawn_local(async move {
+                let _ = this.senders.send_to(dest, msg).await;
+            })
+            .detach();
         }
     }
 
@@ -463,19 +555,7 @@ impl Shard {
             .into_iter()
             .flatten()
             {
-                match self.senders.try_send_to(dest, msg) {
-                    Ok(()) => {}
-                    Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => {
-                        // Full: wait for room in a task (backpressure, never loss).
-                        let shard = Rc::clone(self);
-                        glommio::spawn_local(async move {
-                            let _ = shard.senders.send_to(dest, msg).await;
-                        })
-                        .detach();
-                    }
-                    // Closed: the peer shard has stopped; the service is stopping.
-                    Err(_) => {}
-                }
+                self.send_msg(dest, msg);
             }
         }
     }
@@ -491,7 +571,8 @@ impl Shard {
                 self.awaiting_remote
                     .set(self.awaiting_remote.get().saturating_sub(replies.len()));
                 for r in replies {
-                    self.write_reply(r.origin, r.status, r.timings);
+                    let output = r.output.as_ref().map_or(&[][..], Slice::bytes);
+                    self.write_reply(r.origin, r.status, r.timings, output);
                 }
             }
             ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection),
@@ -499,6 +580,7 @@ impl Shard {
                 self.scheduler.borrow_mut().gpus_mut().note_handoff();
                 self.on_timer();
             }
+            ShardMsg::ExecutorLost(executor) => self.executor_lost(executor, false, "another shard lost it"),
         }
     }
 
@@ -526,6 +608,7 @@ impl Shard {
                             origin,
                             status: Status::ShuttingDown,
                             timings: Timings::default(),
+                            output: None,
                         });
                     }
                 }
@@ -545,20 +628,17 @@ impl Shard {
                 shard: self.id,
                 connection,
             };
-            if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
-                self.senders.try_send_to(dest, msg)
-            {
-                let shard = Rc::clone(self);
-                glommio::spawn_local(async move {
-                    let _ = shard.senders.send_to(dest, msg).await;
-                })
-                .detach();
-            }
+            self.send_msg(dest, msg);
         }
     }
 
     /// One request frame from a client: validated, looked up, routed.
-    fn on_request(self: &Rc<Self>, connection: u64, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
+    fn on_request(
+        self: &Rc<Self>,
+        connection: u64,
+        payload: &[u8],
+        buffer: &ReadBuffer,
+    ) -> Result<(), (ErrorCode, String)> {
         let request = wire::access_request(payload).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let received_ns = self.now_ns();
@@ -569,11 +649,11 @@ impl Shard {
             received_ns,
         };
         if wire::check_request(request).is_err() {
-            self.write_reply(origin, Status::Malformed, self.timings(origin, None));
+            self.write_reply(origin, Status::Malformed, self.timings(origin, None), &[]);
             return Ok(());
         }
         let Some(model) = self.catalog.lookup(&request.model) else {
-            self.write_reply(origin, Status::UnknownModel, self.timings(origin, None));
+            self.write_reply(origin, Status::UnknownModel, self.timings(origin, None), &[]);
             return Ok(());
         };
         let entry = &self.catalog.models[model as usize];
@@ -581,13 +661,17 @@ impl Shard {
             Some(slo_us) => entry.slo_ns.min(u64::from(slo_us) * 1000),
             None => entry.slo_ns,
         };
+        // Inputs matter only to external executors: otherwise the receive buffer is not held.
+        let input = (self.executors.accepts_executors() && !request.input.is_empty())
+            .then(|| buffer.slice_of(request.input.as_slice()));
         let routed = Routed {
             origin,
             model,
             deadline_ns: (received_ns + slo_ns).saturating_sub(self.knobs_d_resp_ns),
+            input,
         };
         if self.stop.load(Ordering::Relaxed) {
-            self.write_reply(origin, Status::ShuttingDown, self.timings(origin, None));
+            self.write_reply(origin, Status::ShuttingDown, self.timings(origin, None), &[]);
         } else if entry.owner == self.id as usize {
             self.admit(routed);
         } else {
@@ -654,49 +738,31 @@ async fn serve_connection(
     notify_rx: LocalReceiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = futures_lite::io::split(stream);
-    let writer_shard = Rc::clone(&shard);
-    let writer_connection = Rc::clone(&connection);
-    let writer_task = glommio::spawn_local(async move {
-        let mut spare = Vec::with_capacity(64 << 10);
-        while notify_rx.recv().await.is_some() {
-            std::mem::swap(&mut spare, &mut writer_connection.out.borrow_mut());
-            if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
-                break;
-            }
-            spare.clear();
-            if writer_connection.closing.get() && writer_connection.out.borrow().is_empty() {
-                break;
-            }
-        }
-        let _ = writer.close().await;
-        drop(writer_shard);
-    })
-    .detach();
+    let (mut reader, writer) = futures_lite::io::split(stream);
+    let writer_task = glommio::spawn_local(write_loop(writer, Rc::clone(&connection), notify_rx)).detach();
     let decoder = FrameDecoder::default();
-    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
-    let mut filled = 0usize;
-    'read: loop {
-        if filled == buffer.len() {
-            // A frame larger than the buffer: grow up to the frame cap.
-            let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
-            if buffer.len() >= limit {
-                break;
-            }
-            buffer.resize((buffer.len() * 2).min(limit), 0);
-        }
-        let read = match reader.read(&mut buffer[filled..]).await {
+    let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
+    let mut buffer = ReadBuffer::new(READ_BUFFER_BYTES, limit);
+    // Set when this connection is an executor's control connection (it sent HELLO).
+    let mut control = links::Control::default();
+    // `None`: a frame larger than the frame cap fills the buffer (the decoder refuses such a
+    // header first, so this is a safety net).
+    'read: while let Some(spare) = buffer.spare() {
+        let read = match reader.read(spare).await {
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
-        filled += read;
-        let mut frames = decoder.frames(&buffer[..filled]);
+        buffer.advance(read);
+        let mut frames = decoder.frames(buffer.filled());
         for frame in &mut frames {
             let outcome = match frame {
-                Ok(frame) if frame.kind == Kind::Request => shard.on_request(key, frame.payload),
+                Ok(frame) if frame.kind == Kind::Request => shard.on_request(key, frame.payload, &buffer),
+                Ok(frame) if links::is_control_kind(frame.kind) => {
+                    shard.on_control(&mut control, &connection, frame.kind, frame.payload)
+                }
                 Ok(frame) => Err((
                     ErrorCode::UnexpectedKind,
-                    format!("a client sends REQUEST frames, not {:?}", frame.kind),
+                    format!("a client sends REQUEST frames, not {}", frame.kind),
                 )),
                 Err(e) => Err((e.error_code().unwrap_or(ErrorCode::Malformed), e.to_string())),
             };
@@ -709,10 +775,10 @@ async fn serve_connection(
             }
         }
         let consumed = frames.consumed();
-        buffer.copy_within(consumed..filled, 0);
-        filled -= consumed;
+        buffer.consume(consumed);
         shard.flush_outbox();
     }
+    shard.control_closed(&control);
     // Replies still owed on this connection go nowhere now; its queued requests are dropped
     // from the schedulers before they use a GPU.
     let slot = (key & u64::from(u32::MAX)) as usize;
@@ -727,6 +793,37 @@ async fn serve_connection(
         let _ = connection.notify.try_send(());
     }
     drop(writer_task);
+}
+
+/// A connection's outgoing side and the receiver its writer waits on.
+fn new_connection() -> (Rc<Connection>, LocalReceiver<()>) {
+    let (notify, notify_rx) = local_channel::new_bounded(1);
+    let connection = Rc::new(Connection {
+        out: RefCell::new(Vec::with_capacity(64 << 10)),
+        notify,
+        closing: Cell::new(false),
+    });
+    (connection, notify_rx)
+}
+
+/// Writes what is queued on `connection`, many frames per write, until it closes.
+async fn write_loop(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    connection: Rc<Connection>,
+    notify_rx: LocalReceiver<()>,
+) {
+    let mut spare = Vec::with_capacity(64 << 10);
+    while notify_rx.recv().await.is_some() {
+        std::mem::swap(&mut spare, &mut connection.out.borrow_mut());
+        if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
+            break;
+        }
+        spare.clear();
+        if connection.closing.get() && connection.out.borrow().is_empty() {
+            break;
+        }
+    }
+    let _ = writer.close().await;
 }
 
 /// Accepts clients until the service stops.
@@ -745,12 +842,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             drop(stream); // Over the limit: closed at once.
             continue;
         }
-        let (notify, notify_rx) = local_channel::new_bounded(1);
-        let connection = Rc::new(Connection {
-            out: RefCell::new(Vec::with_capacity(64 << 10)),
-            notify,
-            closing: Cell::new(false),
-        });
+        let (connection, notify_rx) = new_connection();
         let key = {
             let mut connections = shard.connections.borrow_mut();
             let mut generations = shard.connection_generations.borrow_mut();
@@ -779,16 +871,24 @@ pub struct Stats {
     pub requests: std::sync::atomic::AtomicU64,
     /// Queued requests removed because their client went away.
     pub cancelled: std::sync::atomic::AtomicU64,
-    /// Batches run on the embedded executors.
+    /// Batches planned (embedded and external executors).
     pub plans: std::sync::atomic::AtomicU64,
     /// GPUs a release reserved for another shard's waiting candidate (cross-shard EDF).
     pub handoffs: std::sync::atomic::AtomicU64,
+    /// Plans sent to external executors.
+    pub executor_plans: std::sync::atomic::AtomicU64,
+    /// External executors lost (closed links, missed heartbeats, broken protocol).
+    pub executors_lost: std::sync::atomic::AtomicU64,
+    /// Requests of a lost executor's plans planned again.
+    pub replanned: std::sync::atomic::AtomicU64,
 }
 
 /// What a running service gives its caller.
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    executors: Arc<Executors>,
+    link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     stats: Arc<Stats>,
     shard_count: usize,
     memory: ShardMemory,
@@ -804,6 +904,16 @@ impl ServerHandle {
 
     pub fn shard_count(&self) -> usize {
         self.shard_count
+    }
+
+    /// External executors with every link joined and not lost.
+    pub fn executors_online(&self) -> usize {
+        self.executors.online_count()
+    }
+
+    /// Each shard's executor link address (empty without an executor token).
+    pub fn executor_link_addrs(&self) -> Vec<String> {
+        self.link_addrs.get().cloned().unwrap_or_default()
     }
 
     pub fn memory(&self) -> ShardMemory {
@@ -844,7 +954,19 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let memory = runtime::shard_memory(shard_count, runtime::memlock_limit_bytes())?;
     let cpus = runtime::shard_cpus(shard_count, config.cpus.as_deref())?;
     let catalog = Arc::new(Catalog::new(&config.models, shard_count));
-    let table = Arc::new(GpuTable::new(config.gpus as usize, shard_count));
+    let table = Arc::new(GpuTable::with_offline(
+        config.gpus as usize,
+        config.executor_gpus as usize,
+        shard_count,
+    ));
+    let executors = Arc::new(Executors::new(
+        config.executor_token.clone(),
+        config.gpus,
+        config.executor_gpus,
+        shard_count,
+    ));
+    let link_addrs = Arc::new(std::sync::OnceLock::new());
+    let mut shard_link_addrs = Vec::with_capacity(shard_count);
     let mesh = MeshBuilder::<ShardMsg, Full>::full(shard_count, config.limits.mesh_channel);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
@@ -853,7 +975,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut listen = config.listen.clone();
     let mut local_addr = None;
     for (shard, &cpu) in cpus.iter().enumerate() {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, ServeError>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(SocketAddr, Option<SocketAddr>), ServeError>>();
         let setup = ShardSetup {
             id: shard as u32,
             listen: listen.clone(),
@@ -867,14 +989,19 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             stop: Arc::clone(&stop),
             stats: Arc::clone(&stats),
             epoch,
+            embedded_gpus: config.gpus,
+            executors: Arc::clone(&executors),
+            link_addrs: Arc::clone(&link_addrs),
+            heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
         };
         let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
         joins.push(join);
         match ready_rx.recv() {
-            Ok(Ok(addr)) => {
+            Ok(Ok((addr, link_addr))) => {
                 // Shard 0 may have been given port 0: the others bind the port it got.
                 listen = addr.to_string();
                 local_addr.get_or_insert(addr);
+                shard_link_addrs.extend(link_addr.map(|a| a.to_string()));
             }
             Ok(Err(e)) => {
                 stop.store(true, Ordering::Relaxed);
@@ -886,8 +1013,11 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             }
         }
     }
+    let _ = link_addrs.set(shard_link_addrs);
     Ok(ServerHandle {
         local_addr: local_addr.expect("at least one shard"),
+        executors,
+        link_addrs,
         stats,
         shard_count,
         memory,
@@ -909,9 +1039,15 @@ struct ShardSetup {
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
     epoch: Instant,
+    embedded_gpus: u32,
+    executors: Arc<Executors>,
+    link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
+    heartbeat_timeout_ns: u64,
 }
 
-async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<SocketAddr, ServeError>>) {
+type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, Option<SocketAddr>), ServeError>>;
+
+async fn run_shard(setup: ShardSetup, ready: Ready) {
     let listener = match TcpListener::bind(setup.listen.as_str()) {
         Ok(listener) => listener,
         Err(e) => {
@@ -923,7 +1059,26 @@ async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<Sock
         }
     };
     let addr = listener.local_addr().expect("a bound listener has an address");
-    let _ = ready.send(Ok(addr));
+    // Executor links: a port of this shard's own, on the front door's host.
+    let link_listener = if setup.executors.accepts_executors() {
+        let link_listen = SocketAddr::new(addr.ip(), 0);
+        match TcpListener::bind(link_listen) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                let _ = ready.send(Err(ServeError::Listen {
+                    addr: link_listen.to_string(),
+                    reason: e.to_string(),
+                }));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let link_addr = link_listener
+        .as_ref()
+        .map(|l| l.local_addr().expect("a bound listener has an address"));
+    let _ = ready.send(Ok((addr, link_addr)));
     let (senders, mut receivers) = match setup.mesh.join().await {
         Ok(joined) => joined,
         Err(_) => return,
@@ -965,6 +1120,13 @@ async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<Sock
         wake,
         stop: setup.stop,
         stats: setup.stats,
+        embedded_gpus: setup.embedded_gpus,
+        executors: setup.executors,
+        link_addrs: setup.link_addrs,
+        links: RefCell::new(HashMap::new()),
+        heartbeat_timeout_ns: setup.heartbeat_timeout_ns,
+        plan_msg: RefCell::new(wire::executor::PlanMsg::default()),
+        id_lists: RefCell::new(Vec::new()),
     });
     for (_, receiver) in receivers.streams() {
         let shard = Rc::clone(&shard);
@@ -976,6 +1138,9 @@ async fn run_shard(setup: ShardSetup, ready: std::sync::mpsc::Sender<Result<Sock
         .detach();
     }
     glommio::spawn_local(timer_loop(Rc::clone(&shard), wake_rx)).detach();
+    if let Some(listener) = link_listener {
+        glommio::spawn_local(links::link_accept_loop(Rc::clone(&shard), listener)).detach();
+    }
     accept_loop(Rc::clone(&shard), listener).await;
     drain(&shard).await;
 }

@@ -1,0 +1,725 @@
+//! The executor process: connects to the scheduler, registers its GPUs and models, then runs
+//! the plans each shard sends, each at its `exec_at`.
+//!
+//! Threads, not an async reactor: GPU work must never block a reactor, and an executor has
+//! few connections. One reader thread per link (one link per scheduler shard) turns PLAN
+//! frames into jobs for the worker thread of the plan's GPU; each worker keeps a
+//! [`PlanFollower`] and starts each batch at its `exec_at` (converted to this machine's
+//! clock with the offset measured at the handshake), runs it on its backend and writes the
+//! RESULT on the link the plan came from. A heartbeat thread writes HEARTBEAT on every
+//! link; the shards answer each, so a link silent for `silence_limit` means the scheduler is
+//! gone, and the executor stops.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use symphony_core::wire::executor::{
+    self as exec, GpuInfo, Heartbeat, Hello, Join, Joined, ModelProfile, PlanStatus, Probe as ProbeMsg, ProbeReply,
+    ProfileWire, Register, Registered, ResultMsg, Welcome,
+};
+use symphony_core::wire::{self, Decoded, FrameDecoder, Kind, WireError};
+
+use crate::backend::{Backend, BackendKind, ModelSpec, SimBackend};
+use crate::clock::{estimate_offset, Offset, Probe};
+use crate::follower::{Due, PlanFollower, LATE_BOUND_NS_DEFAULT};
+
+/// Clock probes at the handshake.
+const PROBES: u32 = 16;
+/// How long the handshake waits for each answer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("cannot reach a scheduler at {addrs}: {reason}")]
+    Connect { addrs: String, reason: String },
+    #[error("the scheduler refused this executor: {message} ({code:?})")]
+    Refused { code: wire::ErrorCode, message: String },
+    #[error("protocol error with the scheduler: {0}")]
+    Protocol(String),
+    #[error("the scheduler went away: {0}")]
+    SchedulerGone(String),
+    #[error("{0}")]
+    Backend(String),
+}
+
+impl From<WireError> for ExecutorError {
+    fn from(error: WireError) -> ExecutorError {
+        ExecutorError::Protocol(error.to_string())
+    }
+}
+
+/// How to run an executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Front doors of the scheduler, tried in order.
+    pub schedulers: Vec<String>,
+    pub token: String,
+    pub gpus: u32,
+    pub backend: BackendKind,
+    /// For the scheduler's logs.
+    pub name: String,
+    /// A plan that could only start later than this after its `exec_at` is refused.
+    pub late_bound_ns: u64,
+    pub heartbeat_interval: Duration,
+}
+
+impl ExecutorConfig {
+    pub fn new(schedulers: Vec<String>, token: String, gpus: u32, backend: BackendKind) -> ExecutorConfig {
+        ExecutorConfig {
+            schedulers,
+            token,
+            gpus,
+            backend,
+            name: std::env::var("HOSTNAME").unwrap_or_else(|_| "executor".to_string()),
+            late_bound_ns: LATE_BOUND_NS_DEFAULT,
+            heartbeat_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Counters of a running executor.
+#[derive(Debug, Default)]
+pub struct ExecutorStats {
+    pub plans: AtomicU64,
+    pub late: AtomicU64,
+    pub failed: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// A blocking frame connection (handshake and reader threads).
+#[derive(Debug)]
+struct FrameConn {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    start: usize,
+    end: usize,
+    decoder: FrameDecoder,
+}
+
+impl FrameConn {
+    fn new(stream: TcpStream) -> FrameConn {
+        FrameConn {
+            stream,
+            buffer: vec![0; 256 << 10],
+            start: 0,
+            end: 0,
+            decoder: FrameDecoder::default(),
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) -> Result<(), ExecutorError> {
+        self.stream
+            .write_all(frame)
+            .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))
+    }
+
+    /// The next frame: `(kind, start, end)` of its payload in `self.buffer`.
+    fn next_frame(&mut self) -> Result<(Kind, usize, usize), ExecutorError> {
+        loop {
+            match self.decoder.decode(&self.buffer[self.start..self.end])? {
+                Decoded::Frame(frame) => {
+                    let payload_start = self.start + wire::FRAME_HEADER_SIZE;
+                    let payload_end = payload_start + frame.payload.len();
+                    self.start += frame.size();
+                    return Ok((frame.kind, payload_start, payload_end));
+                }
+                Decoded::Incomplete { missing_min } => {
+                    // Make room: move the partial frame to the front, grow for a large one.
+                    self.buffer.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                    if self.end + missing_min > self.buffer.len() {
+                        self.buffer.resize(self.end + missing_min, 0);
+                    }
+                    let read = self
+                        .stream
+                        .read(&mut self.buffer[self.end..])
+                        .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+                    if read == 0 {
+                        return Err(ExecutorError::SchedulerGone("it closed the connection".to_string()));
+                    }
+                    self.end += read;
+                }
+            }
+        }
+    }
+
+    /// The next frame, which must be `kind` (an ERROR frame is the scheduler's refusal).
+    fn expect<T>(&mut self, kind: Kind) -> Result<T, ExecutorError>
+    where
+        T: rkyv::Archive,
+        T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+            + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    {
+        let (got, start, end) = self.next_frame()?;
+        let payload = &self.buffer[start..end];
+        if got == Kind::Error {
+            let error = wire::decode_error(payload)?;
+            return Err(ExecutorError::Refused {
+                code: error.code,
+                message: error.message,
+            });
+        }
+        if got != kind {
+            return Err(ExecutorError::Protocol(format!("expected {kind}, got {got}")));
+        }
+        Ok(exec::decode::<T>(kind, payload)?)
+    }
+}
+
+fn frame_of<T>(kind: Kind, value: &T) -> Result<Vec<u8>, ExecutorError>
+where
+    T: for<'a, 'b> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<&'b mut Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rkyv::rancor::Error>,
+    >,
+{
+    let mut out = Vec::new();
+    exec::encode(&mut out, kind, value)?;
+    Ok(out)
+}
+
+/// The first scheduler address that accepts a connection.
+fn connect_any(schedulers: &[String]) -> Result<(TcpStream, SocketAddr), ExecutorError> {
+    let mut reasons = Vec::new();
+    for addr in schedulers {
+        let resolved = match addr.to_socket_addrs() {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                reasons.push(format!("{addr}: {e}"));
+                continue;
+            }
+        };
+        for socket_addr in resolved {
+            match TcpStream::connect_timeout(&socket_addr, HANDSHAKE_TIMEOUT) {
+                Ok(stream) => return Ok((stream, socket_addr)),
+                Err(e) => reasons.push(format!("{socket_addr}: {e}")),
+            }
+        }
+    }
+    Err(ExecutorError::Connect {
+        addrs: schedulers.join(","),
+        reason: reasons.join("; "),
+    })
+}
+
+/// A plan for a worker: owned, with its inputs copied out of the receive buffer.
+#[derive(Debug)]
+struct Job {
+    link: usize,
+    plan_id: u64,
+    model: u32,
+    exec_at_scheduler_ns: u64,
+    input_lens: Vec<u32>,
+    inputs: Vec<u8>,
+}
+
+/// The writing side of one link, shared by the workers and the heartbeat thread.
+#[derive(Debug)]
+struct LinkWriter {
+    stream: Mutex<TcpStream>,
+}
+
+impl LinkWriter {
+    fn write(&self, frame: &[u8]) -> std::io::Result<()> {
+        self.stream.lock().expect("link writer").write_all(frame)
+    }
+}
+
+/// What makes the executor stop.
+#[derive(Debug)]
+enum Event {
+    LinkClosed { shard: usize, reason: String },
+}
+
+/// A connected, registered executor.
+#[derive(Debug)]
+pub struct RunningExecutor {
+    pub executor_id: u32,
+    pub offset: Offset,
+    pub models: Vec<ModelSpec>,
+    stats: Arc<ExecutorStats>,
+    stop: Arc<AtomicBool>,
+    events: Receiver<Event>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    writers: Vec<Arc<LinkWriter>>,
+}
+
+impl RunningExecutor {
+    pub fn stats(&self) -> &ExecutorStats {
+        &self.stats
+    }
+
+    /// Runs until `stop` is set (Ok) or a link to the scheduler fails (Err).
+    pub fn wait(mut self, stop: &AtomicBool) -> Result<(), ExecutorError> {
+        let outcome = loop {
+            if stop.load(Ordering::Relaxed) {
+                break Ok(());
+            }
+            match self.events.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::LinkClosed { shard, reason }) => {
+                    break Err(ExecutorError::SchedulerGone(format!(
+                        "the link to shard {shard}: {reason}"
+                    )));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            }
+        };
+        self.shutdown();
+        outcome
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for writer in &self.writers {
+            let _ = writer
+                .stream
+                .lock()
+                .expect("link writer")
+                .shutdown(std::net::Shutdown::Both);
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Connects, registers and starts the threads.
+pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> {
+    if config.gpus == 0 {
+        return Err(ExecutorError::Backend("an executor runs at least 1 GPU".to_string()));
+    }
+    let epoch = Instant::now();
+    let local_ns = move || epoch.elapsed().as_nanos() as u64;
+    let (stream, scheduler_addr) = connect_any(&config.schedulers)?;
+    stream.set_nodelay(true).ok();
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+    let mut control = FrameConn::new(stream);
+    let hello = Hello {
+        token: config.token.clone(),
+        name: config.name.clone(),
+        backend: config.backend.name().to_string(),
+        gpus: (0..config.gpus)
+            .map(|index| GpuInfo {
+                index,
+                name: format!("{}-{index}", config.backend.name()),
+                memory_bytes: 0,
+            })
+            .collect(),
+    };
+    control.send(&frame_of(Kind::ExecHello, &hello)?)?;
+    let welcome: Welcome = control.expect(Kind::ExecWelcome)?;
+    let mut probes = Vec::with_capacity(PROBES as usize);
+    for sequence in 0..PROBES {
+        let sent_local_ns = local_ns();
+        control.send(&frame_of(
+            Kind::ExecProbe,
+            &ProbeMsg {
+                sequence,
+                sent_local_ns,
+            },
+        )?)?;
+        let reply: ProbeReply = control.expect(Kind::ExecProbeReply)?;
+        if reply.sequence != sequence {
+            return Err(ExecutorError::Protocol(format!(
+                "probe {sequence} answered as {}",
+                reply.sequence
+            )));
+        }
+        probes.push(Probe {
+            sent_local_ns,
+            scheduler_ns: reply.scheduler_ns,
+            received_local_ns: local_ns(),
+        });
+    }
+    let offset = estimate_offset(&probes).ok_or_else(|| ExecutorError::Protocol("no valid clock probe".to_string()))?;
+    let mut models = Vec::with_capacity(welcome.models.len());
+    for m in &welcome.models {
+        let profile = m
+            .profile
+            .to_profile()
+            .map_err(|e| ExecutorError::Protocol(format!("model `{}`: {e}", m.name)))?;
+        models.push(ModelSpec {
+            id: m.id,
+            name: m.name.clone(),
+            slo_ns: m.slo_us.saturating_mul(1000),
+            profile,
+        });
+    }
+    let backends: Vec<Box<dyn Backend>> = (0..config.gpus)
+        .map(|_| match config.backend {
+            BackendKind::Sim => Box::new(SimBackend::new(&models)) as Box<dyn Backend>,
+        })
+        .collect();
+    let register = Register {
+        offset_ns: offset.offset_ns,
+        offset_error_ns: offset.error_bound_ns,
+        models: models
+            .iter()
+            .map(|m| ModelProfile {
+                model: m.id,
+                profile: ProfileWire::of(&m.profile),
+            })
+            .collect(),
+    };
+    control.send(&frame_of(Kind::ExecRegister, &register)?)?;
+    let registered: Registered = control.expect(Kind::ExecRegistered)?;
+    let executor_id = registered.executor_id;
+
+    // One link per shard, on the address the scheduler gave (its host if unspecified).
+    let mut link_conns = Vec::with_capacity(welcome.links.len());
+    for (shard, addr) in welcome.links.iter().enumerate() {
+        let mut addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| ExecutorError::Protocol(format!("shard {shard}'s link address `{addr}`")))?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(scheduler_addr.ip());
+        }
+        let stream = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|e| ExecutorError::Connect {
+            addrs: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        stream.set_nodelay(true).ok();
+        stream
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+        let mut link = FrameConn::new(stream);
+        let join = Join {
+            token: config.token.clone(),
+            executor_id,
+            shard: shard as u32,
+        };
+        link.send(&frame_of(Kind::ExecJoin, &join)?)?;
+        let joined: Joined = link.expect(Kind::ExecJoined)?;
+        if joined.shard != shard as u32 {
+            return Err(ExecutorError::Protocol(format!(
+                "joined shard {} on shard {shard}'s link",
+                joined.shard
+            )));
+        }
+        link_conns.push(link);
+    }
+    drop(control);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(ExecutorStats::default());
+    let (events_tx, events) = mpsc::channel();
+    let silence_limit = (config.heartbeat_interval * 10).max(Duration::from_secs(1));
+    let mut writers = Vec::with_capacity(link_conns.len());
+    let mut threads = Vec::new();
+    let mut job_senders = Vec::with_capacity(config.gpus as usize);
+    let mut job_receivers = Vec::with_capacity(config.gpus as usize);
+    for _ in 0..config.gpus {
+        let (tx, rx) = mpsc::channel::<Job>();
+        job_senders.push(tx);
+        job_receivers.push(rx);
+    }
+    for link in &link_conns {
+        let stream = link
+            .stream
+            .try_clone()
+            .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+        writers.push(Arc::new(LinkWriter {
+            stream: Mutex::new(stream),
+        }));
+    }
+    for (gpu, (backend, jobs)) in backends.into_iter().zip(job_receivers).enumerate() {
+        let worker = Worker {
+            gpu: gpu as u32,
+            backend,
+            jobs,
+            writers: writers.clone(),
+            offset,
+            epoch,
+            late_bound_ns: config.late_bound_ns,
+            stop: Arc::clone(&stop),
+            stats: Arc::clone(&stats),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("gpu-{gpu}"))
+                .spawn(move || worker.run())
+                .map_err(|e| ExecutorError::Backend(e.to_string()))?,
+        );
+    }
+    for (shard, link) in link_conns.into_iter().enumerate() {
+        link.stream
+            .set_read_timeout(Some(silence_limit))
+            .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+        let reader = Reader {
+            shard,
+            link,
+            jobs: job_senders.clone(),
+            writer: Arc::clone(&writers[shard]),
+            events: events_tx.clone(),
+            stop: Arc::clone(&stop),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("link-{shard}"))
+                .spawn(move || reader.run())
+                .map_err(|e| ExecutorError::Backend(e.to_string()))?,
+        );
+    }
+    let heartbeat_writers = writers.clone();
+    let heartbeat_stop = Arc::clone(&stop);
+    let interval = config.heartbeat_interval;
+    threads.push(
+        std::thread::Builder::new()
+            .name("heartbeat".to_string())
+            .spawn(move || {
+                let mut frame = Vec::new();
+                while !heartbeat_stop.load(Ordering::Relaxed) {
+                    frame.clear();
+                    let beat = Heartbeat { sent_ns: local_ns() };
+                    if exec::encode(&mut frame, Kind::ExecHeartbeat, &beat).is_ok() {
+                        for writer in &heartbeat_writers {
+                            let _ = writer.write(&frame);
+                        }
+                    }
+                    // In short steps, so a stop is not held up by a long interval.
+                    let next = Instant::now() + interval;
+                    while !heartbeat_stop.load(Ordering::Relaxed) && Instant::now() < next {
+                        std::thread::sleep((next - Instant::now()).min(Duration::from_millis(20)));
+                    }
+                }
+            })
+            .map_err(|e| ExecutorError::Backend(e.to_string()))?,
+    );
+    Ok(RunningExecutor {
+        executor_id,
+        offset,
+        models,
+        stats,
+        stop,
+        events,
+        threads,
+        writers,
+    })
+}
+
+/// One link's reader: PLAN frames become jobs for the GPU workers.
+struct Reader {
+    shard: usize,
+    link: FrameConn,
+    jobs: Vec<Sender<Job>>,
+    writer: Arc<LinkWriter>,
+    events: Sender<Event>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Reader {
+    fn run(mut self) {
+        let reason = loop {
+            let (kind, start, end) = match self.link.next_frame() {
+                Ok(frame) => frame,
+                Err(e) => break e.to_string(),
+            };
+            let payload = &self.link.buffer[start..end];
+            match kind {
+                Kind::ExecPlan => {
+                    if let Err(e) = on_plan(&self.jobs, &self.writer, self.shard, payload) {
+                        break e;
+                    }
+                }
+                Kind::ExecHeartbeat => {}
+                Kind::Error => {
+                    break match wire::decode_error(payload) {
+                        Ok(error) => format!("it sent an error: {} ({:?})", error.message, error.code),
+                        Err(e) => e.to_string(),
+                    };
+                }
+                other => break format!("unexpected {other} on a link"),
+            }
+        };
+        if !self.stop.load(Ordering::Relaxed) {
+            let _ = self.events.send(Event::LinkClosed {
+                shard: self.shard,
+                reason,
+            });
+        }
+    }
+}
+
+/// A PLAN: a job for its GPU's worker, or a failed RESULT for a GPU this executor lacks.
+fn on_plan(jobs: &[Sender<Job>], writer: &LinkWriter, shard: usize, payload: &[u8]) -> Result<(), String> {
+    let (plan, section) = exec::access_plan(payload).map_err(|e| e.to_string())?;
+    let plan_id = plan.plan_id.to_native();
+    let gpu = plan.gpu.to_native() as usize;
+    let Some(jobs) = jobs.get(gpu) else {
+        let message = format!("this executor has no GPU {gpu}");
+        let lens = vec![0; plan.requests.len()];
+        return write_result(writer, plan_id, PlanStatus::Failed, (0, 0), &lens, &[], &message)
+            .map_err(|e| e.to_string());
+    };
+    let job = Job {
+        link: shard,
+        plan_id,
+        model: plan.model.to_native(),
+        exec_at_scheduler_ns: plan.exec_at_ns.to_native(),
+        input_lens: plan.requests.iter().map(|r| r.input_len.to_native()).collect(),
+        inputs: section.to_vec(),
+    };
+    jobs.send(job).map_err(|_| "the GPU worker stopped".to_string())
+}
+
+fn write_result(
+    writer: &LinkWriter,
+    plan_id: u64,
+    status: PlanStatus,
+    (started_ns, finished_ns): (u64, u64),
+    output_lens: &[u32],
+    outputs: &[u8],
+    message: &str,
+) -> std::io::Result<()> {
+    let result = ResultMsg {
+        plan_id,
+        status,
+        started_ns,
+        finished_ns,
+        output_lens: if status == PlanStatus::Ok {
+            output_lens.to_vec()
+        } else {
+            Vec::new()
+        },
+        message: message.to_string(),
+    };
+    let mut frame = Vec::with_capacity(64 + outputs.len());
+    let section = if status == PlanStatus::Ok { outputs } else { &[] };
+    if exec::encode_sectioned(&mut frame, Kind::ExecResult, &result, |out| {
+        out.extend_from_slice(section)
+    })
+    .is_err()
+    {
+        // Outputs over one frame: the plan fails instead.
+        frame.clear();
+        let failed = ResultMsg {
+            status: PlanStatus::Failed,
+            output_lens: Vec::new(),
+            message: "the batch's outputs exceed one frame".to_string(),
+            ..result
+        };
+        exec::encode_sectioned(&mut frame, Kind::ExecResult, &failed, |_| {})
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    writer.write(&frame)
+}
+
+/// One GPU: follows its plans and runs them on its backend.
+struct Worker {
+    gpu: u32,
+    backend: Box<dyn Backend>,
+    jobs: Receiver<Job>,
+    writers: Vec<Arc<LinkWriter>>,
+    offset: Offset,
+    epoch: Instant,
+    late_bound_ns: u64,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ExecutorStats>,
+}
+
+impl Worker {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn run(mut self) {
+        let mut follower = PlanFollower::new(self.late_bound_ns);
+        let mut outputs = Vec::new();
+        let mut output_lens = Vec::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let now_ns = self.now_ns();
+            let wait = follower.next_due_ns().map_or(Duration::from_millis(50), |due| {
+                Duration::from_nanos(due.saturating_sub(now_ns)).min(Duration::from_millis(50))
+            });
+            let received = if wait.is_zero() {
+                self.jobs.try_recv().map_err(|e| match e {
+                    mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                })
+            } else {
+                self.jobs.recv_timeout(wait)
+            };
+            match received {
+                Ok(job) => {
+                    let exec_at_ns = self.offset.to_local_ns(job.exec_at_scheduler_ns);
+                    if let Err(refused) = follower.push(job, exec_at_ns, self.now_ns()) {
+                        self.late(refused.plan, refused.late_by_ns);
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            while let Some(due) = follower.pop_due(self.now_ns()) {
+                match due {
+                    Due::Start(job) => self.execute(job, &mut outputs, &mut output_lens),
+                    Due::Late { plan, late_by_ns } => self.late(plan, late_by_ns),
+                }
+            }
+        }
+    }
+
+    fn late(&self, job: Job, late_by_ns: u64) {
+        self.stats.late.fetch_add(1, Ordering::Relaxed);
+        let message = format!(
+            "GPU {} could start it only {:.1} ms after exec_at",
+            self.gpu,
+            late_by_ns as f64 / 1e6
+        );
+        let _ = write_result(
+            &self.writers[job.link],
+            job.plan_id,
+            PlanStatus::Late,
+            (0, 0),
+            &[],
+            &[],
+            &message,
+        );
+    }
+
+    fn execute(&mut self, job: Job, outputs: &mut Vec<u8>, output_lens: &mut Vec<u32>) {
+        let mut inputs: Vec<&[u8]> = Vec::with_capacity(job.input_lens.len());
+        let mut offset = 0usize;
+        for &len in &job.input_lens {
+            inputs.push(&job.inputs[offset..offset + len as usize]);
+            offset += len as usize;
+        }
+        outputs.clear();
+        output_lens.clear();
+        let started_ns = self.now_ns();
+        let outcome = self.backend.run(job.model, &inputs, outputs, output_lens);
+        let finished_ns = self.now_ns();
+        let times = (
+            self.offset.to_scheduler_ns(started_ns),
+            self.offset.to_scheduler_ns(finished_ns),
+        );
+        self.stats.plans.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        let writer = &self.writers[job.link];
+        let _ = match outcome {
+            Ok(()) if output_lens.len() == inputs.len() => {
+                write_result(writer, job.plan_id, PlanStatus::Ok, times, output_lens, outputs, "")
+            }
+            Ok(()) => write_result(
+                writer,
+                job.plan_id,
+                PlanStatus::Failed,
+                times,
+                &[],
+                &[],
+                "the backend returned a wrong number of outputs",
+            ),
+            Err(message) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                write_result(writer, job.plan_id, PlanStatus::Failed, times, &[], &[], &message)
+            }
+        };
+    }
+}

@@ -1,0 +1,324 @@
+//! External executors end to end on loopback: `symphony serve` with no embedded GPU, executor
+//! processes (`symphony executor --backend sim`) or in-process executors, a client sending to
+//! several models. Covers replies and their timings, inputs reaching the executor (the sim
+//! backend echoes them), an executor killed mid-run, missed heartbeats, a wrong token, and
+//! broken link frames.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use symphony_core::wire::executor::{self as exec, Join};
+use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, ModelRef, Status};
+use symphony_gpu_exec::backend::BackendKind;
+use symphony_gpu_exec::executor::{self, ExecutorConfig, ExecutorError};
+use symphony_shards::client::Client;
+use symphony_shards::config::ServeConfig;
+use symphony_shards::server::{self, ServerHandle};
+
+const TOKEN: &str = "test-token";
+
+/// One test at a time: each runs a service pinned to the CPUs and executors that follow
+/// plans to the millisecond; on 2 cores, parallel tests would make each other late.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn start_server(shards: usize, heartbeat_timeout_ms: u64) -> ServerHandle {
+    let text = symphony_shards::config::EXAMPLE_CONFIG
+        .replace("127.0.0.1:7070", "127.0.0.1:0")
+        .replace(
+            "gpus = 8",
+            &format!("gpus = 0\nexecutor_token = \"{TOKEN}\"\nheartbeat_timeout_ms = {heartbeat_timeout_ms}"),
+        );
+    let mut config = ServeConfig::parse(&text, Path::new("."), "test").unwrap();
+    config.shards = Some(shards);
+    server::start(&config).expect("the service starts")
+}
+
+/// A `symphony executor` process; killed when dropped.
+struct ExecutorProcess(Child);
+
+impl ExecutorProcess {
+    fn spawn(addr: &str, gpus: u32) -> ExecutorProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_symphony"))
+            .args(["executor", "--scheduler", addr, "--token", TOKEN, "--backend", "sim"])
+            .args(["--gpus", &gpus.to_string(), "--heartbeat-ms", "20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawns symphony executor");
+        ExecutorProcess(child)
+    }
+}
+
+impl Drop for ExecutorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until `n` executors are online (their GPUs in the table).
+fn wait_online(server: &ServerHandle, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.executors_online() < n {
+        assert!(Instant::now() < deadline, "{n} executors never came online");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn models() -> [ModelRef; 3] {
+    [
+        ModelRef::Name("resnet_a".to_string()),
+        ModelRef::Name("resnet_b".to_string()),
+        ModelRef::Name("small".to_string()),
+    ]
+}
+
+#[test]
+fn executor_processes_serve_several_models_with_their_inputs() {
+    let _serial = serial();
+    let server = start_server(2, 1000);
+    let addr = server.local_addr().to_string();
+    let _a = ExecutorProcess::spawn(&addr, 2);
+    let _b = ExecutorProcess::spawn(&addr, 1);
+    wait_online(&server, 2);
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let models = models();
+    // 300 requests at about 1000 a second: well within 3 GPUs.
+    let count = 300u64;
+    for id in 0..count {
+        let input = format!("input-{id}").into_bytes();
+        client.send(id, &models[(id % 3) as usize], None, &input).unwrap();
+        if id % 10 == 9 {
+            client.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    client.flush().unwrap();
+    let mut seen = HashMap::new();
+    for _ in 0..count {
+        let reply = client.recv().unwrap();
+        assert_eq!(reply.status, Status::Ok, "{reply:?}");
+        // The sim backend echoes: the input crossed client -> shard -> executor -> back.
+        assert_eq!(reply.output, format!("input-{}", reply.client_request_id).into_bytes());
+        let t = reply.timings;
+        assert!(t.exec_us > 0 && t.queued_us + t.exec_us <= t.total_us + 1, "{t:?}");
+        // A batch of the small model takes at least its intercept (2 ms), a resnet 5.2 ms.
+        let floor_us = if reply.client_request_id % 3 == 2 { 2_000 } else { 5_000 };
+        assert!(t.exec_us >= floor_us, "{t:?}");
+        assert!(
+            seen.insert(reply.client_request_id, ()).is_none(),
+            "one reply per request"
+        );
+    }
+    assert_eq!(seen.len(), count as usize);
+    let stats = server.stats();
+    assert!(stats.executor_plans.load(Ordering::Relaxed) > 0);
+    assert_eq!(stats.executors_lost.load(Ordering::Relaxed), 0);
+    server.stop().unwrap();
+}
+
+#[test]
+fn an_executor_killed_mid_run_loses_no_request() {
+    let _serial = serial();
+    let server = start_server(2, 300);
+    let addr = server.local_addr().to_string();
+    let mut victim = ExecutorProcess::spawn(&addr, 2);
+    let _survivor = ExecutorProcess::spawn(&addr, 2);
+    wait_online(&server, 2);
+    let client = Client::connect(server.local_addr()).unwrap();
+    let (mut sender, mut receiver) = client.split();
+    receiver.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let total = 3000u64;
+    let writer = std::thread::spawn(move || {
+        // About 1500 requests a second for 2 s, in bursts of 15 every 10 ms.
+        let models = models();
+        let start = Instant::now();
+        for id in 0..total {
+            sender.send(id, &models[(id % 3) as usize], None, b"x").unwrap();
+            if id % 15 == 14 {
+                sender.flush().unwrap();
+                let due = start + Duration::from_millis(10 * (id + 1) / 15);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
+        sender.flush().unwrap();
+        sender
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    victim.0.kill().unwrap();
+    let killed_at = Instant::now();
+    let mut statuses: HashMap<u64, Status> = HashMap::new();
+    let mut ok_after_kill = 0;
+    for _ in 0..total {
+        let reply = receiver.recv().expect("every request is answered");
+        assert!(
+            matches!(reply.status, Status::Ok | Status::Dropped | Status::ExecutorLost),
+            "{reply:?}"
+        );
+        if reply.status == Status::Ok && killed_at.elapsed() > Duration::from_millis(600) {
+            ok_after_kill += 1;
+        }
+        assert!(
+            statuses.insert(reply.client_request_id, reply.status).is_none(),
+            "request {} answered twice",
+            reply.client_request_id
+        );
+    }
+    let _sender = writer.join().unwrap();
+    assert_eq!(statuses.len(), total as usize);
+    let stats = server.stats();
+    assert_eq!(stats.executors_lost.load(Ordering::Relaxed), 1);
+    // The survivor goes on serving after the loss was noticed.
+    assert!(ok_after_kill > 100, "only {ok_after_kill} ok replies after the kill");
+    let ok = statuses.values().filter(|s| **s == Status::Ok).count();
+    assert!(ok as f64 > 0.8 * total as f64, "{ok} of {total} ok");
+    server.stop().unwrap();
+}
+
+#[test]
+fn an_executor_that_stops_heartbeating_is_lost_and_told_so() {
+    let _serial = serial();
+    let server = start_server(1, 200);
+    let mut config = ExecutorConfig::new(
+        vec![server.local_addr().to_string()],
+        TOKEN.to_string(),
+        1,
+        BackendKind::Sim,
+    );
+    // Slower than the server's timeout: the server drops the links.
+    config.heartbeat_interval = Duration::from_secs(30);
+    let running = executor::start(&config).unwrap();
+    wait_online(&server, 1);
+    let stop = AtomicBool::new(false);
+    let outcome = running.wait(&stop);
+    assert!(matches!(outcome, Err(ExecutorError::SchedulerGone(_))), "{outcome:?}");
+    assert_eq!(server.stats().executors_lost.load(Ordering::Relaxed), 1);
+    assert_eq!(server.executors_online(), 0);
+    // Its slot is free again: a new executor registers.
+    let running = executor::start(&ExecutorConfig::new(
+        vec![server.local_addr().to_string()],
+        TOKEN.to_string(),
+        1,
+        BackendKind::Sim,
+    ))
+    .unwrap();
+    wait_online(&server, 1);
+    let stop = Arc::new(AtomicBool::new(true));
+    running.wait(&stop).unwrap();
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_wrong_token_is_refused() {
+    let _serial = serial();
+    let server = start_server(1, 1000);
+    let config = ExecutorConfig::new(
+        vec![server.local_addr().to_string()],
+        "not-the-token".to_string(),
+        1,
+        BackendKind::Sim,
+    );
+    match executor::start(&config) {
+        Err(ExecutorError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::Unauthorized);
+            assert!(message.contains("token"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(server.executors_online(), 0);
+    // The front door still serves clients (no GPU: the request waits, then is dropped).
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reply = client.call(&ModelRef::Name("small".into()), None, b"").unwrap();
+    assert_eq!(reply.status, Status::Dropped);
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_service_without_a_token_refuses_executors() {
+    let _serial = serial();
+    let text = symphony_shards::config::EXAMPLE_CONFIG.replace("127.0.0.1:7070", "127.0.0.1:0");
+    let config = ServeConfig::parse(&text, Path::new("."), "test").unwrap();
+    let server = server::start(&config).unwrap();
+    let config = ExecutorConfig::new(
+        vec![server.local_addr().to_string()],
+        TOKEN.to_string(),
+        1,
+        BackendKind::Sim,
+    );
+    match executor::start(&config) {
+        Err(ExecutorError::Refused { code, .. }) => assert_eq!(code, ErrorCode::Unauthorized),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    server.stop().unwrap();
+}
+
+/// Reads one frame from a raw socket.
+fn read_frame(stream: &mut TcpStream) -> (Kind, Vec<u8>) {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(Ok(frame)) = FrameDecoder::default().frames(&buffer).next() {
+            return (frame.kind, frame.payload.to_vec());
+        }
+        let n = stream.read(&mut chunk).expect("a frame before the timeout");
+        assert!(n > 0, "closed before a frame");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn links_refuse_unknown_executors_and_bad_frames() {
+    let _serial = serial();
+    let server = start_server(1, 1000);
+    // A valid executor to learn the link address from its WELCOME.
+    let running = executor::start(&ExecutorConfig::new(
+        vec![server.local_addr().to_string()],
+        TOKEN.to_string(),
+        1,
+        BackendKind::Sim,
+    ))
+    .unwrap();
+    wait_online(&server, 1);
+    let link_addr = server.executor_link_addrs()[0].clone();
+    // JOIN for an executor id nobody registered.
+    let mut stream = TcpStream::connect(&link_addr).unwrap();
+    let mut frame = Vec::new();
+    let join = Join {
+        token: TOKEN.to_string(),
+        executor_id: 999,
+        shard: 0,
+    };
+    exec::encode(&mut frame, Kind::ExecJoin, &join).unwrap();
+    stream.write_all(&frame).unwrap();
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Kind::Error);
+    assert_eq!(wire::decode_error(&payload).unwrap().code, ErrorCode::Refused);
+    // Garbage on a new link: an error frame, the connection closed.
+    let mut stream = TcpStream::connect(&link_addr).unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Kind::Error);
+    assert_eq!(wire::decode_error(&payload).unwrap().code, ErrorCode::BadMagic);
+    // The real executor is untouched.
+    assert_eq!(server.executors_online(), 1);
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reply = client.call(&ModelRef::Name("small".into()), None, b"hi").unwrap();
+    assert_eq!((reply.status, reply.output.as_slice()), (Status::Ok, b"hi".as_slice()));
+    let stop = AtomicBool::new(true);
+    running.wait(&stop).unwrap();
+    server.stop().unwrap();
+}
