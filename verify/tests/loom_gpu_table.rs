@@ -5,10 +5,15 @@
 //! atomics (the `atomic` module below), so the checked code is the shipped code. Each model
 //! checks the two promises of the protocol: no GPU ever holds two overlapping plans, and no
 //! waiting candidate is forgotten (once the threads are done, a posted waiter never sits
-//! beside a free GPU nobody reserved for it).
+//! beside a free GPU nobody reserved for it). A third model takes a GPU offline while another
+//! shard plans on it: no plan starts on it once `set_offline` has returned.
 
 mod atomic {
     pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
+
+    pub(crate) fn spin_wait() {
+        loom::thread::yield_now();
+    }
 }
 
 #[allow(dead_code)]
@@ -159,6 +164,41 @@ fn hand_off_serves_waiters_and_forgets_none_with_three_threads() {
             let _ = plan_and_release(&table, &log, claim, 0);
         }
         assert_eq!(served.len(), 2, "both waiters were served");
+        assert_no_overlap(&log);
+    });
+}
+
+#[test]
+fn an_offline_gpu_gets_no_new_plan() {
+    model(|| {
+        let table = Arc::new(GpuTable::new(1, 2));
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        // Set once the offline shard's `set_offline` returned; plans made after it are bugs.
+        let offline_done = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let planner = {
+            let (table, log, offline_done) = (table.clone(), log.clone(), offline_done.clone());
+            thread::spawn(move || {
+                for exec_at_ns in [0, 100] {
+                    if let Some(claim) = table.claim(0, exec_at_ns, GrantPolicy::LowestIndex) {
+                        assert!(
+                            !offline_done.load(loom::sync::atomic::Ordering::SeqCst),
+                            "a claim succeeded on an offline GPU"
+                        );
+                        let _ = plan_and_release(&table, &log, claim, exec_at_ns);
+                    }
+                }
+            })
+        };
+        assert!(table.set_offline(0));
+        offline_done.store(true, loom::sync::atomic::Ordering::SeqCst);
+        assert_eq!(table.online_count(), 0);
+        assert_eq!(table.min_free_at_ns(1), u64::MAX);
+        planner.join().unwrap();
+        assert!(!table.is_online(0));
+        assert!(!table.set_offline(0), "offline once");
+        // Back online: claimable again.
+        let _ = table.set_online(0, 500);
+        assert!(table.claim(1, 500, GrantPolicy::LowestIndex).is_some());
         assert_no_overlap(&log);
     });
 }

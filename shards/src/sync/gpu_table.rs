@@ -59,7 +59,7 @@
 
 use symphony_core::policy::GrantPolicy;
 
-use super::atomic::{fence, AtomicU64, Ordering};
+use super::atomic::{fence, spin_wait, AtomicU64, Ordering};
 
 /// Shard ids fit the owner field of a state word.
 pub const SHARD_LIMIT: usize = 1 << OWNER_BITS;
@@ -193,7 +193,7 @@ impl GpuTable {
             match state.tag {
                 TAG_OFFLINE => return false,
                 TAG_CLAIMED => {
-                    std::hint::spin_loop();
+                    spin_wait();
                     continue;
                 }
                 _ => {}

@@ -7,6 +7,11 @@
 
 pub(crate) mod atomic {
     pub(crate) use std::sync::atomic::{fence, AtomicU64, Ordering};
+
+    /// One turn of a wait loop (loom's facade yields to the other modelled threads).
+    pub(crate) fn spin_wait() {
+        std::hint::spin_loop();
+    }
 }
 
 pub mod gpu_table;
