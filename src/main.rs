@@ -34,6 +34,8 @@ enum Command {
     Serve(ServeArgs),
     /// Runs an executor: connects to a scheduler and runs its plans on this machine's GPUs.
     Executor(ExecutorArgs),
+    /// Measures a model's batch latency l(b) on a backend and writes a profile table.
+    Profile(ProfileArgs),
     /// Sends one-off requests to a running service and prints the replies.
     Client(ClientArgs),
     /// Open-loop load from a workload file against a running service, with a final report.
@@ -111,6 +113,26 @@ struct ServeArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ProfileArgs {
+    /// cpu (cuda is not built yet).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// The model: mlp or resnet (or a name starting with mlp- / resnet-).
+    #[arg(long)]
+    model: String,
+    /// Largest batch size measured (1..=B).
+    #[arg(long, default_value_t = 32)]
+    batch_max: u32,
+    /// Measured runs per batch size (after one warm-up run).
+    #[arg(long, default_value_t = 10)]
+    repeat: u32,
+    /// Where to write the table (batch,latency_us,std_us); the config's `profile = "table:FILE"`
+    /// reads it.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
 struct ExecutorArgs {
     /// The scheduler's front door(s), host:port, comma-separated: tried in order.
     #[arg(long, value_delimiter = ',', required = true)]
@@ -121,9 +143,16 @@ struct ExecutorArgs {
     /// GPUs this executor runs.
     #[arg(long, default_value_t = 1)]
     gpus: u32,
-    /// sim: runs each batch for its profile time and echoes inputs as outputs.
+    /// sim: runs each batch for its profile time and echoes inputs as outputs; cpu: real
+    /// forward passes of the mlp*/resnet* models (profiled at start).
     #[arg(long, default_value = "sim")]
     backend: String,
+    /// Largest batch the cpu backend profiles at start (also bounded by the scheduler's).
+    #[arg(long, default_value_t = 16)]
+    profile_batch_max: u32,
+    /// Measured runs per batch size when profiling at start.
+    #[arg(long, default_value_t = 3)]
+    profile_repeat: u32,
     /// A name for the scheduler's logs (default: $HOSTNAME).
     #[arg(long)]
     name: Option<String>,
@@ -303,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PerfSim(args) => run_perf_sim(args),
         Command::Serve(args) => run_serve(args),
         Command::Executor(args) => run_executor(args),
+        Command::Profile(args) => run_profile(args),
         Command::Client(args) => run_client(args),
         Command::Loadgen(args) => run_loadgen(args),
     }
@@ -461,6 +491,18 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
         config.name = name;
     }
     config.late_bound_ns = (args.late_bound_ms * 1e6) as u64;
+    anyhow::ensure!(
+        (1..=1024).contains(&args.profile_batch_max) && (1..=1000).contains(&args.profile_repeat),
+        "--profile-batch-max must be 1 to 1024 and --profile-repeat 1 to 1000"
+    );
+    config.profile_batch_max = args.profile_batch_max;
+    config.profile_repeat = args.profile_repeat;
+    if backend != symphony_gpu_exec::backend::BackendKind::Sim {
+        eprintln!(
+            "symphony executor: profiling every model on the {} backend ...",
+            backend.name()
+        );
+    }
     config.heartbeat_interval = std::time::Duration::from_millis(args.heartbeat_ms);
     let running = executor::start(&config)?;
     eprintln!(
@@ -478,6 +520,58 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
     }
     running.wait(&stop)?;
     eprintln!("symphony executor: stopped");
+    Ok(())
+}
+
+fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
+    use symphony_gpu_exec::backend::BackendKind;
+    use symphony_gpu_exec::nets::{self, Network, Weights};
+    let backend: BackendKind = args.backend.parse().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        backend == BackendKind::Cpu,
+        "symphony profile measures real backends: --backend cpu (cuda is not built yet)"
+    );
+    let network = Network::for_model(&args.model).with_context(|| {
+        format!(
+            "no network runs model `{}`: use mlp or resnet (or mlp-*, resnet-*)",
+            args.model
+        )
+    })?;
+    anyhow::ensure!(
+        (1..=1024).contains(&args.batch_max) && (1..=10_000).contains(&args.repeat),
+        "--batch-max must be 1 to 1024 and --repeat 1 to 10000"
+    );
+    let weights = Weights::from_seed(network, nets::seed_of(&args.model));
+    let mut cpu = symphony_gpu_exec::cpu::CpuBackend::of_weights(&weights);
+    let input = nets::sample_input(network, 0);
+    eprintln!(
+        "symphony profile: {} on {} for b = 1..={}, 1 warm-up and {} measured runs each",
+        args.model,
+        backend.name(),
+        args.batch_max,
+        args.repeat
+    );
+    let measured = symphony_gpu_exec::profiler::measure(&mut cpu, 0, &input, args.batch_max, 1, args.repeat)
+        .map_err(anyhow::Error::msg)?;
+    let table = measured.to_table(&format!(
+        "symphony profile --backend {} --model {} --batch-max {} --repeat {}",
+        backend.name(),
+        args.model,
+        args.batch_max,
+        args.repeat
+    ));
+    match &args.out {
+        Some(path) => std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{table}"),
+    }
+    println!(
+        "fit: l(b) = {:.1} us * b + {:.1} us (rms error {:.1} us); as a linear profile: sleep#{:.0},{:.0},0,0",
+        measured.slope_us,
+        measured.intercept_us,
+        measured.fit_rms_us,
+        measured.slope_us.max(0.0),
+        measured.intercept_us.max(0.0)
+    );
     Ok(())
 }
 

@@ -322,3 +322,88 @@ fn links_refuse_unknown_executors_and_bad_frames() {
     running.wait(&stop).unwrap();
     server.stop().unwrap();
 }
+
+#[test]
+fn cpu_executors_answer_real_inferences() {
+    use symphony_gpu_exec::backend::{Backend, BatchOutput};
+    use symphony_gpu_exec::cpu::CpuBackend;
+    use symphony_gpu_exec::nets::{self, Network, Weights};
+    let _serial = serial();
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+gpus = 0
+executor_token = "{TOKEN}"
+[[models]]
+name = "mlp"
+profile = "sleep#20,300,0,0"
+slo_ms = 50
+[[models]]
+name = "resnet"
+profile = "sleep#1000,100,0,0"
+slo_ms = 100
+"#
+    );
+    let mut config = ServeConfig::parse(&text, Path::new("."), "test").unwrap();
+    config.shards = Some(2);
+    let server = server::start(&config).unwrap();
+    let mut executor_config = ExecutorConfig::new(
+        vec![server.local_addr().to_string()],
+        TOKEN.to_string(),
+        1,
+        BackendKind::Cpu,
+    );
+    executor_config.profile_batch_max = 4;
+    executor_config.profile_repeat = 1;
+    let running = executor::start(&executor_config).unwrap();
+    wait_online(&server, 1);
+    let mut client = Client::connect(server.local_addr()).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // What the network computes, straight from the backend.
+    let expected = |name: &str, input: &[u8]| {
+        let mut backend = CpuBackend::of_weights(&Weights::for_model(name).unwrap());
+        let mut out = BatchOutput::default();
+        backend.run(0, &[input], &mut out).unwrap();
+        out.outputs
+    };
+    let mut sent = Vec::new();
+    for id in 0..12u64 {
+        let (network, name) = if id % 3 == 2 {
+            (Network::ResNet, "resnet")
+        } else {
+            (Network::Mlp, "mlp")
+        };
+        // Request 5 carries a truncated input: refused alone, its batch runs.
+        let mut input = nets::sample_input(network, id);
+        if id == 5 {
+            input.truncate(100);
+        }
+        client
+            .send(id, &ModelRef::Name(name.to_string()), None, &input)
+            .unwrap();
+        sent.push((network, name, input));
+    }
+    client.flush().unwrap();
+    for _ in 0..sent.len() {
+        let reply = client.recv().unwrap();
+        let (_, name, input) = &sent[reply.client_request_id as usize];
+        if reply.client_request_id == 5 {
+            assert_eq!(reply.status, Status::Malformed, "{reply:?}");
+            continue;
+        }
+        assert_eq!(reply.status, Status::Ok, "{reply:?}");
+        assert_eq!(reply.output.len(), 40);
+        // Batched with others or alone, the logits are those of this input.
+        let want = expected(name, input);
+        let close = reply.output.chunks_exact(4).zip(want.chunks_exact(4)).all(|(a, b)| {
+            let (a, b) = (
+                f32::from_le_bytes(a.try_into().unwrap()),
+                f32::from_le_bytes(b.try_into().unwrap()),
+            );
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0)
+        });
+        assert!(close, "request {}: logits differ", reply.client_request_id);
+    }
+    let stop = AtomicBool::new(true);
+    running.wait(&stop).unwrap();
+    server.stop().unwrap();
+}

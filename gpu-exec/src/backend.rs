@@ -12,6 +12,8 @@ use symphony_core::profile::Profile;
 pub enum BackendKind {
     /// Runs each batch for its profile's time and echoes the inputs as outputs.
     Sim,
+    /// Real forward passes on the CPU (`crate::cpu`).
+    Cpu,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -20,7 +22,9 @@ impl std::str::FromStr for BackendKind {
     fn from_str(s: &str) -> Result<BackendKind, String> {
         match s {
             "sim" => Ok(BackendKind::Sim),
-            other => Err(format!("unknown backend `{other}` (this build has: sim)")),
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Err("the cuda backend is not built yet (this build has: sim, cpu)".to_string()),
+            other => Err(format!("unknown backend `{other}` (this build has: sim, cpu)")),
         }
     }
 }
@@ -29,6 +33,44 @@ impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Sim => "sim",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+}
+
+/// What a batch produced: one output per request, in order, or the request's refusal.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutput {
+    /// The outputs, back to back.
+    pub outputs: Vec<u8>,
+    /// Per request: bytes of its output (0 for a refused one).
+    pub lens: Vec<u32>,
+    /// Indexes of requests whose input the model refused (answered `malformed`).
+    pub refused: Vec<u32>,
+    /// For people, when something was refused.
+    pub message: String,
+}
+
+impl BatchOutput {
+    pub fn clear(&mut self) {
+        self.outputs.clear();
+        self.lens.clear();
+        self.refused.clear();
+        self.message.clear();
+    }
+
+    /// The next request's output.
+    pub fn push(&mut self, output: &[u8]) {
+        self.outputs.extend_from_slice(output);
+        self.lens.push(output.len() as u32);
+    }
+
+    /// The next request is refused, for `why`.
+    pub fn refuse(&mut self, why: impl FnOnce() -> String) {
+        self.refused.push(self.lens.len() as u32);
+        self.lens.push(0);
+        if self.message.is_empty() {
+            self.message = why();
         }
     }
 }
@@ -45,15 +87,9 @@ pub struct ModelSpec {
 
 /// Runs batches on one GPU.
 pub trait Backend: Send + std::fmt::Debug {
-    /// Runs `model` on `inputs` (one per request, in order), appending each output to
-    /// `outputs` and its length to `output_lens`. An error fails the whole batch.
-    fn run(
-        &mut self,
-        model: u32,
-        inputs: &[&[u8]],
-        outputs: &mut Vec<u8>,
-        output_lens: &mut Vec<u32>,
-    ) -> Result<(), String>;
+    /// Runs `model` on `inputs` (one per request, in order) into `out` (cleared by the
+    /// caller): an output or a refusal per request. An error fails the whole batch.
+    fn run(&mut self, model: u32, inputs: &[&[u8]], out: &mut BatchOutput) -> Result<(), String>;
 }
 
 /// The simulated backend: a batch takes its profile's `pre + l(b) + post`, and each output
@@ -75,13 +111,7 @@ impl SimBackend {
 }
 
 impl Backend for SimBackend {
-    fn run(
-        &mut self,
-        model: u32,
-        inputs: &[&[u8]],
-        outputs: &mut Vec<u8>,
-        output_lens: &mut Vec<u32>,
-    ) -> Result<(), String> {
+    fn run(&mut self, model: u32, inputs: &[&[u8]], out: &mut BatchOutput) -> Result<(), String> {
         let profile = self
             .profiles
             .get(model as usize)
@@ -93,8 +123,7 @@ impl Backend for SimBackend {
             .ok_or_else(|| format!("batch of {batch} is over the profile's {}", profile.batch_size_max()))?;
         sleep_precise(Duration::from_nanos(exec_ns));
         for input in inputs {
-            outputs.extend_from_slice(input);
-            output_lens.push(input.len() as u32);
+            out.push(input);
         }
         Ok(())
     }
@@ -125,16 +154,14 @@ mod tests {
             profile: Profile::from_latencies_ns(vec![2_000_000, 3_000_000], 0, 0),
         };
         let mut backend = SimBackend::new(&[spec]);
-        let (mut outputs, mut lens) = (Vec::new(), Vec::new());
+        let mut out = BatchOutput::default();
         let started = Instant::now();
-        backend
-            .run(1, &[b"ab".as_slice(), b"c".as_slice()], &mut outputs, &mut lens)
-            .unwrap();
+        backend.run(1, &[b"ab".as_slice(), b"c".as_slice()], &mut out).unwrap();
         assert!(started.elapsed() >= Duration::from_millis(3));
-        assert_eq!(outputs, b"abc");
-        assert_eq!(lens, [2, 1]);
-        assert!(backend.run(0, &[b"x".as_slice()], &mut outputs, &mut lens).is_err());
+        assert_eq!(out.outputs, b"abc");
+        assert_eq!(out.lens, [2, 1]);
+        assert!(backend.run(0, &[b"x".as_slice()], &mut out).is_err());
         let three = [b"x".as_slice(); 3];
-        assert!(backend.run(1, &three, &mut outputs, &mut lens).is_err());
+        assert!(backend.run(1, &three, &mut out).is_err());
     }
 }

@@ -23,8 +23,9 @@ use symphony_core::wire::executor::{
 };
 use symphony_core::wire::{self, Decoded, FrameDecoder, Kind, WireError};
 
-use crate::backend::{Backend, BackendKind, ModelSpec, SimBackend};
+use crate::backend::{Backend, BackendKind, BatchOutput, ModelSpec, SimBackend};
 use crate::clock::{estimate_offset, Offset, Probe};
+use crate::cpu::CpuBackend;
 use crate::follower::{Due, PlanFollower, LATE_BOUND_NS_DEFAULT};
 
 /// Clock probes at the handshake.
@@ -65,6 +66,10 @@ pub struct ExecutorConfig {
     /// A plan that could only start later than this after its `exec_at` is refused.
     pub late_bound_ns: u64,
     pub heartbeat_interval: Duration,
+    /// Backends that compute profile each model at start for batch sizes up to this (and
+    /// the scheduler's own largest batch), `profile_repeat` measured runs each.
+    pub profile_batch_max: u32,
+    pub profile_repeat: u32,
 }
 
 impl ExecutorConfig {
@@ -77,6 +82,8 @@ impl ExecutorConfig {
             name: std::env::var("HOSTNAME").unwrap_or_else(|_| "executor".to_string()),
             late_bound_ns: LATE_BOUND_NS_DEFAULT,
             heartbeat_interval: Duration::from_millis(100),
+            profile_batch_max: 16,
+            profile_repeat: 3,
         }
     }
 }
@@ -352,21 +359,43 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
             profile,
         });
     }
-    let backends: Vec<Box<dyn Backend>> = (0..config.gpus)
-        .map(|_| match config.backend {
-            BackendKind::Sim => Box::new(SimBackend::new(&models)) as Box<dyn Backend>,
-        })
-        .collect();
+    let mut backends: Vec<Box<dyn Backend>> = Vec::with_capacity(config.gpus as usize);
+    for _ in 0..config.gpus {
+        backends.push(match config.backend {
+            BackendKind::Sim => Box::new(SimBackend::new(&models)),
+            BackendKind::Cpu => Box::new(CpuBackend::new(&models).map_err(ExecutorError::Backend)?),
+        });
+    }
+    // The profiles the scheduler will plan with: measured here for a backend that computes.
+    let mut profiles = Vec::with_capacity(models.len());
+    for m in &models {
+        let profile = match config.backend {
+            BackendKind::Sim => m.profile.clone(),
+            BackendKind::Cpu => {
+                let network = crate::nets::Network::for_model(&m.name).expect("checked by the backend");
+                let input = crate::nets::sample_input(network, 0);
+                let batch_max = config.profile_batch_max.min(m.profile.batch_size_max()).max(1);
+                let measured = crate::profiler::measure(
+                    backends[0].as_mut(),
+                    m.id,
+                    &input,
+                    batch_max,
+                    1,
+                    config.profile_repeat.max(1),
+                )
+                .map_err(ExecutorError::Backend)?;
+                measured.to_profile()
+            }
+        };
+        profiles.push(ModelProfile {
+            model: m.id,
+            profile: ProfileWire::of(&profile),
+        });
+    }
     let register = Register {
         offset_ns: offset.offset_ns,
         offset_error_ns: offset.error_bound_ns,
-        models: models
-            .iter()
-            .map(|m| ModelProfile {
-                model: m.id,
-                profile: ProfileWire::of(&m.profile),
-            })
-            .collect(),
+        models: profiles,
     };
     control.send(&frame_of(Kind::ExecRegister, &register)?)?;
     let registered: Registered = control.expect(Kind::ExecRegistered)?;
@@ -554,9 +583,7 @@ fn on_plan(jobs: &[Sender<Job>], writer: &LinkWriter, shard: usize, payload: &[u
     let gpu = plan.gpu.to_native() as usize;
     let Some(jobs) = jobs.get(gpu) else {
         let message = format!("this executor has no GPU {gpu}");
-        let lens = vec![0; plan.requests.len()];
-        return write_result(writer, plan_id, PlanStatus::Failed, (0, 0), &lens, &[], &message)
-            .map_err(|e| e.to_string());
+        return write_result(writer, plan_id, PlanStatus::Failed, (0, 0), None, &message).map_err(|e| e.to_string());
     };
     let job = Job {
         link: shard,
@@ -569,29 +596,29 @@ fn on_plan(jobs: &[Sender<Job>], writer: &LinkWriter, shard: usize, payload: &[u
     jobs.send(job).map_err(|_| "the GPU worker stopped".to_string())
 }
 
+/// Writes a RESULT: with `batch`'s outputs when `status` is ok, else `message`.
 fn write_result(
     writer: &LinkWriter,
     plan_id: u64,
     status: PlanStatus,
     (started_ns, finished_ns): (u64, u64),
-    output_lens: &[u32],
-    outputs: &[u8],
+    batch: Option<&BatchOutput>,
     message: &str,
 ) -> std::io::Result<()> {
+    let ok = status == PlanStatus::Ok;
     let result = ResultMsg {
         plan_id,
         status,
         started_ns,
         finished_ns,
-        output_lens: if status == PlanStatus::Ok {
-            output_lens.to_vec()
-        } else {
-            Vec::new()
-        },
-        message: message.to_string(),
+        output_lens: batch.filter(|_| ok).map(|b| b.lens.clone()).unwrap_or_default(),
+        refused: batch.filter(|_| ok).map(|b| b.refused.clone()).unwrap_or_default(),
+        message: batch
+            .filter(|b| ok && !b.message.is_empty())
+            .map_or_else(|| message.to_string(), |b| b.message.clone()),
     };
-    let mut frame = Vec::with_capacity(64 + outputs.len());
-    let section = if status == PlanStatus::Ok { outputs } else { &[] };
+    let section = batch.filter(|_| ok).map_or(&[][..], |b| b.outputs.as_slice());
+    let mut frame = Vec::with_capacity(64 + section.len());
     if exec::encode_sectioned(&mut frame, Kind::ExecResult, &result, |out| {
         out.extend_from_slice(section)
     })
@@ -602,6 +629,7 @@ fn write_result(
         let failed = ResultMsg {
             status: PlanStatus::Failed,
             output_lens: Vec::new(),
+            refused: Vec::new(),
             message: "the batch's outputs exceed one frame".to_string(),
             ..result
         };
@@ -631,8 +659,7 @@ impl Worker {
 
     fn run(mut self) {
         let mut follower = PlanFollower::new(self.late_bound_ns);
-        let mut outputs = Vec::new();
-        let mut output_lens = Vec::new();
+        let mut batch = BatchOutput::default();
         while !self.stop.load(Ordering::Relaxed) {
             let now_ns = self.now_ns();
             let wait = follower.next_due_ns().map_or(Duration::from_millis(50), |due| {
@@ -659,7 +686,7 @@ impl Worker {
             }
             while let Some(due) = follower.pop_due(self.now_ns()) {
                 match due {
-                    Due::Start(job) => self.execute(job, &mut outputs, &mut output_lens),
+                    Due::Start(job) => self.execute(job, &mut batch),
                     Due::Late { plan, late_by_ns } => self.late(plan, late_by_ns),
                 }
             }
@@ -678,23 +705,21 @@ impl Worker {
             job.plan_id,
             PlanStatus::Late,
             (0, 0),
-            &[],
-            &[],
+            None,
             &message,
         );
     }
 
-    fn execute(&mut self, job: Job, outputs: &mut Vec<u8>, output_lens: &mut Vec<u32>) {
+    fn execute(&mut self, job: Job, batch: &mut BatchOutput) {
         let mut inputs: Vec<&[u8]> = Vec::with_capacity(job.input_lens.len());
         let mut offset = 0usize;
         for &len in &job.input_lens {
             inputs.push(&job.inputs[offset..offset + len as usize]);
             offset += len as usize;
         }
-        outputs.clear();
-        output_lens.clear();
+        batch.clear();
         let started_ns = self.now_ns();
-        let outcome = self.backend.run(job.model, &inputs, outputs, output_lens);
+        let outcome = self.backend.run(job.model, &inputs, batch);
         let finished_ns = self.now_ns();
         let times = (
             self.offset.to_scheduler_ns(started_ns),
@@ -704,21 +729,20 @@ impl Worker {
         self.stats.requests.fetch_add(inputs.len() as u64, Ordering::Relaxed);
         let writer = &self.writers[job.link];
         let _ = match outcome {
-            Ok(()) if output_lens.len() == inputs.len() => {
-                write_result(writer, job.plan_id, PlanStatus::Ok, times, output_lens, outputs, "")
+            Ok(()) if batch.lens.len() == inputs.len() => {
+                write_result(writer, job.plan_id, PlanStatus::Ok, times, Some(batch), "")
             }
             Ok(()) => write_result(
                 writer,
                 job.plan_id,
                 PlanStatus::Failed,
                 times,
-                &[],
-                &[],
+                None,
                 "the backend returned a wrong number of outputs",
             ),
             Err(message) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                write_result(writer, job.plan_id, PlanStatus::Failed, times, &[], &[], &message)
+                write_result(writer, job.plan_id, PlanStatus::Failed, times, None, &message)
             }
         };
     }

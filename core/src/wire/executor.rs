@@ -259,7 +259,10 @@ pub struct ResultMsg {
     pub finished_ns: u64,
     /// Per request, in plan order: bytes of its output in the section.
     pub output_lens: Vec<u32>,
-    /// For people, when not ok.
+    /// Indexes (in plan order, ascending) of requests whose input the model refused: answered
+    /// `malformed`, output length 0.
+    pub refused: Vec<u32>,
+    /// For people, when not ok or something was refused.
     pub message: String,
 }
 
@@ -481,6 +484,7 @@ mod tests {
             started_ns: 0,
             finished_ns: 0,
             output_lens: vec![1, 1],
+            refused: Vec::new(),
             message: "late by 9 ms".to_string(),
         };
         let mut out = Vec::new();

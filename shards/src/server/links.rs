@@ -331,13 +331,26 @@ impl Shard {
                         ),
                     ));
                 }
+                if !result.refused.is_empty() {
+                    eprintln!(
+                        "symphony serve: plan {plan_id}: {} request(s) refused by the model: {}",
+                        result.refused.len(),
+                        result.message.as_str()
+                    );
+                }
+                let mut refused = result.refused.iter().map(|i| i.to_native() as usize).peekable();
                 let mut offset = 0usize;
-                for (&id, len) in flight.ids.iter().zip(result.output_lens.iter()) {
+                for (index, (&id, len)) in flight.ids.iter().zip(result.output_lens.iter()).enumerate() {
                     let len = len.to_native() as usize;
                     let output = &section[offset..offset + len];
                     offset += len;
-                    if let Some(origin) = self.pending.borrow_mut().remove(id) {
-                        let timings = self.timings(origin, Some((started_ns, finished_ns)));
+                    let Some(origin) = self.pending.borrow_mut().remove(id) else {
+                        continue;
+                    };
+                    let timings = self.timings(origin, Some((started_ns, finished_ns)));
+                    if refused.next_if_eq(&index).is_some() {
+                        self.reply(origin, Status::Malformed, timings);
+                    } else {
                         self.reply_output(origin, timings, output, buffer);
                     }
                 }
