@@ -77,8 +77,10 @@ struct LoadgenArgs {
     rate_scale: f64,
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = 0)]
-    input_bytes: usize,
+    /// Bytes of input per request (zeros), or `model`: each model's network input size
+    /// (mlp* 1024, resnet* 12288 bytes; others 0), for cpu and cuda executors.
+    #[arg(long, default_value = "0")]
+    input_bytes: String,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -114,7 +116,7 @@ struct ServeArgs {
 
 #[derive(clap::Args, Debug)]
 struct ProfileArgs {
-    /// cpu (cuda is not built yet).
+    /// cpu or cuda (GPU 0).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// The model: mlp or resnet (or a name starting with mlp- / resnet-).
@@ -143,8 +145,8 @@ struct ExecutorArgs {
     /// GPUs this executor runs.
     #[arg(long, default_value_t = 1)]
     gpus: u32,
-    /// sim: runs each batch for its profile time and echoes inputs as outputs; cpu: real
-    /// forward passes of the mlp*/resnet* models (profiled at start).
+    /// sim: runs each batch for its profile time and echoes inputs as outputs; cpu / cuda:
+    /// real forward passes of the mlp*/resnet* models (profiled at start).
     #[arg(long, default_value = "sim")]
     backend: String,
     /// Largest batch the cpu backend profiles at start (also bounded by the scheduler's).
@@ -386,13 +388,28 @@ fn run_client(args: ClientArgs) -> anyhow::Result<()> {
 
 fn run_loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let workload = Workload::load(&args.workload)?;
+    let (input_bytes, model_input_bytes) = if args.input_bytes == "model" {
+        let sizes = workload
+            .models
+            .iter()
+            .map(|m| symphony_gpu_exec::nets::Network::for_model(&m.name).map_or(0, |n| n.input_len() * 4))
+            .collect();
+        (0, Some(sizes))
+    } else {
+        let bytes = args
+            .input_bytes
+            .parse()
+            .context("--input-bytes must be a number of bytes or `model`")?;
+        (bytes, None)
+    };
     let spec = symphony_perf::loadgen::LoadSpec {
         target: args.target.clone(),
         seed: args.seed.unwrap_or(workload.seed),
         workload,
         rate_scale: args.rate_scale,
         connections: args.connections,
-        input_bytes: args.input_bytes,
+        input_bytes,
+        model_input_bytes,
         progress: true,
     };
     eprintln!(
@@ -518,7 +535,13 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;
     }
-    running.wait(&stop)?;
+    let stats = running.stats_handle();
+    let outcome = running.wait(&stop);
+    eprintln!(
+        "symphony executor: plan following: {}",
+        stats.following.lock().map_or_else(|_| String::new(), |f| f.summary())
+    );
+    outcome?;
     eprintln!("symphony executor: stopped");
     Ok(())
 }
@@ -528,8 +551,8 @@ fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
     use symphony_gpu_exec::nets::{self, Network, Weights};
     let backend: BackendKind = args.backend.parse().map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
-        backend == BackendKind::Cpu,
-        "symphony profile measures real backends: --backend cpu (cuda is not built yet)"
+        backend != BackendKind::Sim,
+        "symphony profile measures real backends: --backend cpu or cuda"
     );
     let network = Network::for_model(&args.model).with_context(|| {
         format!(
@@ -542,7 +565,12 @@ fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
         "--batch-max must be 1 to 1024 and --repeat 1 to 10000"
     );
     let weights = Weights::from_seed(network, nets::seed_of(&args.model));
-    let mut cpu = symphony_gpu_exec::cpu::CpuBackend::of_weights(&weights);
+    let mut real: Box<dyn symphony_gpu_exec::backend::Backend> = match backend {
+        BackendKind::Cuda => {
+            Box::new(symphony_gpu_exec::cuda::CudaBackend::of_weights(0, &weights).map_err(anyhow::Error::msg)?)
+        }
+        _ => Box::new(symphony_gpu_exec::cpu::CpuBackend::of_weights(&weights)),
+    };
     let input = nets::sample_input(network, 0);
     eprintln!(
         "symphony profile: {} on {} for b = 1..={}, 1 warm-up and {} measured runs each",
@@ -551,7 +579,7 @@ fn run_profile(args: ProfileArgs) -> anyhow::Result<()> {
         args.batch_max,
         args.repeat
     );
-    let measured = symphony_gpu_exec::profiler::measure(&mut cpu, 0, &input, args.batch_max, 1, args.repeat)
+    let measured = symphony_gpu_exec::profiler::measure(real.as_mut(), 0, &input, args.batch_max, 1, args.repeat)
         .map_err(anyhow::Error::msg)?;
     let table = measured.to_table(&format!(
         "symphony profile --backend {} --model {} --batch-max {} --repeat {}",

@@ -131,3 +131,52 @@ fn every_shipped_workload_loads() {
         );
     }
 }
+
+#[test]
+fn cuda_without_a_driver_is_a_clear_error() {
+    if symphony_gpu_exec::cuda::driver_check().is_ok() {
+        println!("a CUDA driver is present: the no-driver errors cannot be checked here");
+        return;
+    }
+    println!("skipped: no CUDA driver (checking the error messages instead)");
+    assert_clean_error(
+        &symphony(&[
+            "executor",
+            "--scheduler",
+            "127.0.0.1:1",
+            "--token",
+            "t",
+            "--backend",
+            "cuda",
+        ]),
+        &["no CUDA driver found"],
+    );
+    assert_clean_error(
+        &symphony(&["profile", "--backend", "cuda", "--model", "mlp"]),
+        &["no CUDA driver found"],
+    );
+    assert_clean_error(&symphony(&["profile", "--model", "bert"]), &["bert", "mlp", "resnet"]);
+}
+
+#[test]
+fn profile_writes_a_table_the_service_reads() {
+    let dir = scratch("profile");
+    let table = dir.join("mlp.csv");
+    let output = symphony(&[
+        "profile",
+        "--model",
+        "mlp",
+        "--batch-max",
+        "3",
+        "--repeat",
+        "2",
+        "--out",
+        table.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("fit: l(b) ="));
+    let profile = symphony_core::profile::Profile::load_table(&table).unwrap();
+    assert_eq!(profile.batch_size_max(), 3);
+    assert!(profile.latency_ns(1) > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -41,6 +41,7 @@ fn live_service_and_simulator_agree_at_moderate_load() {
         seed: workload.seed,
         connections: 2,
         input_bytes: 64,
+        model_input_bytes: None,
         progress: false,
     })
     .expect("the load runs");

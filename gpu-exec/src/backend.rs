@@ -14,6 +14,8 @@ pub enum BackendKind {
     Sim,
     /// Real forward passes on the CPU (`crate::cpu`).
     Cpu,
+    /// The same networks on NVIDIA GPUs (`crate::cuda`).
+    Cuda,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -23,8 +25,8 @@ impl std::str::FromStr for BackendKind {
         match s {
             "sim" => Ok(BackendKind::Sim),
             "cpu" => Ok(BackendKind::Cpu),
-            "cuda" => Err("the cuda backend is not built yet (this build has: sim, cpu)".to_string()),
-            other => Err(format!("unknown backend `{other}` (this build has: sim, cpu)")),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(format!("unknown backend `{other}` (sim, cpu or cuda)")),
         }
     }
 }
@@ -34,6 +36,7 @@ impl BackendKind {
         match self {
             BackendKind::Sim => "sim",
             BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
         }
     }
 }

@@ -95,6 +95,47 @@ pub struct ExecutorStats {
     pub late: AtomicU64,
     pub failed: AtomicU64,
     pub requests: AtomicU64,
+    /// How well plans were followed (plans that ran).
+    pub following: Mutex<Following>,
+}
+
+/// Plan-following accuracy: start lateness and execution time against the profile.
+#[derive(Debug)]
+pub struct Following {
+    /// Actual start minus `exec_at` (executor clock), microseconds; early starts count 0.
+    pub lateness_us: hdrhistogram::Histogram<u64>,
+    /// Measured execution time over the profile's `pre + l(b) + post`, in thousandths.
+    pub exec_per_mille: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Following {
+    fn default() -> Following {
+        Following {
+            lateness_us: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            exec_per_mille: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000, 3).expect("bounds"),
+        }
+    }
+}
+
+impl Following {
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        if self.lateness_us.is_empty() {
+            return "no plan ran".to_string();
+        }
+        let l = &self.lateness_us;
+        let e = &self.exec_per_mille;
+        format!(
+            "{} plans: start lateness p50 {} us, p99 {} us, max {} us; execution / profile p50 {:.2}, p99 {:.2}, max {:.2}",
+            l.len(),
+            l.value_at_quantile(0.5),
+            l.value_at_quantile(0.99),
+            l.max(),
+            e.value_at_quantile(0.5) as f64 / 1000.0,
+            e.value_at_quantile(0.99) as f64 / 1000.0,
+            e.max() as f64 / 1000.0
+        )
+    }
 }
 
 /// A blocking frame connection (handshake and reader threads).
@@ -260,6 +301,11 @@ impl RunningExecutor {
         &self.stats
     }
 
+    /// The counters, to read after `wait` consumed the executor.
+    pub fn stats_handle(&self) -> Arc<ExecutorStats> {
+        Arc::clone(&self.stats)
+    }
+
     /// Runs until `stop` is set (Ok) or a link to the scheduler fails (Err).
     pub fn wait(mut self, stop: &AtomicBool) -> Result<(), ExecutorError> {
         let outcome = loop {
@@ -299,6 +345,17 @@ impl RunningExecutor {
 pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> {
     if config.gpus == 0 {
         return Err(ExecutorError::Backend("an executor runs at least 1 GPU".to_string()));
+    }
+    if config.backend == BackendKind::Cuda {
+        // Before any driver call: no driver is an error, never a panic.
+        crate::cuda::driver_check().map_err(ExecutorError::Backend)?;
+        let present = crate::cuda::device_count();
+        if (config.gpus as usize) > present {
+            return Err(ExecutorError::Backend(format!(
+                "--gpus {} but the CUDA driver sees {present} GPU(s)",
+                config.gpus
+            )));
+        }
     }
     let epoch = Instant::now();
     let local_ns = move || epoch.elapsed().as_nanos() as u64;
@@ -360,10 +417,13 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
         });
     }
     let mut backends: Vec<Box<dyn Backend>> = Vec::with_capacity(config.gpus as usize);
-    for _ in 0..config.gpus {
+    for gpu in 0..config.gpus {
         backends.push(match config.backend {
             BackendKind::Sim => Box::new(SimBackend::new(&models)),
             BackendKind::Cpu => Box::new(CpuBackend::new(&models).map_err(ExecutorError::Backend)?),
+            BackendKind::Cuda => {
+                Box::new(crate::cuda::CudaBackend::new(gpu as usize, &models).map_err(ExecutorError::Backend)?)
+            }
         });
     }
     // The profiles the scheduler will plan with: measured here for a backend that computes.
@@ -371,7 +431,7 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
     for m in &models {
         let profile = match config.backend {
             BackendKind::Sim => m.profile.clone(),
-            BackendKind::Cpu => {
+            BackendKind::Cpu | BackendKind::Cuda => {
                 let network = crate::nets::Network::for_model(&m.name).expect("checked by the backend");
                 let input = crate::nets::sample_input(network, 0);
                 let batch_max = config.profile_batch_max.min(m.profile.batch_size_max()).max(1);
@@ -458,8 +518,16 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
             stream: Mutex::new(stream),
         }));
     }
+    let planned: Arc<Vec<Option<symphony_core::profile::Profile>>> = Arc::new({
+        let mut by_id = vec![None; models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0)];
+        for (m, p) in models.iter().zip(&register.models) {
+            by_id[m.id as usize] = p.profile.to_profile().ok();
+        }
+        by_id
+    });
     for (gpu, (backend, jobs)) in backends.into_iter().zip(job_receivers).enumerate() {
         let worker = Worker {
+            planned: Arc::clone(&planned),
             gpu: gpu as u32,
             backend,
             jobs,
@@ -641,6 +709,8 @@ fn write_result(
 
 /// One GPU: follows its plans and runs them on its backend.
 struct Worker {
+    /// By model id: the profile the scheduler plans with (what execution is measured against).
+    planned: Arc<Vec<Option<symphony_core::profile::Profile>>>,
     gpu: u32,
     backend: Box<dyn Backend>,
     jobs: Receiver<Job>,
@@ -721,6 +791,22 @@ impl Worker {
         let started_ns = self.now_ns();
         let outcome = self.backend.run(job.model, &inputs, batch);
         let finished_ns = self.now_ns();
+        if outcome.is_ok() {
+            let exec_at_ns = self.offset.to_local_ns(job.exec_at_scheduler_ns);
+            let predicted_ns = self
+                .planned
+                .get(job.model as usize)
+                .and_then(Option::as_ref)
+                .and_then(|p| p.exec_ns_checked(inputs.len() as u32));
+            let mut following = self.stats.following.lock().expect("stats");
+            let _ = following
+                .lateness_us
+                .record(started_ns.saturating_sub(exec_at_ns) / 1000 + 1);
+            if let Some(predicted_ns) = predicted_ns.filter(|&p| p > 0) {
+                let per_mille = (finished_ns - started_ns) as u128 * 1000 / predicted_ns as u128;
+                let _ = following.exec_per_mille.record((per_mille as u64).clamp(1, 1_000_000));
+            }
+        }
         let times = (
             self.offset.to_scheduler_ns(started_ns),
             self.offset.to_scheduler_ns(finished_ns),

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod clock;
 pub mod cpu;
+pub mod cuda;
 pub mod executor;
 pub mod follower;
 pub mod nets;

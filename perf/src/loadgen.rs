@@ -106,6 +106,9 @@ pub struct LoadSpec {
     pub connections: usize,
     /// Bytes of input in every request (zeros).
     pub input_bytes: usize,
+    /// Per workload model, bytes of input (zeros) instead of `input_bytes` (for models that
+    /// compute: each needs its network's input size).
+    pub model_input_bytes: Option<Vec<usize>>,
     /// A progress line on stderr once a second.
     pub progress: bool,
 }
@@ -253,7 +256,8 @@ struct Shared<'a> {
     connections: usize,
     models: Vec<ModelRef>,
     slo_ns: Vec<u64>,
-    input: Vec<u8>,
+    /// Per model: its requests' input.
+    inputs: Vec<Vec<u8>>,
     origin: Instant,
     /// A connection waits this long for replies after its last send.
     grace_ns: u64,
@@ -330,6 +334,14 @@ pub fn check(spec: &LoadSpec) -> Result<(), LoadError> {
             rate_scale: spec.rate_scale,
         });
     }
+    if let Some(bytes) = &spec.model_input_bytes {
+        if let Some(&largest) = bytes.iter().max().filter(|&&b| b > INPUT_BYTES_LIMIT) {
+            return Err(LoadError::InputTooLarge {
+                input_bytes: largest,
+                limit: INPUT_BYTES_LIMIT,
+            });
+        }
+    }
     if spec.input_bytes > INPUT_BYTES_LIMIT {
         return Err(LoadError::InputTooLarge {
             input_bytes: spec.input_bytes,
@@ -402,7 +414,16 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
             .map(|m| ModelRef::Name(m.name.clone()))
             .collect(),
         slo_ns: spec.workload.models.iter().map(|m| m.slo_ns).collect(),
-        input: vec![0u8; spec.input_bytes],
+        inputs: (0..spec.workload.models.len())
+            .map(|m| {
+                let bytes = spec
+                    .model_input_bytes
+                    .as_ref()
+                    .and_then(|b| b.get(m).copied())
+                    .unwrap_or(spec.input_bytes);
+                vec![0u8; bytes]
+            })
+            .collect(),
         origin: wall_start + START_DELAY + START_DELAY_PER_CONNECTION * spec.connections as u32,
         grace_ns,
         send_stop_ns: last_arrival_ns.saturating_add(grace_ns),
@@ -487,11 +508,12 @@ fn send_loop(shared: &Shared<'_>, connection: usize, mut sender: Sender) {
             && arrivals[next].arrival_ns <= now_ns
             && sender.buffered_len() < WRITE_BATCH_BYTES_MAX
         {
-            let model = &shared.models[arrivals[next].model_index as usize];
+            let model_index = arrivals[next].model_index as usize;
+            let model = &shared.models[model_index];
             // The send time is stored before the write that carries the request, so the reply
             // cannot find the slot still unsent.
             shared.slots[next].store(now_ns.max(1), Ordering::Release);
-            if let Err(error) = sender.send(next as u64, model, None, &shared.input) {
+            if let Err(error) = sender.send(next as u64, model, None, &shared.inputs[model_index]) {
                 shared.slots[next].store(SLOT_UNSENT, Ordering::Release);
                 failure = Some(error);
                 break 'run;

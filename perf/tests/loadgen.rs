@@ -125,6 +125,7 @@ fn spec(target: String, workload: Workload) -> LoadSpec {
         seed: 11,
         connections: 2,
         input_bytes: 16,
+        model_input_bytes: None,
         progress: false,
     }
 }
