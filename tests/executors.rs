@@ -66,6 +66,11 @@ impl Drop for ExecutorProcess {
     }
 }
 
+/// An in-process executor of one GPU for `server`.
+fn one_gpu_executor(server: &ServerHandle, token: &str, backend: BackendKind) -> ExecutorConfig {
+    ExecutorConfig::new(vec![server.local_addr().to_string()], token.to_string(), 1, backend)
+}
+
 /// Waits until `n` executors are online (their GPUs in the table).
 fn wait_online(server: &ServerHandle, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -190,12 +195,7 @@ fn an_executor_killed_mid_run_loses_no_request() {
 fn an_executor_that_stops_heartbeating_is_lost_and_told_so() {
     let _serial = serial();
     let server = start_server(1, 200);
-    let mut config = ExecutorConfig::new(
-        vec![server.local_addr().to_string()],
-        TOKEN.to_string(),
-        1,
-        BackendKind::Sim,
-    );
+    let mut config = one_gpu_executor(&server, TOKEN, BackendKind::Sim);
     // Slower than the server's timeout: the server drops the links.
     config.heartbeat_interval = Duration::from_secs(30);
     let running = executor::start(&config).unwrap();
@@ -206,13 +206,7 @@ fn an_executor_that_stops_heartbeating_is_lost_and_told_so() {
     assert_eq!(server.stats().executors_lost.load(Ordering::Relaxed), 1);
     assert_eq!(server.executors_online(), 0);
     // Its slot is free again: a new executor registers.
-    let running = executor::start(&ExecutorConfig::new(
-        vec![server.local_addr().to_string()],
-        TOKEN.to_string(),
-        1,
-        BackendKind::Sim,
-    ))
-    .unwrap();
+    let running = executor::start(&one_gpu_executor(&server, TOKEN, BackendKind::Sim)).unwrap();
     wait_online(&server, 1);
     let stop = Arc::new(AtomicBool::new(true));
     running.wait(&stop).unwrap();
@@ -223,12 +217,7 @@ fn an_executor_that_stops_heartbeating_is_lost_and_told_so() {
 fn a_wrong_token_is_refused() {
     let _serial = serial();
     let server = start_server(1, 1000);
-    let config = ExecutorConfig::new(
-        vec![server.local_addr().to_string()],
-        "not-the-token".to_string(),
-        1,
-        BackendKind::Sim,
-    );
+    let config = one_gpu_executor(&server, "not-the-token", BackendKind::Sim);
     match executor::start(&config) {
         Err(ExecutorError::Refused { code, message }) => {
             assert_eq!(code, ErrorCode::Unauthorized);
@@ -251,12 +240,7 @@ fn a_service_without_a_token_refuses_executors() {
     let text = symphony_shards::config::EXAMPLE_CONFIG.replace("127.0.0.1:7070", "127.0.0.1:0");
     let config = ServeConfig::parse(&text, Path::new("."), "test").unwrap();
     let server = server::start(&config).unwrap();
-    let config = ExecutorConfig::new(
-        vec![server.local_addr().to_string()],
-        TOKEN.to_string(),
-        1,
-        BackendKind::Sim,
-    );
+    let config = one_gpu_executor(&server, TOKEN, BackendKind::Sim);
     match executor::start(&config) {
         Err(ExecutorError::Refused { code, .. }) => assert_eq!(code, ErrorCode::Unauthorized),
         other => panic!("expected a refusal, got {other:?}"),
@@ -284,13 +268,7 @@ fn links_refuse_unknown_executors_and_bad_frames() {
     let _serial = serial();
     let server = start_server(1, 1000);
     // A valid executor to learn the link address from its WELCOME.
-    let running = executor::start(&ExecutorConfig::new(
-        vec![server.local_addr().to_string()],
-        TOKEN.to_string(),
-        1,
-        BackendKind::Sim,
-    ))
-    .unwrap();
+    let running = executor::start(&one_gpu_executor(&server, TOKEN, BackendKind::Sim)).unwrap();
     wait_online(&server, 1);
     let link_addr = server.executor_link_addrs()[0].clone();
     // JOIN for an executor id nobody registered.
@@ -346,12 +324,7 @@ slo_ms = 100
     let mut config = ServeConfig::parse(&text, Path::new("."), "test").unwrap();
     config.shards = Some(2);
     let server = server::start(&config).unwrap();
-    let mut executor_config = ExecutorConfig::new(
-        vec![server.local_addr().to_string()],
-        TOKEN.to_string(),
-        1,
-        BackendKind::Cpu,
-    );
+    let mut executor_config = one_gpu_executor(&server, TOKEN, BackendKind::Cpu);
     executor_config.profile_batch_max = 4;
     executor_config.profile_repeat = 1;
     let running = executor::start(&executor_config).unwrap();

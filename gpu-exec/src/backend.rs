@@ -88,6 +88,50 @@ pub struct ModelSpec {
     pub profile: Profile,
 }
 
+/// What a backend keeps per model, by model id.
+#[derive(Debug)]
+pub struct ByModel<T>(Vec<Option<T>>);
+
+impl<T> ByModel<T> {
+    /// `make` for every model; it returns `None` for a model the backend cannot run, and the
+    /// build fails naming all of those (`backend`: the backend's name for the message).
+    pub fn build(
+        backend: &str,
+        models: &[ModelSpec],
+        mut make: impl FnMut(&ModelSpec) -> Result<Option<T>, String>,
+    ) -> Result<ByModel<T>, String> {
+        let len = models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0);
+        let mut by_id: Vec<Option<T>> = (0..len).map(|_| None).collect();
+        let mut missing = Vec::new();
+        for m in models {
+            match make(m)? {
+                Some(value) => by_id[m.id as usize] = Some(value),
+                None => missing.push(m.name.as_str()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(format!(
+                "the {backend} backend has no network for model(s) {} (it runs models named mlp* and \
+                 resnet*, see gpu-exec/src/nets.rs)",
+                missing.join(", ")
+            ));
+        }
+        Ok(ByModel(by_id))
+    }
+
+    /// One model, id 0 (the profiler and tests).
+    pub fn single(value: T) -> ByModel<T> {
+        ByModel(vec![Some(value)])
+    }
+
+    pub fn get(&self, model: u32) -> Result<&T, String> {
+        self.0
+            .get(model as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| format!("no model has id {model}"))
+    }
+}
+
 /// Runs batches on one GPU.
 pub trait Backend: Send + std::fmt::Debug {
     /// Runs `model` on `inputs` (one per request, in order) into `out` (cleared by the
@@ -99,27 +143,19 @@ pub trait Backend: Send + std::fmt::Debug {
 /// is the request's input (an echo, so a client can check its bytes made the whole trip).
 #[derive(Debug)]
 pub struct SimBackend {
-    profiles: Vec<Option<Profile>>,
+    profiles: ByModel<Profile>,
 }
 
 impl SimBackend {
     pub fn new(models: &[ModelSpec]) -> SimBackend {
-        let len = models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0);
-        let mut profiles = vec![None; len];
-        for m in models {
-            profiles[m.id as usize] = Some(m.profile.clone());
-        }
+        let profiles = ByModel::build("sim", models, |m| Ok(Some(m.profile.clone()))).expect("sim runs every model");
         SimBackend { profiles }
     }
 }
 
 impl Backend for SimBackend {
     fn run(&mut self, model: u32, inputs: &[&[u8]], out: &mut BatchOutput) -> Result<(), String> {
-        let profile = self
-            .profiles
-            .get(model as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| format!("no model has id {model}"))?;
+        let profile = self.profiles.get(model)?;
         let batch = inputs.len() as u32;
         let exec_ns = profile
             .exec_ns_checked(batch)

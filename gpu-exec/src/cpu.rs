@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use ndarray::{s, Array1, Array2, ArrayView2};
 
-use crate::backend::{Backend, BatchOutput, ModelSpec};
-use crate::nets::{self, Conv, Dense, Network, Weights, RESNET_CHANNELS, RESNET_SIDE, RESNET_WIDTH};
+use crate::backend::{Backend, BatchOutput, ByModel, ModelSpec};
+use crate::nets::{self, Conv, DecodedBatch, Dense, Network, Weights, RESNET_CHANNELS, RESNET_SIDE, RESNET_WIDTH};
 
 #[derive(Debug)]
 struct Layers {
@@ -136,88 +136,42 @@ fn forward(layers: &Layers, inputs: &[f32], batch: usize) -> Array2<f32> {
 /// Runs `model`'s network on the CPU.
 #[derive(Debug)]
 pub struct CpuBackend {
-    /// By model id.
-    models: Vec<Option<Arc<Layers>>>,
-    scratch: Vec<f32>,
-    valid: Vec<usize>,
+    models: ByModel<Arc<Layers>>,
+    batch: DecodedBatch,
 }
 
 impl CpuBackend {
-    /// A backend for every model a network runs; the models it cannot run, by name.
+    /// A backend for every model a network runs; an error names the models it cannot run.
     pub fn new(models: &[ModelSpec]) -> Result<CpuBackend, String> {
-        let len = models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0);
-        let mut layers = vec![None; len];
-        let mut missing = Vec::new();
-        for m in models {
-            match Weights::for_model(&m.name) {
-                Some(weights) => layers[m.id as usize] = Some(Arc::new(Layers::of(&weights))),
-                None => missing.push(m.name.clone()),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(format!(
-                "the cpu backend has no network for model(s) {} (it runs models named mlp* and resnet*, \
-                 see gpu-exec/src/nets.rs)",
-                missing.join(", ")
-            ));
-        }
+        let models = ByModel::build("cpu", models, |m| {
+            Ok(Weights::for_model(&m.name).map(|weights| Arc::new(Layers::of(&weights))))
+        })?;
         Ok(CpuBackend {
-            models: layers,
-            scratch: Vec::new(),
-            valid: Vec::new(),
+            models,
+            batch: DecodedBatch::default(),
         })
     }
 
     /// A backend for one network (the profiler and tests), as model id 0.
     pub fn of_weights(weights: &Weights) -> CpuBackend {
         CpuBackend {
-            models: vec![Some(Arc::new(Layers::of(weights)))],
-            scratch: Vec::new(),
-            valid: Vec::new(),
+            models: ByModel::single(Arc::new(Layers::of(weights))),
+            batch: DecodedBatch::default(),
         }
     }
 }
 
 impl Backend for CpuBackend {
     fn run(&mut self, model: u32, inputs: &[&[u8]], out: &mut BatchOutput) -> Result<(), String> {
-        let layers = self
-            .models
-            .get(model as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| format!("no model has id {model}"))?;
-        let network = layers.network;
-        self.scratch.clear();
-        self.valid.clear();
-        for (index, input) in inputs.iter().enumerate() {
-            if nets::decode_input(network, input, &mut self.scratch) {
-                self.valid.push(index);
-            }
-        }
-        let logits = if self.valid.is_empty() {
-            None
+        let layers = self.models.get(model)?;
+        self.batch.decode(layers.network, inputs);
+        let logits = if self.batch.is_empty() {
+            Array2::zeros((0, nets::OUTPUTS))
         } else {
-            Some(forward(layers, &self.scratch, self.valid.len()))
+            forward(layers, &self.batch.values, self.batch.len())
         };
-        let mut next_valid = 0;
-        let mut bytes = Vec::with_capacity(nets::OUTPUTS * 4);
-        for (index, input) in inputs.iter().enumerate() {
-            if self.valid.get(next_valid) == Some(&index) {
-                let row = logits.as_ref().expect("a valid input").row(next_valid);
-                bytes.clear();
-                nets::encode_output(row.as_slice().expect("rows are contiguous"), &mut bytes);
-                out.push(&bytes);
-                next_valid += 1;
-            } else {
-                out.refuse(|| {
-                    format!(
-                        "model input is {} little-endian f32 ({} bytes), got {} bytes",
-                        network.input_len(),
-                        network.input_len() * 4,
-                        input.len()
-                    )
-                });
-            }
-        }
+        let logits = logits.as_slice().expect("a fresh array is contiguous");
+        self.batch.answer(layers.network, inputs, logits, out);
         Ok(())
     }
 }

@@ -22,8 +22,8 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
 
-use crate::backend::{Backend, BatchOutput, ModelSpec};
-use crate::nets::{self, Network, Weights, OUTPUTS, RESNET_CHANNELS, RESNET_SIDE, RESNET_WIDTH};
+use crate::backend::{Backend, BatchOutput, ByModel, ModelSpec};
+use crate::nets::{DecodedBatch, Network, Weights, OUTPUTS, RESNET_CHANNELS, RESNET_SIDE, RESNET_WIDTH};
 
 /// Whether the CUDA driver, cuBLAS and NVRTC libraries can be loaded; the message says what
 /// is missing. Makes no driver call.
@@ -167,10 +167,13 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
-    /// By model id.
-    models: Vec<Option<DeviceModel>>,
-    staging: Vec<f32>,
-    valid: Vec<usize>,
+    models: ByModel<DeviceModel>,
+    batch: DecodedBatch,
+    /// Kept from batch to batch and grown when a batch needs more: the upload source
+    /// (write-combined pinned), its device copy, and the download target (plain pinned).
+    pinned_in: Option<PinnedHostSlice<f32>>,
+    device_in: Option<CudaSlice<f32>>,
+    pinned_out: Option<PinnedHostSlice<f32>>,
     /// Device time of the last batch, milliseconds (CUDA events).
     last_device_ms: f32,
 }
@@ -178,6 +181,24 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend on GPU `ordinal` for every model a network runs.
     pub fn new(ordinal: usize, models: &[ModelSpec]) -> Result<CudaBackend, String> {
+        let mut backend = CudaBackend::open(ordinal)?;
+        backend.models = ByModel::build("cuda", models, |m| {
+            Weights::for_model(&m.name)
+                .map(|weights| upload(&backend.stream, &weights))
+                .transpose()
+        })?;
+        Ok(backend)
+    }
+
+    /// A backend for one network (the profiler and tests), as model id 0.
+    pub fn of_weights(ordinal: usize, weights: &Weights) -> Result<CudaBackend, String> {
+        let mut backend = CudaBackend::open(ordinal)?;
+        backend.models = ByModel::single(upload(&backend.stream, weights)?);
+        Ok(backend)
+    }
+
+    /// The context, stream, cuBLAS handle and kernels of GPU `ordinal`; no model yet.
+    fn open(ordinal: usize) -> Result<CudaBackend, String> {
         driver_check()?;
         let ctx = CudaContext::new(ordinal).map_err(cuda_error("context"))?;
         let stream = ctx.new_stream().map_err(cuda_error("stream"))?;
@@ -192,44 +213,18 @@ impl CudaBackend {
             im2col: load("im2col3x3")?,
             avgpool: load("avgpool")?,
         };
-        let len = models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0);
-        let mut device_models: Vec<Option<DeviceModel>> = (0..len).map(|_| None).collect();
-        let mut missing = Vec::new();
-        for m in models {
-            match Weights::for_model(&m.name) {
-                Some(weights) => device_models[m.id as usize] = Some(upload(&stream, &weights)?),
-                None => missing.push(m.name.clone()),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(format!(
-                "the cuda backend has no network for model(s) {} (it runs models named mlp* and resnet*)",
-                missing.join(", ")
-            ));
-        }
         Ok(CudaBackend {
             ordinal,
             stream,
             blas,
             kernels,
-            models: device_models,
-            staging: Vec::new(),
-            valid: Vec::new(),
+            models: ByModel::build("cuda", &[], |_| Ok(None))?,
+            batch: DecodedBatch::default(),
+            pinned_in: None,
+            device_in: None,
+            pinned_out: None,
             last_device_ms: 0.0,
         })
-    }
-
-    /// A backend for one network (the profiler and tests), as model id 0.
-    pub fn of_weights(ordinal: usize, weights: &Weights) -> Result<CudaBackend, String> {
-        let spec = ModelSpec {
-            id: 0,
-            name: weights.network.name().to_string(),
-            slo_ns: 0,
-            profile: symphony_core::profile::Profile::from_latencies_ns(vec![1], 0, 0),
-        };
-        let mut backend = CudaBackend::new(ordinal, &[spec])?;
-        backend.models[0] = Some(upload(&backend.stream, weights)?);
-        Ok(backend)
     }
 
     pub fn ordinal(&self) -> usize {
@@ -379,74 +374,57 @@ fn upload(stream: &Arc<CudaStream>, weights: &Weights) -> Result<DeviceModel, St
 
 impl Backend for CudaBackend {
     fn run(&mut self, model: u32, inputs: &[&[u8]], out: &mut BatchOutput) -> Result<(), String> {
-        let device_model = self
-            .models
-            .get(model as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| format!("no model has id {model}"))?;
-        let network = device_model.network;
-        self.staging.clear();
-        self.valid.clear();
-        for (index, input) in inputs.iter().enumerate() {
-            if nets::decode_input(network, input, &mut self.staging) {
-                self.valid.push(index);
-            }
+        let network = self.models.get(model)?.network;
+        self.batch.decode(network, inputs);
+        let batch = self.batch.len();
+        if batch == 0 {
+            self.batch.answer(network, inputs, &[], out);
+            return Ok(());
         }
-        let batch = self.valid.len();
-        let mut logits = Vec::new();
-        if batch > 0 {
-            let ctx = self.stream.context();
-            // SAFETY: pinned buffers of plain f32s; filled before use.
-            let mut pinned_in: PinnedHostSlice<f32> =
-                unsafe { ctx.alloc_pinned::<f32>(self.staging.len()) }.map_err(cuda_error("pinned"))?;
-            pinned_in
-                .as_mut_slice()
-                .map_err(cuda_error("pinned"))?
-                .copy_from_slice(&self.staging);
-            let mut input = self
-                .stream
-                .alloc_zeros::<f32>(self.staging.len())
-                .map_err(cuda_error("alloc"))?;
-            let start = self
-                .stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(cuda_error("event"))?;
-            self.stream
-                .memcpy_htod(&pinned_in, &mut input)
-                .map_err(cuda_error("upload"))?;
-            let y = self.forward(device_model, &input, batch)?;
-            // Not write-combined: the host reads it.
-            let mut pinned_out: PinnedHostSlice<f32> =
-                unsafe { ctx.alloc_pinned_with_flags::<f32>(batch * OUTPUTS, 0) }.map_err(cuda_error("pinned"))?;
-            self.stream
-                .memcpy_dtoh(&y, &mut pinned_out)
-                .map_err(cuda_error("download"))?;
-            let end = self
-                .stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(cuda_error("event"))?;
-            self.last_device_ms = start.elapsed_ms(&end).map_err(cuda_error("timing"))?;
-            logits.extend_from_slice(pinned_out.as_slice().map_err(cuda_error("download"))?);
+        let values = self.batch.values.len();
+        let ctx = Arc::clone(self.stream.context());
+        if self.pinned_in.as_ref().is_none_or(|p| p.len() < values) {
+            let capacity = values.next_power_of_two();
+            // SAFETY: plain f32s, written below before any read.
+            self.pinned_in = Some(unsafe { ctx.alloc_pinned::<f32>(capacity) }.map_err(cuda_error("pinned"))?);
+            self.device_in = Some(self.stream.alloc_zeros::<f32>(capacity).map_err(cuda_error("alloc"))?);
         }
-        let mut next_valid = 0;
-        let mut bytes = Vec::with_capacity(OUTPUTS * 4);
-        for (index, input) in inputs.iter().enumerate() {
-            if self.valid.get(next_valid) == Some(&index) {
-                bytes.clear();
-                nets::encode_output(&logits[next_valid * OUTPUTS..(next_valid + 1) * OUTPUTS], &mut bytes);
-                out.push(&bytes);
-                next_valid += 1;
-            } else {
-                out.refuse(|| {
-                    format!(
-                        "model input is {} little-endian f32 ({} bytes), got {} bytes",
-                        network.input_len(),
-                        network.input_len() * 4,
-                        input.len()
-                    )
-                });
-            }
+        if self.pinned_out.as_ref().is_none_or(|p| p.len() < batch * OUTPUTS) {
+            let capacity = (batch * OUTPUTS).next_power_of_two();
+            // Not write-combined: the host reads it. SAFETY: plain f32s, written by the copy.
+            self.pinned_out =
+                Some(unsafe { ctx.alloc_pinned_with_flags::<f32>(capacity, 0) }.map_err(cuda_error("pinned"))?);
         }
+        // Taken out while the batch runs (`forward` borrows `self`); put back at the end (a
+        // batch that fails drops them: the next allocates again).
+        let (Some(mut pinned_in), Some(mut device_in), Some(mut pinned_out)) =
+            (self.pinned_in.take(), self.device_in.take(), self.pinned_out.take())
+        else {
+            unreachable!("allocated above");
+        };
+        pinned_in.as_mut_slice().map_err(cuda_error("pinned"))?[..values].copy_from_slice(&self.batch.values);
+        let start = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_error("event"))?;
+        self.stream
+            .memcpy_htod(&pinned_in, &mut device_in)
+            .map_err(cuda_error("upload"))?;
+        let device_model = self.models.get(model)?;
+        let y = self.forward(device_model, &device_in, batch)?;
+        self.stream
+            .memcpy_dtoh(&y, &mut pinned_out)
+            .map_err(cuda_error("download"))?;
+        let end = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_error("event"))?;
+        self.last_device_ms = start.elapsed_ms(&end).map_err(cuda_error("timing"))?;
+        let logits = &pinned_out.as_slice().map_err(cuda_error("download"))?[..batch * OUTPUTS];
+        self.batch.answer(network, inputs, logits, out);
+        self.pinned_in = Some(pinned_in);
+        self.device_in = Some(device_in);
+        self.pinned_out = Some(pinned_out);
         Ok(())
     }
 }
@@ -455,6 +433,7 @@ impl Backend for CudaBackend {
 mod tests {
     use super::*;
     use crate::cpu::CpuBackend;
+    use crate::nets;
 
     #[test]
     fn without_a_driver_cuda_says_so_and_does_not_panic() {

@@ -20,6 +20,8 @@
 
 use rand::{Rng, SeedableRng};
 
+use crate::backend::BatchOutput;
+
 pub const MLP_INPUT: usize = 256;
 pub const MLP_HIDDEN: usize = 512;
 pub const OUTPUTS: usize = 10;
@@ -167,23 +169,66 @@ impl Weights {
     }
 }
 
-/// Reads a request's input as `f32`s into `out`; false if its length is not the network's.
-pub fn decode_input(network: Network, bytes: &[u8], out: &mut Vec<f32>) -> bool {
-    if bytes.len() != network.input_len() * 4 {
-        return false;
-    }
-    out.extend(
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    );
-    true
+/// A batch's inputs as the networks take them: the valid ones decoded back to back.
+#[derive(Debug, Default)]
+pub struct DecodedBatch {
+    /// The valid inputs' `f32`s, one request after another.
+    pub values: Vec<f32>,
+    /// Their indexes in the batch.
+    valid: Vec<usize>,
+    /// One output's bytes (reused).
+    bytes: Vec<u8>,
 }
 
-/// Writes an output as little-endian `f32`s.
-pub fn encode_output(values: &[f32], out: &mut Vec<u8>) {
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+impl DecodedBatch {
+    /// Decodes `inputs` for `network`; an input of the wrong length is left out.
+    pub fn decode(&mut self, network: Network, inputs: &[&[u8]]) {
+        self.values.clear();
+        self.valid.clear();
+        for (index, bytes) in inputs.iter().enumerate() {
+            if bytes.len() == network.input_len() * 4 {
+                self.values.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+                self.valid.push(index);
+            }
+        }
+    }
+
+    /// Valid inputs (the batch the network runs).
+    pub fn len(&self) -> usize {
+        self.valid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.valid.is_empty()
+    }
+
+    /// Answers every request in order: the `i`-th valid one gets `logits[i * OUTPUTS..]` as
+    /// little-endian `f32`, the others a refusal.
+    pub fn answer(&mut self, network: Network, inputs: &[&[u8]], logits: &[f32], out: &mut BatchOutput) {
+        let mut next_valid = 0;
+        for (index, input) in inputs.iter().enumerate() {
+            if self.valid.get(next_valid) == Some(&index) {
+                self.bytes.clear();
+                for v in &logits[next_valid * OUTPUTS..(next_valid + 1) * OUTPUTS] {
+                    self.bytes.extend_from_slice(&v.to_le_bytes());
+                }
+                out.push(&self.bytes);
+                next_valid += 1;
+            } else {
+                out.refuse(|| {
+                    format!(
+                        "model input is {} little-endian f32 ({} bytes), got {} bytes",
+                        network.input_len(),
+                        network.input_len() * 4,
+                        input.len()
+                    )
+                });
+            }
+        }
     }
 }
 

@@ -153,45 +153,19 @@ impl ServeConfig {
         executor_token: Option<String>,
         executor_gpus: Option<u32>,
     ) -> Result<(), ConfigError> {
-        let invalid = |field: &str, expected: String| ConfigError::Invalid {
-            file: "command line".to_string(),
-            field: field.to_string(),
-            expected,
-        };
         if let Some(gpus) = gpus {
-            if gpus > EMBEDDED_GPUS_LIMIT {
-                return Err(invalid("--gpus", format!("0 to {EMBEDDED_GPUS_LIMIT}")));
-            }
             self.gpus = gpus;
         }
         if let Some(token) = executor_token {
-            if token.is_empty() || token.len() > symphony_core::wire::executor::TOKEN_LIMIT {
-                return Err(invalid(
-                    "--executor-token",
-                    format!("1 to {} bytes", symphony_core::wire::executor::TOKEN_LIMIT),
-                ));
-            }
             self.executor_token = Some(token);
             if self.executor_gpus == 0 {
                 self.executor_gpus = EXECUTOR_GPUS_DEFAULT;
             }
         }
         if let Some(slots) = executor_gpus {
-            if self.executor_token.is_none() && slots > 0 {
-                return Err(invalid("--executor-gpus", "an executor token as well".to_string()));
-            }
-            if slots > EMBEDDED_GPUS_LIMIT {
-                return Err(invalid("--executor-gpus", format!("at most {EMBEDDED_GPUS_LIMIT}")));
-            }
             self.executor_gpus = slots;
         }
-        if self.gpus == 0 && self.executor_gpus == 0 {
-            return Err(invalid(
-                "--gpus",
-                "at least 1 embedded GPU, or an executor token for external executors".to_string(),
-            ));
-        }
-        Ok(())
+        self.check_gpus("command line", "--")
     }
 
     pub fn example() -> ServeConfig {
@@ -233,36 +207,6 @@ impl ServeConfig {
         };
         if raw.models.is_empty() || raw.models.len() > MODELS_LIMIT {
             return Err(invalid("models", format!("1 to {MODELS_LIMIT} models")));
-        }
-        if raw.gpus > EMBEDDED_GPUS_LIMIT {
-            return Err(invalid(
-                "gpus",
-                format!("0 to {EMBEDDED_GPUS_LIMIT} embedded simulated GPUs"),
-            ));
-        }
-        if let Some(token) = &raw.executor_token {
-            if token.is_empty() || token.len() > symphony_core::wire::executor::TOKEN_LIMIT {
-                return Err(invalid(
-                    "executor_token",
-                    format!("1 to {} bytes", symphony_core::wire::executor::TOKEN_LIMIT),
-                ));
-            }
-        }
-        let executor_gpus = match (&raw.executor_token, raw.executor_gpus) {
-            (None, None | Some(0)) => 0,
-            (None, Some(_)) => {
-                return Err(invalid("executor_gpus", "an executor_token as well".to_string()));
-            }
-            (Some(_), gpus) => gpus.unwrap_or(EXECUTOR_GPUS_DEFAULT),
-        };
-        if executor_gpus > EMBEDDED_GPUS_LIMIT {
-            return Err(invalid("executor_gpus", format!("at most {EMBEDDED_GPUS_LIMIT}")));
-        }
-        if raw.gpus == 0 && executor_gpus == 0 {
-            return Err(invalid(
-                "gpus",
-                "at least 1 embedded GPU, or an executor_token for external executors".to_string(),
-            ));
         }
         let heartbeat_timeout_ms = raw.heartbeat_timeout_ms.unwrap_or(HEARTBEAT_TIMEOUT_MS_DEFAULT);
         if !(50..=600_000).contains(&heartbeat_timeout_ms) {
@@ -345,7 +289,11 @@ impl ServeConfig {
         if limits.mesh_channel < 2 {
             return Err(invalid("limits.mesh_channel", "at least 2".to_string()));
         }
-        Ok(ServeConfig {
+        let executor_gpus = match (&raw.executor_token, raw.executor_gpus) {
+            (Some(_), None) => EXECUTOR_GPUS_DEFAULT,
+            (_, gpus) => gpus.unwrap_or(0),
+        };
+        let config = ServeConfig {
             source: source.to_string(),
             listen: raw.listen,
             shards: raw.shards,
@@ -358,7 +306,53 @@ impl ServeConfig {
             knobs,
             limits,
             executor_token: raw.executor_token,
-        })
+        };
+        config.check_gpus(source, "")?;
+        Ok(config)
+    }
+
+    /// The GPU fields together: embedded GPUs, the executor token and its slots. `source` and
+    /// `prefix` name where they came from (`--` for the command line).
+    fn check_gpus(&self, source: &str, prefix: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &str, expected: String| ConfigError::Invalid {
+            file: source.to_string(),
+            field: format!(
+                "{prefix}{}",
+                if prefix.is_empty() {
+                    field.to_string()
+                } else {
+                    field.replace('_', "-")
+                }
+            ),
+            expected,
+        };
+        let token_limit = symphony_core::wire::executor::TOKEN_LIMIT;
+        if self.gpus > EMBEDDED_GPUS_LIMIT {
+            return Err(invalid(
+                "gpus",
+                format!("0 to {EMBEDDED_GPUS_LIMIT} embedded simulated GPUs"),
+            ));
+        }
+        if self
+            .executor_token
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || t.len() > token_limit)
+        {
+            return Err(invalid("executor_token", format!("1 to {token_limit} bytes")));
+        }
+        if self.executor_token.is_none() && self.executor_gpus > 0 {
+            return Err(invalid("executor_gpus", "an executor token as well".to_string()));
+        }
+        if self.executor_gpus > EMBEDDED_GPUS_LIMIT {
+            return Err(invalid("executor_gpus", format!("at most {EMBEDDED_GPUS_LIMIT}")));
+        }
+        if self.gpus == 0 && self.executor_gpus == 0 {
+            return Err(invalid(
+                "gpus",
+                "at least 1 embedded GPU, or an executor token for external executors".to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 

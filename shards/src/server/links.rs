@@ -31,7 +31,7 @@ use symphony_core::wire::executor::{
 use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, Status};
 
 use super::buffers::ReadBuffer;
-use super::{new_connection, write_loop, Connection, Shard, ShardMsg, READ_BUFFER_BYTES, STOP_POLL};
+use super::{accept_until_stop, new_connection, write_loop, Connection, Shard, ShardMsg, READ_BUFFER_BYTES};
 
 type Refusal = (ErrorCode, String);
 
@@ -479,16 +479,7 @@ async fn heartbeat_watch(shard: Rc<Shard>, link: Rc<Link>) {
 
 /// Accepts executor links on this shard's link port until the service stops.
 pub(super) async fn link_accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            while !shard.stop.load(Ordering::Relaxed) {
-                glommio::timer::sleep(STOP_POLL).await;
-            }
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else { return };
-        let Ok(stream) = accepted else { continue };
+    while let Some(stream) = accept_until_stop(&shard, &listener).await {
         glommio::spawn_local(serve_link(Rc::clone(&shard), stream)).detach();
     }
 }

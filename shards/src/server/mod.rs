@@ -826,8 +826,8 @@ async fn write_loop(
     let _ = writer.close().await;
 }
 
-/// Accepts clients until the service stops.
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+/// The next accepted connection, or `None` once the service stops.
+async fn accept_until_stop(shard: &Shard, listener: &TcpListener) -> Option<TcpStream> {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             while !shard.stop.load(Ordering::Relaxed) {
@@ -836,8 +836,15 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             None
         })
         .await;
-        let Some(accepted) = accepted else { return };
-        let Ok(stream) = accepted else { continue };
+        if let Ok(stream) = accepted? {
+            return Some(stream);
+        }
+    }
+}
+
+/// Accepts clients until the service stops.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    while let Some(stream) = accept_until_stop(&shard, &listener).await {
         if shard.open_connections.get() >= shard.limits.connections_per_shard {
             drop(stream); // Over the limit: closed at once.
             continue;
