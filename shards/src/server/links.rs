@@ -385,9 +385,7 @@ impl Shard {
                 started_ns,
                 finished_ns,
             };
-            let mut scheduler = self.scheduler.borrow_mut();
-            let mut output = self.output.borrow_mut();
-            scheduler.on_completion(now_ns, &completion, &mut output);
+            self.completed(now_ns, &completion);
         }
         self.id_lists.borrow_mut().push(flight.ids);
         self.drain_output();

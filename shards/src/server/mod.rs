@@ -421,12 +421,15 @@ impl Shard {
             started_ns,
             finished_ns,
         };
-        {
-            let mut scheduler = self.scheduler.borrow_mut();
-            let mut output = self.output.borrow_mut();
-            scheduler.on_completion(finished_ns, &completion, &mut output);
-        }
+        self.completed(finished_ns, &completion);
         self.drain_output();
+    }
+
+    /// Tells the scheduler a plan finished (the caller drains its output).
+    fn completed(&self, now_ns: u64, completion: &Completion) {
+        let mut scheduler = self.scheduler.borrow_mut();
+        let mut output = self.output.borrow_mut();
+        scheduler.on_completion(now_ns, completion, &mut output);
     }
 
     fn timings(&self, origin: Origin, ran: Option<(u64, u64)>) -> Timings {
