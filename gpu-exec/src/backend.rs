@@ -132,11 +132,34 @@ impl<T> ByModel<T> {
     }
 }
 
+/// A batch named for staging: `key` is unique among the batches a worker hands its backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub key: u64,
+    pub model: u32,
+    pub inputs: &'a [&'a [u8]],
+}
+
 /// Runs batches on one GPU.
 pub trait Backend: Send + std::fmt::Debug {
     /// Runs `model` on `inputs` (one per request, in order) into `out` (cleared by the
     /// caller): an output or a refusal per request. An error fails the whole batch.
     fn run(&mut self, model: u32, inputs: &[&[u8]], out: &mut BatchOutput) -> Result<(), String>;
+
+    /// Runs `current` like [`run`](Backend::run) and, while the device computes it, may
+    /// start moving `next` (the batch most likely to run next) to the device, so that its
+    /// upload overlaps this batch. Whether `next` runs next is not promised: a backend
+    /// uses what it staged only for a later batch with the same key. The default ignores
+    /// `next` (nothing to overlap on the CPU).
+    fn run_then_stage(
+        &mut self,
+        current: Batch<'_>,
+        next: Option<Batch<'_>>,
+        out: &mut BatchOutput,
+    ) -> Result<(), String> {
+        let _ = next;
+        self.run(current.model, current.inputs, out)
+    }
 }
 
 /// The simulated backend: a batch takes its profile's `pre + l(b) + post`, and each output

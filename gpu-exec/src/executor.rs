@@ -23,7 +23,7 @@ use symphony_core::wire::executor::{
 };
 use symphony_core::wire::{self, Decoded, FrameDecoder, Kind, WireError};
 
-use crate::backend::{Backend, BackendKind, BatchOutput, ModelSpec, SimBackend};
+use crate::backend::{Backend, BackendKind, Batch, BatchOutput, ModelSpec, SimBackend};
 use crate::clock::{estimate_offset, Offset, Probe};
 use crate::cpu::CpuBackend;
 use crate::follower::{Due, PlanFollower, LATE_BOUND_NS_DEFAULT};
@@ -257,6 +257,8 @@ fn connect_any(schedulers: &[String]) -> Result<(TcpStream, SocketAddr), Executo
 /// A plan for a worker: owned, with its inputs copied out of the receive buffer.
 #[derive(Debug)]
 struct Job {
+    /// Unique among this worker's jobs (the backend's staging key); set on receipt.
+    key: u64,
     link: usize,
     plan_id: u64,
     model: u32,
@@ -269,6 +271,19 @@ struct Job {
 #[derive(Debug)]
 struct LinkWriter {
     stream: Mutex<TcpStream>,
+}
+
+impl Job {
+    /// Each request's input.
+    fn views(&self) -> Vec<&[u8]> {
+        let mut views = Vec::with_capacity(self.input_lens.len());
+        let mut offset = 0usize;
+        for &len in &self.input_lens {
+            views.push(&self.inputs[offset..offset + len as usize]);
+            offset += len as usize;
+        }
+        views
+    }
 }
 
 impl LinkWriter {
@@ -654,6 +669,7 @@ fn on_plan(jobs: &[Sender<Job>], writer: &LinkWriter, shard: usize, payload: &[u
         return write_result(writer, plan_id, PlanStatus::Failed, (0, 0), None, &message).map_err(|e| e.to_string());
     };
     let job = Job {
+        key: 0,
         link: shard,
         plan_id,
         model: plan.model.to_native(),
@@ -730,6 +746,7 @@ impl Worker {
     fn run(mut self) {
         let mut follower = PlanFollower::new(self.late_bound_ns);
         let mut batch = BatchOutput::default();
+        let mut received_jobs = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let now_ns = self.now_ns();
             let wait = follower.next_due_ns().map_or(Duration::from_millis(50), |due| {
@@ -744,7 +761,9 @@ impl Worker {
                 self.jobs.recv_timeout(wait)
             };
             match received {
-                Ok(job) => {
+                Ok(mut job) => {
+                    job.key = received_jobs;
+                    received_jobs += 1;
                     let exec_at_ns = self.offset.to_local_ns(job.exec_at_scheduler_ns);
                     if let Err(refused) = follower.push(job, exec_at_ns, self.now_ns()) {
                         self.late(refused.plan, refused.late_by_ns);
@@ -754,9 +773,11 @@ impl Worker {
                 Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
             }
+            // The channel is empty here: the follower holds every plan known, and the one it
+            // would start next is staged while this one runs.
             while let Some(due) = follower.pop_due(self.now_ns()) {
                 match due {
-                    Due::Start(job) => self.execute(job, &mut batch),
+                    Due::Start(job) => self.execute(job, follower.peek(), &mut batch),
                     Due::Late { plan, late_by_ns } => self.late(plan, late_by_ns),
                 }
             }
@@ -780,16 +801,22 @@ impl Worker {
         );
     }
 
-    fn execute(&mut self, job: Job, batch: &mut BatchOutput) {
-        let mut inputs: Vec<&[u8]> = Vec::with_capacity(job.input_lens.len());
-        let mut offset = 0usize;
-        for &len in &job.input_lens {
-            inputs.push(&job.inputs[offset..offset + len as usize]);
-            offset += len as usize;
-        }
+    fn execute(&mut self, job: Job, next: Option<&Job>, batch: &mut BatchOutput) {
+        let inputs = job.views();
+        let next_inputs = next.map(Job::views);
+        let current = Batch {
+            key: job.key,
+            model: job.model,
+            inputs: &inputs,
+        };
+        let next = next.zip(next_inputs.as_deref()).map(|(next, inputs)| Batch {
+            key: next.key,
+            model: next.model,
+            inputs,
+        });
         batch.clear();
         let started_ns = self.now_ns();
-        let outcome = self.backend.run(job.model, &inputs, batch);
+        let outcome = self.backend.run_then_stage(current, next, batch);
         let finished_ns = self.now_ns();
         if outcome.is_ok() {
             let exec_at_ns = self.offset.to_local_ns(job.exec_at_scheduler_ns);

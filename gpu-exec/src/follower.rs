@@ -94,6 +94,11 @@ impl<P> PlanFollower<P> {
         Ok(())
     }
 
+    /// The plan that would start next (staged ahead by backends that can).
+    pub fn peek(&self) -> Option<&P> {
+        self.heap.peek().map(|Reverse(entry)| &entry.plan)
+    }
+
     /// When the earliest plan is due (arm the timer for this).
     pub fn next_due_ns(&self) -> Option<u64> {
         self.heap.peek().map(|Reverse(entry)| entry.exec_at_ns)
@@ -129,8 +134,10 @@ mod tests {
         f.push("a", 1_000, 0).unwrap();
         f.push("c", 2_000, 10).unwrap();
         assert_eq!(f.next_due_ns(), Some(1_000));
+        assert_eq!(f.peek(), Some(&"a"));
         assert_eq!(f.pop_due(999), None);
         assert_eq!(f.pop_due(1_000), Some(Due::Start("a")));
+        assert_eq!(f.peek(), Some(&"b"));
         assert_eq!(f.pop_due(2_500), Some(Due::Start("b")), "FIFO among equal starts");
         assert_eq!(f.pop_due(2_500), Some(Due::Start("c")));
         assert!(f.is_empty());
