@@ -21,7 +21,9 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 
 use crate::backend::{Backend, Batch, BatchOutput, ByModel, ModelSpec};
 use crate::nets::{DecodedBatch, Network, Weights, OUTPUTS, RESNET_CHANNELS, RESNET_SIDE, RESNET_WIDTH};
@@ -408,7 +410,8 @@ impl CudaBackend {
             unreachable!("allocated above");
         };
         // `as_mut_slice` first waits for this buffer's last upload (cudarc's event on it);
-        // the copy into `device` waits for the last batch that read it (event tracking).
+        // the copy into `device` waits for the last batch that read it (event tracking). It
+        // moves the whole slot (under twice the batch: capacities are powers of two).
         pinned.as_mut_slice().map_err(cuda_error("pinned"))?[..values].copy_from_slice(&input.decoded.values);
         stream.memcpy_htod(pinned, device).map_err(cuda_error("upload"))?;
         input.key = Some(batch.key);
@@ -471,9 +474,16 @@ impl Backend for CudaBackend {
             .map_err(cuda_error("event"))?;
         let device_model = self.models.get(current.model)?;
         let y = self.forward(device_model, &device_in, batch)?;
-        self.stream
-            .memcpy_dtoh(&y, &mut pinned_out)
-            .map_err(cuda_error("download"))?;
+        {
+            // Exactly the logits: cudarc's `memcpy_dtoh` copies the whole (larger) pinned
+            // buffer. The host reads them after the end event below, which follows the copy.
+            let logits = &mut pinned_out.as_mut_slice().map_err(cuda_error("download"))?[..batch * OUTPUTS];
+            let (src, _read) = y.device_ptr(&self.stream);
+            // SAFETY: `y` holds `batch * OUTPUTS` f32s, and both stay alive until the copy
+            // is done (`y` until the end event is waited on; the pinned buffer is ours).
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(logits, src, self.stream.cu_stream()) }
+                .map_err(cuda_error("download"))?;
+        }
         let end = self
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -487,6 +497,7 @@ impl Backend for CudaBackend {
             }
         }
         self.last_device_ms = start.elapsed_ms(&end).map_err(cuda_error("timing"))?;
+        drop(y);
         let logits = &pinned_out.as_slice().map_err(cuda_error("download"))?[..batch * OUTPUTS];
         self.inputs[slot].decoded.answer(network, current.inputs, logits, out);
         self.pinned_out = Some(pinned_out);
