@@ -376,6 +376,37 @@ slo_ms = 100
         });
         assert!(close, "request {}: logits differ", reply.client_request_id);
     }
+    // Six resnet inputs at once (12 KiB each): one plan of 72 KiB, its inputs sent zero-copy
+    // from the client's receive buffer, and still the right logits.
+    let resnet = ModelRef::Name("resnet".to_string());
+    let inputs: Vec<Vec<u8>> = (100..106u64)
+        .map(|id| nets::sample_input(Network::ResNet, id))
+        .collect();
+    for (id, input) in (100..106u64).zip(&inputs) {
+        client.send(id, &resnet, None, input).unwrap();
+    }
+    client.flush().unwrap();
+    for _ in 0..inputs.len() {
+        let reply = client.recv().unwrap();
+        assert_eq!(reply.status, Status::Ok, "{reply:?}");
+        let want = expected("resnet", &inputs[(reply.client_request_id - 100) as usize]);
+        let close = reply.output.chunks_exact(4).zip(want.chunks_exact(4)).all(|(a, b)| {
+            let (a, b) = (
+                f32::from_le_bytes(a.try_into().unwrap()),
+                f32::from_le_bytes(b.try_into().unwrap()),
+            );
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0)
+        });
+        assert!(close, "request {}: logits differ", reply.client_request_id);
+    }
+    let stats = server.stats();
+    let (sends, bytes) = (
+        stats.zero_copy_sends.load(Ordering::Relaxed),
+        stats.zero_copy_bytes.load(Ordering::Relaxed),
+    );
+    assert!(sends > 0, "plans of 16 KiB of inputs or more go out zero-copy");
+    assert!(bytes >= 16 << 10, "{bytes} bytes sent zero-copy");
+    assert_eq!(stats.zero_copy_fallbacks.load(Ordering::Relaxed), 0);
     let stop = AtomicBool::new(true);
     running.wait(&stop).unwrap();
     server.stop().unwrap();

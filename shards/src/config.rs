@@ -73,6 +73,12 @@ struct RawConfig {
     executor_token: Option<String>,
     executor_gpus: Option<u32>,
     heartbeat_timeout_ms: Option<u64>,
+    #[serde(default = "default_zero_copy")]
+    zero_copy: bool,
+}
+
+fn default_zero_copy() -> bool {
+    true
 }
 
 fn default_listen() -> String {
@@ -138,6 +144,9 @@ pub struct ServeConfig {
     pub executor_gpus: u32,
     /// A link silent this long loses its executor.
     pub heartbeat_timeout_ms: u64,
+    /// Plans with 16 KiB of inputs or more go to executors with zero-copy sends (io_uring
+    /// SENDMSG_ZC); `false` copies them into the link's buffer instead.
+    pub zero_copy: bool,
     pub models: Vec<ModelConfig>,
     pub policy: PolicyKind,
     pub knobs: Knobs,
@@ -301,6 +310,7 @@ impl ServeConfig {
             gpus: raw.gpus,
             executor_gpus,
             heartbeat_timeout_ms,
+            zero_copy: raw.zero_copy,
             models,
             policy,
             knobs,
@@ -366,6 +376,14 @@ mod tests {
         assert_eq!(c.models.len(), 3);
         assert_eq!(c.gpus, 8);
         assert_eq!(c.policy, PolicyKind::Symphony);
+    }
+
+    #[test]
+    fn zero_copy_sends_are_on_unless_turned_off() {
+        let text = "gpus = 1\n[[models]]\nname = \"m\"\nprofile = \"sleep#1,1,0,0\"\nslo_ms = 10\n";
+        assert!(ServeConfig::parse(text, Path::new("."), "t").unwrap().zero_copy);
+        let off = format!("zero_copy = false\n{text}");
+        assert!(!ServeConfig::parse(&off, Path::new("."), "t").unwrap().zero_copy);
     }
 
     #[test]

@@ -294,6 +294,38 @@ pub fn encode_sectioned<T>(
 where
     T: for<'a, 'b> Serialize<HighSerializer<'a, 'b>>,
 {
+    encode_sectioned_parts(out, kind, value, |out| {
+        section(out);
+        0
+    })
+}
+
+/// Appends a sectioned frame's header and archive only: the frame's section, `section_len`
+/// bytes, must follow in the byte stream (the caller sends it from where it lies, without
+/// copying it into `out`). Returns the whole frame's length.
+pub fn encode_sectioned_head<T>(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    value: &T,
+    section_len: usize,
+) -> Result<usize, WireError>
+where
+    T: for<'a, 'b> Serialize<HighSerializer<'a, 'b>>,
+{
+    encode_sectioned_parts(out, kind, value, |_| section_len)
+}
+
+/// The archive, then `section`: it appends section bytes to `out` and returns how many more
+/// follow outside it.
+fn encode_sectioned_parts<T>(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    value: &T,
+    section: impl FnOnce(&mut Vec<u8>) -> usize,
+) -> Result<usize, WireError>
+where
+    T: for<'a, 'b> Serialize<HighSerializer<'a, 'b>>,
+{
     let frame_start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_SIZE + 4]);
     if let Err(error) = rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, &mut *out) {
@@ -304,8 +336,8 @@ where
         });
     }
     let archive_len = out.len() - frame_start - FRAME_HEADER_SIZE - 4;
-    section(out);
-    let payload_len = out.len() - frame_start - FRAME_HEADER_SIZE;
+    let outside = section(out);
+    let payload_len = out.len() - frame_start - FRAME_HEADER_SIZE + outside;
     if payload_len > FRAME_PAYLOAD_LIMIT as usize {
         out.truncate(frame_start);
         return Err(WireError::Oversized {
@@ -448,6 +480,36 @@ mod tests {
         assert_eq!(archived.plan_id.to_native(), 7);
         assert_eq!(archived.requests[2].request_id.to_native(), 12);
         assert_eq!(section, b"abcde");
+    }
+
+    #[test]
+    fn a_head_with_its_section_sent_after_it_is_the_same_frame() {
+        let plan = PlanMsg {
+            plan_id: 9,
+            requests: vec![PlanRequest {
+                request_id: 1,
+                input_len: 5,
+            }],
+            ..PlanMsg::default()
+        };
+        let mut copied = Vec::new();
+        let len = encode_sectioned(&mut copied, Kind::ExecPlan, &plan, |out| {
+            out.extend_from_slice(b"abcde")
+        })
+        .unwrap();
+        let mut head = Vec::new();
+        let head_len = encode_sectioned_head(&mut head, Kind::ExecPlan, &plan, 5).unwrap();
+        assert_eq!((len, head_len), (copied.len(), copied.len()));
+        head.extend_from_slice(b"abcde");
+        assert_eq!(head, copied);
+        // A section over the frame cap is refused before anything is sent.
+        let mut out = Vec::new();
+        let too_long = crate::wire::FRAME_PAYLOAD_LIMIT as usize;
+        assert!(matches!(
+            encode_sectioned_head(&mut out, Kind::ExecPlan, &plan, too_long),
+            Err(WireError::Oversized { .. })
+        ));
+        assert!(out.is_empty());
     }
 
     #[test]

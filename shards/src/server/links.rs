@@ -31,7 +31,7 @@ use symphony_core::wire::executor::{
 use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, Status};
 
 use super::buffers::ReadBuffer;
-use super::{accept_until_stop, new_connection, write_loop, Connection, Shard, ShardMsg, READ_BUFFER_BYTES};
+use super::{accept_until_stop, new_connection, write_loop, zerocopy, Connection, Shard, ShardMsg, READ_BUFFER_BYTES};
 
 type Refusal = (ErrorCode, String);
 
@@ -271,13 +271,31 @@ impl Shard {
             request_id: r.id,
             input_len: input_of(r.id).map_or(0, |bytes| bytes.len() as u32),
         }));
-        let encoded = exec::encode_sectioned(&mut link.conn.out.borrow_mut(), Kind::ExecPlan, &*msg, |out| {
-            for r in requests {
-                if let Some(bytes) = input_of(r.id) {
-                    out.extend_from_slice(bytes);
+        let section_len: usize = msg.requests.iter().map(|r| r.input_len as usize).sum();
+        let mut out = link.conn.out.borrow_mut();
+        let encoded = if section_len >= zerocopy::ZERO_COPY_MIN_BYTES && self.zero_copy.is_some() {
+            // The inputs stay in the clients' receive buffers: the writer sends them from
+            // there (zero-copy) right after this head.
+            exec::encode_sectioned_head(&mut out, Kind::ExecPlan, &*msg, section_len).map(|_| {
+                let at = out.len();
+                let mut sections = link.conn.sections.borrow_mut();
+                for r in requests {
+                    if let Some(input) = pending.get(r.id).and_then(|p| p.input.as_ref()) {
+                        sections.push((at, input.clone()));
+                    }
                 }
-            }
-        });
+            })
+        } else {
+            exec::encode_sectioned(&mut out, Kind::ExecPlan, &*msg, |out| {
+                for r in requests {
+                    if let Some(bytes) = input_of(r.id) {
+                        out.extend_from_slice(bytes);
+                    }
+                }
+            })
+            .map(|_| ())
+        };
+        drop(out);
         drop(pending);
         if encoded.is_err() {
             // The batch's inputs exceed one frame: its requests fail, the GPU idles.
@@ -485,9 +503,12 @@ pub(super) async fn link_accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 /// One link: JOIN, then RESULT and HEARTBEAT frames until it closes.
 async fn serve_link(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // The socket stays open while the writer holds its half.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut reader, writer) = futures_lite::io::split(stream);
     let (connection, notify_rx) = new_connection();
-    let writer_task = glommio::spawn_local(write_loop(writer, Rc::clone(&connection), notify_rx)).detach();
+    let writer = write_loop(writer, Rc::clone(&connection), notify_rx, Some((fd, Rc::clone(&shard))));
+    let writer_task = glommio::spawn_local(writer).detach();
     let decoder = FrameDecoder::default();
     let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
     let mut buffer = ReadBuffer::new(READ_BUFFER_BYTES, limit);

@@ -10,12 +10,12 @@
 //! its requests are answered OK, dropped requests at once, and every reply goes back to the
 //! connection's shard, which writes many reply frames per write.
 //!
-//! Built so far, and what is not (README, issue notes): external executor processes, the
-//! heartbeats and re-planning of an executor lost, zero-copy input forwarding (the simulated
-//! executors need no input bytes: they are validated and dropped) and placing executor links
-//! near their GPUs are not built yet. Built: cross-shard waiting (each shard posts its most
-//! urgent waiting candidate to the GPU table; a release reserves the freed GPU for the
-//! earliest `invalid_after` across shards and tells that shard).
+//! External executors (`links`): each shard links to every executor, sends its plans with the
+//! inputs as slices of the clients' receive buffers (zero-copy for 16 KiB and more:
+//! `zerocopy`), and re-plans or answers the requests of an executor lost. Cross-shard
+//! waiting: each shard posts its most urgent waiting candidate to the GPU table; a release
+//! reserves the freed GPU for the earliest `invalid_after` across shards and tells that shard.
+//! Not built: placing executor links near their GPUs (every shard has a link to each).
 //! Built: a client that disconnects has its queued requests removed from every shard's
 //! scheduler before they use a GPU; SIGINT/SIGTERM stop accepting, let planned batches finish
 //! and answer the rest.
@@ -60,6 +60,7 @@ pub enum ServeError {
 
 mod buffers;
 mod links;
+mod zerocopy;
 
 use buffers::{ReadBuffer, Slice};
 use links::Link;
@@ -279,6 +280,9 @@ impl PendingTable {
 struct Connection {
     /// Reply frames waiting for the writer.
     out: RefCell<Vec<u8>>,
+    /// Bytes that belong in `out` at the given offsets but stay where they were read: the
+    /// inputs of plan frames sent zero-copy (executor links only).
+    sections: RefCell<Vec<(usize, Slice)>>,
     /// Wakes the writer; holds at most one token.
     notify: LocalSender<()>,
     /// Set when the connection must close after what is queued has been written.
@@ -321,6 +325,10 @@ struct Shard {
     plan_msg: RefCell<wire::executor::PlanMsg>,
     /// Spare request-id lists of finished plans (no allocation per plan in steady state).
     id_lists: RefCell<Vec<Vec<u64>>>,
+    /// The ring for zero-copy link sends (`None`: none could be set up, or no links).
+    zero_copy: Option<zerocopy::ZeroCopy>,
+    /// Whether the kernel refused a zero-copy send yet (said once).
+    zero_copy_refused: Cell<bool>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -742,7 +750,7 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = futures_lite::io::split(stream);
-    let writer_task = glommio::spawn_local(write_loop(writer, Rc::clone(&connection), notify_rx)).detach();
+    let writer_task = glommio::spawn_local(write_loop(writer, Rc::clone(&connection), notify_rx, None)).detach();
     let decoder = FrameDecoder::default();
     let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
     let mut buffer = ReadBuffer::new(READ_BUFFER_BYTES, limit);
@@ -803,22 +811,35 @@ fn new_connection() -> (Rc<Connection>, LocalReceiver<()>) {
     let (notify, notify_rx) = local_channel::new_bounded(1);
     let connection = Rc::new(Connection {
         out: RefCell::new(Vec::with_capacity(64 << 10)),
+        sections: RefCell::new(Vec::new()),
         notify,
         closing: Cell::new(false),
     });
     (connection, notify_rx)
 }
 
-/// Writes what is queued on `connection`, many frames per write, until it closes.
+/// Writes what is queued on `connection`, many frames per write, until it closes. A link
+/// (`link`: its socket and shard) sends a queue that holds zero-copy sections with
+/// io_uring's SENDMSG_ZC (`zerocopy`).
 async fn write_loop(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     connection: Rc<Connection>,
     notify_rx: LocalReceiver<()>,
+    link: Option<(std::os::fd::RawFd, Rc<Shard>)>,
 ) {
     let mut spare = Vec::with_capacity(64 << 10);
     while notify_rx.recv().await.is_some() {
         std::mem::swap(&mut spare, &mut connection.out.borrow_mut());
-        if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
+        let sections = std::mem::take(&mut *connection.sections.borrow_mut());
+        if !sections.is_empty() {
+            let outgoing = zerocopy::Outgoing {
+                bytes: std::mem::replace(&mut spare, Vec::with_capacity(64 << 10)),
+                sections,
+            };
+            if send_sections(&mut writer, link.as_ref(), outgoing).await.is_err() {
+                break;
+            }
+        } else if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
             break;
         }
         spare.clear();
@@ -827,6 +848,45 @@ async fn write_loop(
         }
     }
     let _ = writer.close().await;
+}
+
+/// Sends a queue with sections: zero-copy where the shard has a ring, else (or for what the
+/// kernel refused to send zero-copy) copied into one buffer.
+async fn send_sections(
+    writer: &mut futures_lite::io::WriteHalf<TcpStream>,
+    link: Option<&(std::os::fd::RawFd, Rc<Shard>)>,
+    outgoing: zerocopy::Outgoing,
+) -> std::io::Result<()> {
+    let Some((fd, shard)) = link else {
+        return writer.write_all(&outgoing.flatten()).await;
+    };
+    let stats = &shard.stats;
+    let sent = match &shard.zero_copy {
+        Some(ring) => {
+            let outgoing = Rc::new(outgoing);
+            let len = outgoing.len();
+            match ring.send(*fd, Rc::clone(&outgoing)).await? {
+                zerocopy::Sent::Done => {
+                    stats.zero_copy_sends.fetch_add(1, Ordering::Relaxed);
+                    stats.zero_copy_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                zerocopy::Sent::Refused { sent, error } => {
+                    if !shard.zero_copy_refused.replace(true) {
+                        eprintln!(
+                            "symphony serve: shard {}: the kernel refused a zero-copy send ({error}); such sends are copied",
+                            shard.id
+                        );
+                    }
+                    (sent, outgoing)
+                }
+            }
+        }
+        None => (0, Rc::new(outgoing)),
+    };
+    stats.zero_copy_fallbacks.fetch_add(1, Ordering::Relaxed);
+    let (sent, outgoing) = sent;
+    writer.write_all(&outgoing.flatten()[sent..]).await
 }
 
 /// The next accepted connection, or `None` once the service stops.
@@ -891,6 +951,11 @@ pub struct Stats {
     pub executors_lost: std::sync::atomic::AtomicU64,
     /// Requests of a lost executor's plans planned again.
     pub replanned: std::sync::atomic::AtomicU64,
+    /// Link writes sent zero-copy (io_uring SENDMSG_ZC), and their bytes.
+    pub zero_copy_sends: std::sync::atomic::AtomicU64,
+    pub zero_copy_bytes: std::sync::atomic::AtomicU64,
+    /// Link writes that had to be copied instead (no ring, or the kernel refused).
+    pub zero_copy_fallbacks: std::sync::atomic::AtomicU64,
 }
 
 /// What a running service gives its caller.
@@ -1003,6 +1068,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             executors: Arc::clone(&executors),
             link_addrs: Arc::clone(&link_addrs),
             heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
+            zero_copy: config.zero_copy,
         };
         let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
         joins.push(join);
@@ -1053,6 +1119,7 @@ struct ShardSetup {
     executors: Arc<Executors>,
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     heartbeat_timeout_ns: u64,
+    zero_copy: bool,
 }
 
 type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, Option<SocketAddr>), ServeError>>;
@@ -1111,6 +1178,18 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         &setup.knobs,
     );
     let (wake, wake_rx) = local_channel::new_bounded(1);
+    // Only links send zero-copy: no ring without executors.
+    let zero_copy = match (link_listener.is_some() && setup.zero_copy).then(zerocopy::ZeroCopy::new) {
+        Some(Ok(ring)) => Some(ring),
+        Some(Err(error)) => {
+            eprintln!(
+                "symphony serve: shard {}: no zero-copy sends ({error}); plan inputs are copied",
+                setup.id
+            );
+            None
+        }
+        None => None,
+    };
     let shard = Rc::new(Shard {
         id: setup.id,
         epoch: setup.epoch,
@@ -1137,6 +1216,8 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         heartbeat_timeout_ns: setup.heartbeat_timeout_ns,
         plan_msg: RefCell::new(wire::executor::PlanMsg::default()),
         id_lists: RefCell::new(Vec::new()),
+        zero_copy,
+        zero_copy_refused: Cell::new(false),
     });
     for (_, receiver) in receivers.streams() {
         let shard = Rc::clone(&shard);
