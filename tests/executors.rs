@@ -301,6 +301,18 @@ fn links_refuse_unknown_executors_and_bad_frames() {
     server.stop().unwrap();
 }
 
+/// Two outputs of little-endian f32 logits agree within 1e-4 (relative).
+fn logits_close(got: &[u8], want: &[u8]) -> bool {
+    got.len() == want.len()
+        && got.chunks_exact(4).zip(want.chunks_exact(4)).all(|(a, b)| {
+            let (a, b) = (
+                f32::from_le_bytes(a.try_into().unwrap()),
+                f32::from_le_bytes(b.try_into().unwrap()),
+            );
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0)
+        })
+}
+
 #[test]
 fn cpu_executors_answer_real_inferences() {
     use symphony_gpu_exec::backend::{Backend, BatchOutput};
@@ -367,13 +379,7 @@ slo_ms = 100
         assert_eq!(reply.output.len(), 40);
         // Batched with others or alone, the logits are those of this input.
         let want = expected(name, input);
-        let close = reply.output.chunks_exact(4).zip(want.chunks_exact(4)).all(|(a, b)| {
-            let (a, b) = (
-                f32::from_le_bytes(a.try_into().unwrap()),
-                f32::from_le_bytes(b.try_into().unwrap()),
-            );
-            (a - b).abs() <= 1e-4 * b.abs().max(1.0)
-        });
+        let close = logits_close(&reply.output, &want);
         assert!(close, "request {}: logits differ", reply.client_request_id);
     }
     // Six resnet inputs at once (12 KiB each): one plan of 72 KiB, its inputs sent zero-copy
@@ -390,13 +396,7 @@ slo_ms = 100
         let reply = client.recv().unwrap();
         assert_eq!(reply.status, Status::Ok, "{reply:?}");
         let want = expected("resnet", &inputs[(reply.client_request_id - 100) as usize]);
-        let close = reply.output.chunks_exact(4).zip(want.chunks_exact(4)).all(|(a, b)| {
-            let (a, b) = (
-                f32::from_le_bytes(a.try_into().unwrap()),
-                f32::from_le_bytes(b.try_into().unwrap()),
-            );
-            (a - b).abs() <= 1e-4 * b.abs().max(1.0)
-        });
+        let close = logits_close(&reply.output, &want);
         assert!(close, "request {}: logits differ", reply.client_request_id);
     }
     let stats = server.stats();
