@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 libs=$(mktemp -d)
 for lib in cublas nvrtc; do
   if ! ldconfig -p 2>/dev/null | grep -qE "lib$lib\.so(\.12)? "; then
-    found=$(find /usr/local /usr/lib /opt -name "lib$lib.so*" 2>/dev/null | sort | tail -1 || true)
+    # Not the toolkit's link-time stubs/ (its libcuda.so stub would hide the driver).
+    found=$(find /usr/local /usr/lib /opt -name "lib$lib.so*" -not -path "*/stubs/*" 2>/dev/null | sort | tail -1 || true)
     if [ -n "$found" ]; then
       ln -sf "$found" "$libs/lib$lib.so"
       export LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
