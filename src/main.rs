@@ -164,6 +164,13 @@ struct ExecutorArgs {
     /// Heartbeat interval, milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
+    /// The longest wait between two attempts to register again after a lost link,
+    /// milliseconds (the wait doubles from 100 ms, with jitter).
+    #[arg(long, default_value_t = 5000)]
+    reconnect_max_ms: u64,
+    /// Testing only: run this executor's clock fast (> 0) or slow (< 0) by this many ppm.
+    #[arg(long, default_value_t = 0.0, hide = true, allow_hyphen_values = true)]
+    clock_skew_ppm: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -311,13 +318,21 @@ impl KnobArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    // A closed stdout (`symphony sim ... | head`) ends the program quietly, as for any Unix
-    // tool, instead of a panic on the next print.
-    // SAFETY: resetting SIGPIPE to its default action before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    let cli = Cli::parse();
+    // The commands that print results: a closed stdout (`symphony sim ... | head`) ends them
+    // quietly, as for any Unix tool, instead of a panic on the next print. The network
+    // commands keep SIGPIPE ignored (Rust's default): a peer that closes must never kill
+    // `serve` or `executor`, only fail a write with EPIPE.
+    if matches!(
+        cli.command,
+        Command::Sim(_) | Command::Sweep(_) | Command::PerfSim(_) | Command::Profile(_)
+    ) {
+        // SAFETY: resetting SIGPIPE to its default action before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The whole chain of causes, one line; no backtrace: this is an operating error.
@@ -462,6 +477,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.apply_executor_overrides(args.gpus, args.executor_token, args.executor_gpus)?;
     let server = symphony_shards::server::start(&config)?;
+    let fds = server.fd_budget();
+    if fds.lowered {
+        eprintln!(
+            "symphony serve: RLIMIT_NOFILE is {}: connections lowered to {} per shard and executor links to {} per shard (raise the limit for more)",
+            fds.limit, fds.connections_per_shard, fds.links_per_shard
+        );
+    }
     let memory = server.memory();
     let limit = match memory.memlock_limit_bytes {
         u64::MAX => "unlimited".to_string(),
@@ -521,22 +543,23 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
         );
     }
     config.heartbeat_interval = std::time::Duration::from_millis(args.heartbeat_ms);
-    let running = executor::start(&config)?;
-    eprintln!(
-        "symphony executor: executor {} with {} {} GPU(s), {} model(s); clock offset {} us (+- {} us). Ctrl-C stops.",
-        running.executor_id,
-        config.gpus,
-        backend.name(),
-        running.models.len(),
-        running.offset.offset_ns / 1000,
-        running.offset.error_bound_ns / 1000,
+    anyhow::ensure!(
+        (100..=600_000).contains(&args.reconnect_max_ms),
+        "--reconnect-max-ms must be 100 to 600000"
     );
+    config.reconnect_backoff_max = std::time::Duration::from_millis(args.reconnect_max_ms);
+    anyhow::ensure!(
+        args.clock_skew_ppm.is_finite() && args.clock_skew_ppm.abs() < 100_000.0,
+        "--clock-skew-ppm must be within +-100000"
+    );
+    config.clock_skew_ppm = args.clock_skew_ppm;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;
     }
-    let stats = running.stats_handle();
-    let outcome = running.wait(&stop);
+    let stats = std::sync::Arc::new(executor::ExecutorStats::default());
+    let log = |line: &str| eprintln!("symphony executor: {line}");
+    let outcome = executor::run(&config, &stop, std::sync::Arc::clone(&stats), &log);
     eprintln!(
         "symphony executor: plan following: {}",
         stats.following.lock().map_or_else(|_| String::new(), |f| f.summary())

@@ -277,6 +277,7 @@ fn links_refuse_unknown_executors_and_bad_frames() {
     let join = Join {
         token: TOKEN.to_string(),
         executor_id: 999,
+        secret: [0; 16],
         shard: 0,
     };
     exec::encode(&mut frame, Kind::ExecJoin, &join).unwrap();

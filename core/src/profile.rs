@@ -253,6 +253,22 @@ impl Profile {
         self.pre_ns
     }
 
+    /// A profile no faster than either: per batch size the larger latency, the larger `pre`
+    /// and `post`, up to the smaller largest batch (a batch must run on either GPU).
+    pub fn slowest_with(&self, other: &Profile) -> Profile {
+        let batch_size_max = self.latency_ns.len().min(other.latency_ns.len());
+        let latency_ns = self.latency_ns[..batch_size_max]
+            .iter()
+            .zip(&other.latency_ns)
+            .map(|(&a, &b)| a.max(b))
+            .collect();
+        Profile::from_latencies_ns(
+            latency_ns,
+            self.pre_ns.max(other.pre_ns),
+            self.post_ns.max(other.post_ns),
+        )
+    }
+
     pub fn post_ns(&self) -> u64 {
         self.post_ns
     }
@@ -277,6 +293,22 @@ impl Profile {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_slowest_of_two_profiles_is_no_faster_than_either() {
+        let a = Profile::from_latencies_ns(vec![10, 20, 30], 5, 0);
+        let b = Profile::from_latencies_ns(vec![15, 16], 0, 7);
+        let s = a.slowest_with(&b);
+        assert_eq!(s.batch_size_max(), 2);
+        for batch in 1..=2 {
+            assert!(s.exec_ns(batch) >= a.exec_ns(batch) && s.exec_ns(batch) >= b.exec_ns(batch));
+        }
+        assert_eq!(
+            (s.latency_ns(1), s.latency_ns(2), s.pre_ns(), s.post_ns()),
+            (15, 20, 5, 7)
+        );
+    }
+
     use super::*;
 
     #[test]

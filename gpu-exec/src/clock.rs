@@ -1,10 +1,16 @@
-//! Clock offset between the scheduler and an executor, estimated at the handshake.
+//! Clock offset between the scheduler and an executor, estimated at the handshake and then
+//! continuously.
 //!
 //! The executor sends several timestamped probes; the scheduler stamps each with its own clock
 //! and echoes it back. For one probe sent at `t0` and received back at `t1` (executor clock),
 //! stamped `ts` by the scheduler, `offset = ts - (t0 + t1) / 2` with an error of at most half
 //! the round trip. The probe with the least round trip wins (NTP's rule). Deadlines and
 //! `exec_at` are on the scheduler's clock; the executor converts with [`Offset::to_local_ns`].
+//!
+//! Clocks drift (20 ppm uses up a 5 ms late bound in about four minutes), so the handshake's
+//! estimate does not last: every heartbeat the scheduler answers is a probe too (its answer
+//! echoes the executor's send time), and [`OffsetTracker`] keeps the least round trip among
+//! the most recent ones only, so the estimate is never older than a few heartbeats.
 
 /// One probe, times in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +54,95 @@ pub fn estimate_offset(probes: &[Probe]) -> Option<Offset> {
     })
 }
 
+/// The offset from the recent probes of a stream (heartbeat round trips).
+#[derive(Debug)]
+pub struct OffsetTracker {
+    recent: std::collections::VecDeque<Probe>,
+    window: usize,
+}
+
+impl OffsetTracker {
+    /// Keeps the last `window` probes (at least 1).
+    pub fn new(window: usize) -> OffsetTracker {
+        OffsetTracker {
+            recent: std::collections::VecDeque::with_capacity(window.max(1)),
+            window: window.max(1),
+        }
+    }
+
+    /// Adds a probe; the estimate from the recent ones.
+    pub fn record(&mut self, probe: Probe) -> Option<Offset> {
+        if self.recent.len() == self.window {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(probe);
+        estimate_offset(self.recent.make_contiguous())
+    }
+}
+
+/// The current offset, shared by the threads that convert times (readers write it).
+#[derive(Debug)]
+pub struct SharedOffset {
+    offset_ns: std::sync::atomic::AtomicI64,
+    error_bound_ns: std::sync::atomic::AtomicU64,
+}
+
+impl SharedOffset {
+    pub fn new(offset: Offset) -> SharedOffset {
+        SharedOffset {
+            offset_ns: std::sync::atomic::AtomicI64::new(offset.offset_ns),
+            error_bound_ns: std::sync::atomic::AtomicU64::new(offset.error_bound_ns),
+        }
+    }
+
+    /// The latest estimate (its two fields are each current; a torn pair only mixes two
+    /// estimates a heartbeat apart).
+    pub fn load(&self) -> Offset {
+        Offset {
+            offset_ns: self.offset_ns.load(std::sync::atomic::Ordering::Relaxed),
+            error_bound_ns: self.error_bound_ns.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    pub fn store(&self, offset: Offset) {
+        self.offset_ns
+            .store(offset.offset_ns, std::sync::atomic::Ordering::Relaxed);
+        self.error_bound_ns
+            .store(offset.error_bound_ns, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The executor's clock: nanoseconds since it started, optionally running at a skewed rate
+/// (`skew_ppm`, for tests of clock drift; 0 in service).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: std::time::Instant,
+    rate: f64,
+}
+
+impl Clock {
+    pub fn new(skew_ppm: f64) -> Clock {
+        Clock {
+            epoch: std::time::Instant::now(),
+            rate: 1.0 + skew_ppm * 1e-6,
+        }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        let elapsed = self.epoch.elapsed().as_nanos() as u64;
+        if self.rate == 1.0 {
+            elapsed
+        } else {
+            (elapsed as f64 * self.rate) as u64
+        }
+    }
+
+    /// How long `local_ns` of this clock take in real time.
+    pub fn real_duration(&self, local_ns: u64) -> std::time::Duration {
+        std::time::Duration::from_nanos((local_ns as f64 / self.rate) as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +168,36 @@ mod tests {
         assert_eq!(offset.error_bound_ns, 50);
         assert_eq!(offset.to_local_ns(1_000_005_000), 5_000);
         assert_eq!(offset.to_scheduler_ns(5_000), 1_000_005_000);
+    }
+
+    #[test]
+    fn the_tracker_follows_a_drifting_clock() {
+        // The executor's clock runs 2000 ppm slow: the true offset grows by 2 us per ms.
+        let mut tracker = OffsetTracker::new(4);
+        let mut last = None;
+        for i in 0..100u64 {
+            let scheduler_ns = i * 100_000_000;
+            let local_ns = scheduler_ns - scheduler_ns / 500;
+            let probe = Probe {
+                sent_local_ns: local_ns - 20_000,
+                scheduler_ns,
+                received_local_ns: local_ns + 20_000,
+            };
+            last = tracker.record(probe);
+        }
+        // After 9.9 s the true offset is 19.8 ms; the estimate is within a few heartbeats.
+        let offset = last.unwrap();
+        let truth = 9_900_000_000i64 / 500;
+        assert!((offset.offset_ns - truth).abs() <= 4 * 200_000, "{offset:?} vs {truth}");
+    }
+
+    #[test]
+    fn a_skewed_clock_runs_at_its_rate() {
+        let clock = Clock::new(-500_000.0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = clock.now_ns();
+        assert!((9_000_000..20_000_000).contains(&now), "{now}");
+        assert_eq!(clock.real_duration(1_000_000), std::time::Duration::from_millis(2));
     }
 
     #[test]

@@ -400,14 +400,20 @@ impl CudaBackend {
             input.key = Some(batch.key);
             return Ok(0);
         }
-        if input.pinned.as_ref().is_none_or(|p| p.len() < values) {
+        // Both buffers, each allocated when missing or short (a failed batch may have lost
+        // one of them).
+        if input.pinned.as_ref().is_none_or(|p| p.len() < values)
+            || input.device.as_ref().is_none_or(|d| d.len() < values)
+        {
             let capacity = values.next_power_of_two();
+            input.pinned = None;
+            input.device = None;
             // SAFETY: plain f32s, written below before any read.
             input.pinned = Some(unsafe { ctx.alloc_pinned::<f32>(capacity) }.map_err(cuda_error("pinned"))?);
             input.device = Some(stream.alloc_zeros::<f32>(capacity).map_err(cuda_error("alloc"))?);
         }
         let (Some(pinned), Some(device)) = (input.pinned.as_mut(), input.device.as_mut()) else {
-            unreachable!("allocated above");
+            return Err("the input buffers of this GPU could not be allocated".to_string());
         };
         // `as_mut_slice` first waits for this buffer's last upload (cudarc's event on it);
         // the copy into `device` waits for the last batch that read it (event tracking). It
@@ -463,17 +469,39 @@ impl Backend for CudaBackend {
             self.pinned_out =
                 Some(unsafe { ctx.alloc_pinned_with_flags::<f32>(capacity, 0) }.map_err(cuda_error("pinned"))?);
         }
-        // Taken out while the batch runs (`forward` borrows `self`); put back at the end (a
-        // batch that fails drops them: the next allocates again).
+        // Taken out while the batch runs (`forward` borrows `self`) and put back whatever
+        // happens: a failed batch fails its plan, and the next batch finds its buffers.
         let (Some(device_in), Some(mut pinned_out)) = (self.inputs[slot].device.take(), self.pinned_out.take()) else {
-            unreachable!("allocated above or when staged");
+            return Err("a CUDA buffer of this GPU is missing".to_string());
         };
+        let outcome = self.compute(slot, current, next, network, batch, &device_in, &mut pinned_out, out);
+        self.inputs[slot].device = Some(device_in);
+        self.pinned_out = Some(pinned_out);
+        outcome
+    }
+}
+
+impl CudaBackend {
+    /// The batch in input slot `slot` on the device, its logits answered into `out`, and
+    /// `next` staged in the other slot meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn compute(
+        &mut self,
+        slot: usize,
+        current: Batch<'_>,
+        next: Option<Batch<'_>>,
+        network: Network,
+        batch: usize,
+        device_in: &CudaSlice<f32>,
+        pinned_out: &mut PinnedHostSlice<f32>,
+        out: &mut BatchOutput,
+    ) -> Result<(), String> {
         let start = self
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(cuda_error("event"))?;
         let device_model = self.models.get(current.model)?;
-        let y = self.forward(device_model, &device_in, batch)?;
+        let y = self.forward(device_model, device_in, batch)?;
         {
             // Exactly the logits: cudarc's `memcpy_dtoh` copies the whole (larger) pinned
             // buffer. The host reads them after the end event below, which follows the copy.
@@ -488,7 +516,6 @@ impl Backend for CudaBackend {
             .stream
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(cuda_error("event"))?;
-        self.inputs[slot].device = Some(device_in);
         // Not the current batch, and not one the other slot already holds.
         let already = self.inputs[1 - slot].key;
         if let Some(next) = next.filter(|n| n.key != current.key && already != Some(n.key)) {
@@ -502,7 +529,6 @@ impl Backend for CudaBackend {
         drop(y);
         let logits = &pinned_out.as_slice().map_err(cuda_error("download"))?[..batch * OUTPUTS];
         self.inputs[slot].decoded.answer(network, current.inputs, logits, out);
-        self.pinned_out = Some(pinned_out);
         Ok(())
     }
 }

@@ -5,10 +5,16 @@
 //! few connections. One reader thread per link (one link per scheduler shard) turns PLAN
 //! frames into jobs for the worker thread of the plan's GPU; each worker keeps a
 //! [`PlanFollower`] and starts each batch at its `exec_at` (converted to this machine's
-//! clock with the offset measured at the handshake), runs it on its backend and writes the
-//! RESULT on the link the plan came from. A heartbeat thread writes HEARTBEAT on every
-//! link; the shards answer each, so a link silent for `silence_limit` means the scheduler is
-//! gone, and the executor stops.
+//! clock with the offset, re-estimated from every heartbeat the scheduler answers), runs it
+//! on its backend and writes the RESULT on the link the plan came from. A heartbeat thread
+//! writes HEARTBEAT on every link from its JOIN on; the shards answer each, so a link silent
+//! for `silence_limit` means the scheduler is gone.
+//!
+//! A session lasts from HELLO until a link is lost; [`run`] then registers again, with
+//! back-off and jitter, keeping the backends and measured profiles, so a scheduler that
+//! restarts gets its executors back without anyone restarting them. A peer that closes
+//! never kills the process: writes to a closed socket fail with EPIPE (the binary keeps
+//! SIGPIPE ignored for this command).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -24,7 +30,7 @@ use symphony_core::wire::executor::{
 use symphony_core::wire::{self, Decoded, FrameDecoder, Kind, WireError};
 
 use crate::backend::{Backend, BackendKind, Batch, BatchOutput, ModelSpec, SimBackend};
-use crate::clock::{estimate_offset, Offset, Probe};
+use crate::clock::{estimate_offset, Clock, Offset, OffsetTracker, Probe, SharedOffset};
 use crate::cpu::CpuBackend;
 use crate::follower::{Due, PlanFollower, LATE_BOUND_NS_DEFAULT};
 
@@ -70,6 +76,11 @@ pub struct ExecutorConfig {
     /// the scheduler's own largest batch), `profile_repeat` measured runs each.
     pub profile_batch_max: u32,
     pub profile_repeat: u32,
+    /// The longest wait between two registration attempts ([`run`]).
+    pub reconnect_backoff_max: Duration,
+    /// Runs this executor's clock fast (> 0) or slow (< 0) by this many parts per million:
+    /// for tests of clock drift only.
+    pub clock_skew_ppm: f64,
 }
 
 impl ExecutorConfig {
@@ -84,6 +95,8 @@ impl ExecutorConfig {
             heartbeat_interval: Duration::from_millis(100),
             profile_batch_max: 16,
             profile_repeat: 3,
+            reconnect_backoff_max: Duration::from_secs(5),
+            clock_skew_ppm: 0.0,
         }
     }
 }
@@ -200,7 +213,7 @@ impl FrameConn {
     fn expect<T>(&mut self, kind: Kind) -> Result<T, ExecutorError>
     where
         T: rkyv::Archive,
-        T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, wire::ValidationError>>
             + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
     {
         let (got, start, end) = self.next_frame()?;
@@ -298,17 +311,43 @@ enum Event {
     LinkClosed { shard: usize, reason: String },
 }
 
-/// A connected, registered executor.
+/// A connected, registered executor (one session: from HELLO until a link is lost).
 #[derive(Debug)]
 pub struct RunningExecutor {
     pub executor_id: u32,
+    /// The offset measured at the handshake (heartbeats keep re-estimating it).
     pub offset: Offset,
     pub models: Vec<ModelSpec>,
     stats: Arc<ExecutorStats>,
+    shared_offset: Arc<SharedOffset>,
     stop: Arc<AtomicBool>,
     events: Receiver<Event>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<Box<dyn Backend>>>,
     writers: Vec<Arc<LinkWriter>>,
+    /// What the next session reuses (with the backends the workers give back).
+    profiles: Vec<ModelProfile>,
+}
+
+/// What a session is built from and gives back: the backends (with their device state) and
+/// the profiles measured for the scheduler's models. A reconnecting executor reuses them,
+/// so it does not profile again.
+struct Prepared {
+    models: Vec<ModelSpec>,
+    backends: Vec<Box<dyn Backend>>,
+    profiles: Vec<ModelProfile>,
+}
+
+impl Prepared {
+    /// Whether these were made for the models a WELCOME lists.
+    fn fits(&self, welcome: &Welcome) -> bool {
+        self.models.len() == welcome.models.len()
+            && self
+                .models
+                .iter()
+                .zip(&welcome.models)
+                .all(|(m, w)| m.id == w.id && m.name == w.name)
+    }
 }
 
 impl RunningExecutor {
@@ -321,8 +360,17 @@ impl RunningExecutor {
         Arc::clone(&self.stats)
     }
 
+    /// The clock offset as re-estimated from the heartbeats so far.
+    pub fn current_offset(&self) -> Offset {
+        self.shared_offset.load()
+    }
+
     /// Runs until `stop` is set (Ok) or a link to the scheduler fails (Err).
-    pub fn wait(mut self, stop: &AtomicBool) -> Result<(), ExecutorError> {
+    pub fn wait(self, stop: &AtomicBool) -> Result<(), ExecutorError> {
+        self.wait_session(stop).0
+    }
+
+    fn wait_session(mut self, stop: &AtomicBool) -> (Result<(), ExecutorError>, Prepared) {
         let outcome = loop {
             if stop.load(Ordering::Relaxed) {
                 break Ok(());
@@ -337,11 +385,17 @@ impl RunningExecutor {
                 Err(RecvTimeoutError::Disconnected) => break Ok(()),
             }
         };
-        self.shutdown();
-        outcome
+        let backends = self.shutdown();
+        let prepared = Prepared {
+            models: std::mem::take(&mut self.models),
+            backends,
+            profiles: std::mem::take(&mut self.profiles),
+        };
+        (outcome, prepared)
     }
 
-    fn shutdown(&mut self) {
+    /// Stops every thread; the workers give their backends back.
+    fn shutdown(&mut self) -> Vec<Box<dyn Backend>> {
         self.stop.store(true, Ordering::Relaxed);
         for writer in &self.writers {
             let _ = writer
@@ -353,16 +407,23 @@ impl RunningExecutor {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.workers.drain(..).filter_map(|w| w.join().ok()).collect()
     }
 }
 
-/// Connects, registers and starts the threads.
+/// Connects, registers and starts the threads: one session.
 pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> {
+    check_backend(config)?;
+    let clock = Clock::new(config.clock_skew_ppm);
+    start_session(config, clock, None, Arc::new(ExecutorStats::default())).map_err(|(error, _)| error)
+}
+
+/// Before any session: the backend can run here (no CUDA driver is an error, never a panic).
+fn check_backend(config: &ExecutorConfig) -> Result<(), ExecutorError> {
     if config.gpus == 0 {
         return Err(ExecutorError::Backend("an executor runs at least 1 GPU".to_string()));
     }
     if config.backend == BackendKind::Cuda {
-        // Before any driver call: no driver is an error, never a panic.
         crate::cuda::driver_check().map_err(ExecutorError::Backend)?;
         let present = crate::cuda::device_count();
         if (config.gpus as usize) > present {
@@ -372,8 +433,114 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
             )));
         }
     }
-    let epoch = Instant::now();
-    let local_ns = move || epoch.elapsed().as_nanos() as u64;
+    Ok(())
+}
+
+/// Whether an error ends the executor instead of a reconnection: a wrong token, or a
+/// backend that cannot run.
+pub fn is_fatal(error: &ExecutorError) -> bool {
+    matches!(
+        error,
+        ExecutorError::Refused {
+            code: wire::ErrorCode::Unauthorized,
+            ..
+        } | ExecutorError::Backend(_)
+    )
+}
+
+/// Runs sessions until `stop` is set: a lost link (the scheduler restarted, a network
+/// fault, a loss the scheduler declared) is followed by a new registration after a back-off
+/// that doubles from 100 ms to `config.reconnect_backoff_max`, with jitter, so executors
+/// that lost one scheduler do not all come back at the same instant. Backends and measured
+/// profiles are kept across sessions. Ends with an error only for [`is_fatal`] ones.
+pub fn run(
+    config: &ExecutorConfig,
+    stop: &AtomicBool,
+    stats: Arc<ExecutorStats>,
+    log: &dyn Fn(&str),
+) -> Result<(), ExecutorError> {
+    check_backend(config)?;
+    let clock = Clock::new(config.clock_skew_ppm);
+    let mut prepared = None;
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut jitter = Jitter::new();
+    while !stop.load(Ordering::Relaxed) {
+        match start_session(config, clock, prepared.take(), Arc::clone(&stats)) {
+            Ok(running) => {
+                log(&format!(
+                    "executor {} with {} {} GPU(s), {} model(s); clock offset {} us (+- {} us)",
+                    running.executor_id,
+                    config.gpus,
+                    config.backend.name(),
+                    running.models.len(),
+                    running.offset.offset_ns / 1000,
+                    running.offset.error_bound_ns / 1000,
+                ));
+                backoff = RECONNECT_BACKOFF_MIN;
+                let (outcome, back) = running.wait_session(stop);
+                prepared = Some(back);
+                match outcome {
+                    Ok(()) => return Ok(()),
+                    Err(error) => log(&format!("{error}; registering again")),
+                }
+            }
+            Err((error, back)) => {
+                prepared = back;
+                if is_fatal(&error) {
+                    return Err(error);
+                }
+                log(&format!(
+                    "{error}; retrying in {} ms",
+                    (backoff.as_millis() as u64).max(1)
+                ));
+            }
+        }
+        let wait = jitter.spread(backoff);
+        let until = Instant::now() + wait;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
+        }
+        backoff = (backoff * 2).min(config.reconnect_backoff_max.max(RECONNECT_BACKOFF_MIN));
+    }
+    Ok(())
+}
+
+/// The first reconnection waits this long (then twice as long each time).
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Heartbeat round trips the clock offset is re-estimated from (the least round trip wins).
+const OFFSET_WINDOW: usize = 8;
+
+/// Jitter for back-offs: a xorshift seeded from the time and the process id.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Jitter {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 32;
+        Jitter(seed | 1)
+    }
+
+    /// `base` scaled by a factor in [0.5, 1.5).
+    fn spread(&mut self, base: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let factor = 0.5 + (self.0 >> 11) as f64 / (1u64 << 53) as f64;
+        base.mul_f64(factor)
+    }
+}
+
+/// The handshake on a front door: HELLO, WELCOME and the clock probes.
+struct Handshake {
+    control: FrameConn,
+    welcome: Welcome,
+    offset: Offset,
+    scheduler_addr: SocketAddr,
+}
+
+fn handshake(config: &ExecutorConfig, clock: Clock) -> Result<Handshake, ExecutorError> {
     let (stream, scheduler_addr) = connect_any(&config.schedulers)?;
     stream.set_nodelay(true).ok();
     stream
@@ -396,7 +563,7 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
     let welcome: Welcome = control.expect(Kind::ExecWelcome)?;
     let mut probes = Vec::with_capacity(PROBES as usize);
     for sequence in 0..PROBES {
-        let sent_local_ns = local_ns();
+        let sent_local_ns = clock.now_ns();
         control.send(&frame_of(
             Kind::ExecProbe,
             &ProbeMsg {
@@ -414,10 +581,24 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
         probes.push(Probe {
             sent_local_ns,
             scheduler_ns: reply.scheduler_ns,
-            received_local_ns: local_ns(),
+            received_local_ns: clock.now_ns(),
         });
     }
     let offset = estimate_offset(&probes).ok_or_else(|| ExecutorError::Protocol("no valid clock probe".to_string()))?;
+    Ok(Handshake {
+        control,
+        welcome,
+        offset,
+        scheduler_addr,
+    })
+}
+
+/// The backends and profiles for the models of a WELCOME: made here (profiling the models
+/// on a backend that computes), or the ones of an earlier session if they fit.
+fn prepare(config: &ExecutorConfig, welcome: &Welcome, earlier: Option<Prepared>) -> Result<Prepared, ExecutorError> {
+    if let Some(earlier) = earlier.filter(|p| p.fits(welcome) && p.backends.len() == config.gpus as usize) {
+        return Ok(earlier);
+    }
     let mut models = Vec::with_capacity(welcome.models.len());
     for m in &welcome.models {
         let profile = m
@@ -467,16 +648,158 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
             profile: ProfileWire::of(&profile),
         });
     }
+    Ok(Prepared {
+        models,
+        backends,
+        profiles,
+    })
+}
+
+/// One session: handshake, registration, a link per shard (heartbeats on each from its
+/// JOIN on), then the reader, worker and heartbeat threads. On failure the backends come
+/// back with the error, for the next attempt.
+#[allow(clippy::type_complexity)]
+fn start_session(
+    config: &ExecutorConfig,
+    clock: Clock,
+    earlier: Option<Prepared>,
+    stats: Arc<ExecutorStats>,
+) -> Result<RunningExecutor, (ExecutorError, Option<Prepared>)> {
+    let Handshake {
+        mut control,
+        welcome,
+        offset,
+        scheduler_addr,
+    } = match handshake(config, clock) {
+        Ok(handshake) => handshake,
+        Err(error) => return Err((error, earlier)),
+    };
+    let prepared = prepare(config, &welcome, earlier).map_err(|e| (e, None))?;
     let register = Register {
         offset_ns: offset.offset_ns,
         offset_error_ns: offset.error_bound_ns,
-        models: profiles,
+        models: prepared.profiles.clone(),
     };
-    control.send(&frame_of(Kind::ExecRegister, &register)?)?;
-    let registered: Registered = control.expect(Kind::ExecRegistered)?;
-    let executor_id = registered.executor_id;
+    let joined = (|| {
+        control.send(&frame_of(Kind::ExecRegister, &register)?)?;
+        let registered: Registered = control.expect(Kind::ExecRegistered)?;
+        Ok::<u32, ExecutorError>(registered.executor_id)
+    })();
+    let executor_id = match joined {
+        Ok(id) => id,
+        Err(error) => return Err((error, Some(prepared))),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Heartbeats from each link's JOIN on: a scheduler with many shards must not lose the
+    // executor while it is still joining the last ones.
+    let beating: Arc<Mutex<Vec<Arc<LinkWriter>>>> = Arc::new(Mutex::new(Vec::new()));
+    let heartbeat = {
+        let (beating, stop) = (Arc::clone(&beating), Arc::clone(&stop));
+        let interval = config.heartbeat_interval;
+        std::thread::Builder::new()
+            .name("heartbeat".to_string())
+            .spawn(move || heartbeats(&beating, &stop, interval, clock))
+            .map_err(|e| (ExecutorError::Backend(e.to_string()), None))?
+    };
+    let links = join_links(config, &welcome, executor_id, scheduler_addr, &beating);
+    let link_conns = match links {
+        Ok(links) => links,
+        Err(error) => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = heartbeat.join();
+            return Err((error, Some(prepared)));
+        }
+    };
+    drop(control);
+    let writers: Vec<Arc<LinkWriter>> = beating.lock().expect("link writers").clone();
+    let shared_offset = Arc::new(SharedOffset::new(offset));
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new(OFFSET_WINDOW)));
+    let (events_tx, events) = mpsc::channel();
+    let silence_limit = (config.heartbeat_interval * 10).max(Duration::from_secs(1));
+    let mut threads = vec![heartbeat];
+    let mut workers = Vec::with_capacity(config.gpus as usize);
+    let mut job_senders = Vec::with_capacity(config.gpus as usize);
+    let mut job_receivers = Vec::with_capacity(config.gpus as usize);
+    for _ in 0..config.gpus {
+        let (tx, rx) = mpsc::channel::<Job>();
+        job_senders.push(tx);
+        job_receivers.push(rx);
+    }
+    let Prepared {
+        models,
+        backends,
+        profiles,
+    } = prepared;
+    let planned: Arc<Vec<Option<symphony_core::profile::Profile>>> = Arc::new({
+        let mut by_id = vec![None; models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0)];
+        for (m, p) in models.iter().zip(&profiles) {
+            by_id[m.id as usize] = p.profile.to_profile().ok();
+        }
+        by_id
+    });
+    for (gpu, (backend, jobs)) in backends.into_iter().zip(job_receivers).enumerate() {
+        let worker = Worker {
+            planned: Arc::clone(&planned),
+            gpu: gpu as u32,
+            backend,
+            jobs,
+            writers: writers.clone(),
+            offset: Arc::clone(&shared_offset),
+            clock,
+            late_bound_ns: config.late_bound_ns,
+            stop: Arc::clone(&stop),
+            stats: Arc::clone(&stats),
+        };
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("gpu-{gpu}"))
+                .spawn(move || worker.run())
+                .expect("spawns a GPU worker thread"),
+        );
+    }
+    for (shard, link) in link_conns.into_iter().enumerate() {
+        let _ = link.stream.set_read_timeout(Some(silence_limit));
+        let reader = Reader {
+            shard,
+            link,
+            jobs: job_senders.clone(),
+            writer: Arc::clone(&writers[shard]),
+            events: events_tx.clone(),
+            stop: Arc::clone(&stop),
+            clock,
+            tracker: Arc::clone(&tracker),
+            offset: Arc::clone(&shared_offset),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("link-{shard}"))
+                .spawn(move || reader.run())
+                .expect("spawns a link reader thread"),
+        );
+    }
+    Ok(RunningExecutor {
+        executor_id,
+        offset,
+        models,
+        stats,
+        shared_offset,
+        stop,
+        events,
+        threads,
+        workers,
+        writers,
+        profiles,
+    })
+}
 
-    // One link per shard, on the address the scheduler gave (its host if unspecified).
+/// JOIN on every shard's link, each link's writer added to `beating` once joined.
+fn join_links(
+    config: &ExecutorConfig,
+    welcome: &Welcome,
+    executor_id: u32,
+    scheduler_addr: SocketAddr,
+    beating: &Mutex<Vec<Arc<LinkWriter>>>,
+) -> Result<Vec<FrameConn>, ExecutorError> {
     let mut link_conns = Vec::with_capacity(welcome.links.len());
     for (shard, addr) in welcome.links.iter().enumerate() {
         let mut addr: SocketAddr = addr
@@ -497,6 +820,7 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
         let join = Join {
             token: config.token.clone(),
             executor_id,
+            secret: welcome.secret,
             shard: shard as u32,
         };
         link.send(&frame_of(Kind::ExecJoin, &join)?)?;
@@ -507,113 +831,39 @@ pub fn start(config: &ExecutorConfig) -> Result<RunningExecutor, ExecutorError> 
                 joined.shard
             )));
         }
-        link_conns.push(link);
-    }
-    drop(control);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(ExecutorStats::default());
-    let (events_tx, events) = mpsc::channel();
-    let silence_limit = (config.heartbeat_interval * 10).max(Duration::from_secs(1));
-    let mut writers = Vec::with_capacity(link_conns.len());
-    let mut threads = Vec::new();
-    let mut job_senders = Vec::with_capacity(config.gpus as usize);
-    let mut job_receivers = Vec::with_capacity(config.gpus as usize);
-    for _ in 0..config.gpus {
-        let (tx, rx) = mpsc::channel::<Job>();
-        job_senders.push(tx);
-        job_receivers.push(rx);
-    }
-    for link in &link_conns {
-        let stream = link
+        let writer = link
             .stream
             .try_clone()
             .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
-        writers.push(Arc::new(LinkWriter {
-            stream: Mutex::new(stream),
+        beating.lock().expect("link writers").push(Arc::new(LinkWriter {
+            stream: Mutex::new(writer),
         }));
+        link_conns.push(link);
     }
-    let planned: Arc<Vec<Option<symphony_core::profile::Profile>>> = Arc::new({
-        let mut by_id = vec![None; models.iter().map(|m| m.id as usize + 1).max().unwrap_or(0)];
-        for (m, p) in models.iter().zip(&register.models) {
-            by_id[m.id as usize] = p.profile.to_profile().ok();
+    Ok(link_conns)
+}
+
+/// Writes a HEARTBEAT on every joined link each interval until `stop`.
+fn heartbeats(beating: &Mutex<Vec<Arc<LinkWriter>>>, stop: &AtomicBool, interval: Duration, clock: Clock) {
+    let mut frame = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        frame.clear();
+        let beat = Heartbeat {
+            sent_ns: clock.now_ns(),
+            echo_ns: 0,
+        };
+        if exec::encode(&mut frame, Kind::ExecHeartbeat, &beat).is_ok() {
+            let writers = beating.lock().expect("link writers").clone();
+            for writer in &writers {
+                let _ = writer.write(&frame);
+            }
         }
-        by_id
-    });
-    for (gpu, (backend, jobs)) in backends.into_iter().zip(job_receivers).enumerate() {
-        let worker = Worker {
-            planned: Arc::clone(&planned),
-            gpu: gpu as u32,
-            backend,
-            jobs,
-            writers: writers.clone(),
-            offset,
-            epoch,
-            late_bound_ns: config.late_bound_ns,
-            stop: Arc::clone(&stop),
-            stats: Arc::clone(&stats),
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("gpu-{gpu}"))
-                .spawn(move || worker.run())
-                .map_err(|e| ExecutorError::Backend(e.to_string()))?,
-        );
+        // In short steps, so a stop is not held up by a long interval.
+        let next = Instant::now() + interval;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(20)));
+        }
     }
-    for (shard, link) in link_conns.into_iter().enumerate() {
-        link.stream
-            .set_read_timeout(Some(silence_limit))
-            .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
-        let reader = Reader {
-            shard,
-            link,
-            jobs: job_senders.clone(),
-            writer: Arc::clone(&writers[shard]),
-            events: events_tx.clone(),
-            stop: Arc::clone(&stop),
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("link-{shard}"))
-                .spawn(move || reader.run())
-                .map_err(|e| ExecutorError::Backend(e.to_string()))?,
-        );
-    }
-    let heartbeat_writers = writers.clone();
-    let heartbeat_stop = Arc::clone(&stop);
-    let interval = config.heartbeat_interval;
-    threads.push(
-        std::thread::Builder::new()
-            .name("heartbeat".to_string())
-            .spawn(move || {
-                let mut frame = Vec::new();
-                while !heartbeat_stop.load(Ordering::Relaxed) {
-                    frame.clear();
-                    let beat = Heartbeat { sent_ns: local_ns() };
-                    if exec::encode(&mut frame, Kind::ExecHeartbeat, &beat).is_ok() {
-                        for writer in &heartbeat_writers {
-                            let _ = writer.write(&frame);
-                        }
-                    }
-                    // In short steps, so a stop is not held up by a long interval.
-                    let next = Instant::now() + interval;
-                    while !heartbeat_stop.load(Ordering::Relaxed) && Instant::now() < next {
-                        std::thread::sleep((next - Instant::now()).min(Duration::from_millis(20)));
-                    }
-                }
-            })
-            .map_err(|e| ExecutorError::Backend(e.to_string()))?,
-    );
-    Ok(RunningExecutor {
-        executor_id,
-        offset,
-        models,
-        stats,
-        stop,
-        events,
-        threads,
-        writers,
-    })
 }
 
 /// One link's reader: PLAN frames become jobs for the GPU workers.
@@ -624,6 +874,10 @@ struct Reader {
     writer: Arc<LinkWriter>,
     events: Sender<Event>,
     stop: Arc<AtomicBool>,
+    clock: Clock,
+    /// Heartbeat round trips of every link, for the offset.
+    tracker: Arc<Mutex<OffsetTracker>>,
+    offset: Arc<SharedOffset>,
 }
 
 impl Reader {
@@ -640,7 +894,7 @@ impl Reader {
                         break e;
                     }
                 }
-                Kind::ExecHeartbeat => {}
+                Kind::ExecHeartbeat => self.on_heartbeat(start, end),
                 Kind::Error => {
                     break match wire::decode_error(payload) {
                         Ok(error) => format!("it sent an error: {} ({:?})", error.message, error.code),
@@ -655,6 +909,26 @@ impl Reader {
                 shard: self.shard,
                 reason,
             });
+        }
+    }
+
+    /// A shard's answer to a heartbeat: a clock probe (it echoes our send time).
+    fn on_heartbeat(&self, start: usize, end: usize) {
+        let received_local_ns = self.clock.now_ns();
+        let Ok(beat) = exec::access::<Heartbeat>(Kind::ExecHeartbeat, &self.link.buffer[start..end]) else {
+            return;
+        };
+        let sent_local_ns = beat.echo_ns.to_native();
+        if sent_local_ns == 0 || sent_local_ns > received_local_ns {
+            return;
+        }
+        let probe = Probe {
+            sent_local_ns,
+            scheduler_ns: beat.sent_ns.to_native(),
+            received_local_ns,
+        };
+        if let Some(offset) = self.tracker.lock().expect("offset tracker").record(probe) {
+            self.offset.store(offset);
         }
     }
 }
@@ -731,8 +1005,8 @@ struct Worker {
     backend: Box<dyn Backend>,
     jobs: Receiver<Job>,
     writers: Vec<Arc<LinkWriter>>,
-    offset: Offset,
-    epoch: Instant,
+    offset: Arc<SharedOffset>,
+    clock: Clock,
     late_bound_ns: u64,
     stop: Arc<AtomicBool>,
     stats: Arc<ExecutorStats>,
@@ -740,17 +1014,25 @@ struct Worker {
 
 impl Worker {
     fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.clock.now_ns()
     }
 
-    fn run(mut self) {
+    /// Follows plans until the session stops; gives the backend back.
+    fn run(mut self) -> Box<dyn Backend> {
+        self.follow();
+        self.backend
+    }
+
+    fn follow(&mut self) {
         let mut follower = PlanFollower::new(self.late_bound_ns);
         let mut batch = BatchOutput::default();
         let mut received_jobs = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let now_ns = self.now_ns();
             let wait = follower.next_due_ns().map_or(Duration::from_millis(50), |due| {
-                Duration::from_nanos(due.saturating_sub(now_ns)).min(Duration::from_millis(50))
+                self.clock
+                    .real_duration(due.saturating_sub(now_ns))
+                    .min(Duration::from_millis(50))
             });
             let received = if wait.is_zero() {
                 self.jobs.try_recv().map_err(|e| match e {
@@ -764,7 +1046,7 @@ impl Worker {
                 Ok(mut job) => {
                     job.key = received_jobs;
                     received_jobs += 1;
-                    let exec_at_ns = self.offset.to_local_ns(job.exec_at_scheduler_ns);
+                    let exec_at_ns = self.offset.load().to_local_ns(job.exec_at_scheduler_ns);
                     if let Err(refused) = follower.push(job, exec_at_ns, self.now_ns()) {
                         self.late(refused.plan, refused.late_by_ns);
                     }
@@ -819,7 +1101,7 @@ impl Worker {
         let outcome = self.backend.run_then_stage(current, next, batch);
         let finished_ns = self.now_ns();
         if outcome.is_ok() {
-            let exec_at_ns = self.offset.to_local_ns(job.exec_at_scheduler_ns);
+            let exec_at_ns = self.offset.load().to_local_ns(job.exec_at_scheduler_ns);
             let predicted_ns = self
                 .planned
                 .get(job.model as usize)
@@ -834,10 +1116,8 @@ impl Worker {
                 let _ = following.exec_per_mille.record((per_mille as u64).clamp(1, 1_000_000));
             }
         }
-        let times = (
-            self.offset.to_scheduler_ns(started_ns),
-            self.offset.to_scheduler_ns(finished_ns),
-        );
+        let offset = self.offset.load();
+        let times = (offset.to_scheduler_ns(started_ns), offset.to_scheduler_ns(finished_ns));
         self.stats.plans.fetch_add(1, Ordering::Relaxed);
         self.stats.requests.fetch_add(inputs.len() as u64, Ordering::Relaxed);
         let writer = &self.writers[job.link];

@@ -33,6 +33,11 @@ slo_ms = 50
 kind = "symphony"
 "#;
 
+/// The least `limits.write_buffer_bytes`: room for a few small replies before the reader stops.
+pub const WRITE_BUFFER_BYTES_MIN: usize = 64 << 10;
+/// The least `limits.link_write_buffer_bytes`: one plan of the largest frame, twice.
+pub const LINK_WRITE_BUFFER_BYTES_MIN: usize = 2 * (symphony_core::wire::FRAME_PAYLOAD_LIMIT as usize + 64);
+
 /// Models one service may serve.
 pub const MODELS_LIMIT: usize = 65_536;
 /// Embedded simulated GPUs one service may run.
@@ -41,6 +46,12 @@ pub const EMBEDDED_GPUS_LIMIT: u32 = 65_536;
 pub const EXECUTOR_GPUS_DEFAULT: u32 = 64;
 /// How long a link may stay silent before its executor counts as lost.
 pub const HEARTBEAT_TIMEOUT_MS_DEFAULT: u64 = 1000;
+/// How long after its planned finish an unreported plan counts as lost.
+pub const PLAN_TIMEOUT_MS_DEFAULT: u64 = 1000;
+/// How long a connection to a link port may take to JOIN.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 2000;
+/// How long a connection with bytes to write may accept none before it is closed.
+pub const WRITE_STALL_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -73,6 +84,9 @@ struct RawConfig {
     executor_token: Option<String>,
     executor_gpus: Option<u32>,
     heartbeat_timeout_ms: Option<u64>,
+    plan_timeout_ms: Option<u64>,
+    handshake_timeout_ms: Option<u64>,
+    write_stall_timeout_ms: Option<u64>,
     #[serde(default = "default_zero_copy")]
     zero_copy: bool,
 }
@@ -91,6 +105,7 @@ struct RawModel {
     name: String,
     profile: String,
     slo_ms: f64,
+    input_bytes: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,17 +121,34 @@ struct RawPolicy {
     jitter_us: Option<u64>,
 }
 
-/// Named limits of one service; each produces an error reply, never unbounded growth.
+/// Named limits of one service; each produces an error reply, a refusal or backpressure,
+/// never unbounded growth. `docs/protocol.md` ("Limits") lists them for clients.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Open client connections per shard; more are closed at once.
+    /// Open client connections per shard (front door). At the limit a new connection takes
+    /// the place of the oldest one that never sent a frame; if every one has, the new one
+    /// gets an ERROR `OVERLOADED` and is closed.
     pub connections_per_shard: usize,
+    /// Connections per shard on its executor link port, joined or not. At the limit a new
+    /// one takes the place of the oldest that has not joined, or is refused.
+    pub links_per_shard: usize,
     /// Requests one shard holds (queued or running); past it, replies are `overloaded`.
     pub requests_per_shard: usize,
+    /// Requests one connection may have without a reply; at it the shard reads no more from
+    /// that connection until replies go out (TCP backpressure).
+    pub requests_per_connection: usize,
+    /// Bytes queued for writing on one client connection; at it the shard reads no more from
+    /// that connection until the client reads (TCP backpressure). Replies already owed are
+    /// still queued, so the queue may pass it by those.
+    pub write_buffer_bytes: usize,
+    /// Bytes of plans queued on one executor link; a plan that would pass it loses the
+    /// executor (it is not taking its plans).
+    pub link_write_buffer_bytes: usize,
     /// Requests one cross-shard message carries.
     pub routed_batch: usize,
-    /// Messages a cross-shard channel holds before its sender waits (backpressure).
+    /// Messages a cross-shard channel holds; when it is full the sending shard queues its
+    /// messages in order and stops reading its sockets until the channel has room.
     pub mesh_channel: usize,
 }
 
@@ -124,9 +156,39 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             connections_per_shard: 1024,
+            links_per_shard: 256,
             requests_per_shard: 1 << 20,
+            requests_per_connection: 16_384,
+            write_buffer_bytes: 4 << 20,
+            link_write_buffer_bytes: 64 << 20,
             routed_batch: 1024,
             mesh_channel: 1024,
+        }
+    }
+}
+
+/// The service's timeouts, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A link silent this long loses its executor.
+    pub heartbeat_ms: u64,
+    /// A plan not reported this long after its planned finish is lost: its requests are
+    /// re-planned or answered and its GPU leaves planning until the executor reports it.
+    pub plan_ms: u64,
+    /// A connection to a link port that has not JOINed within this is closed.
+    pub handshake_ms: u64,
+    /// A connection (client or link) with bytes to write that accepts none for this long is
+    /// closed (a link's executor is lost).
+    pub write_stall_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            heartbeat_ms: HEARTBEAT_TIMEOUT_MS_DEFAULT,
+            plan_ms: PLAN_TIMEOUT_MS_DEFAULT,
+            handshake_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            write_stall_ms: WRITE_STALL_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -142,12 +204,13 @@ pub struct ServeConfig {
     pub gpus: u32,
     /// GPU slots for external executors (0 without an executor token).
     pub executor_gpus: u32,
-    /// A link silent this long loses its executor.
-    pub heartbeat_timeout_ms: u64,
+    pub timeouts: Timeouts,
     /// Plans with 16 KiB of inputs or more go to executors with zero-copy sends (io_uring
     /// SENDMSG_ZC); `false` copies them into the link's buffer instead.
     pub zero_copy: bool,
     pub models: Vec<ModelConfig>,
+    /// Per model (same order as `models`): the size every input must have, if declared.
+    pub input_bytes: Vec<Option<u32>>,
     pub policy: PolicyKind,
     pub knobs: Knobs,
     pub limits: Limits,
@@ -188,6 +251,7 @@ impl ServeConfig {
         config.source = workload.source.clone();
         config.gpus = workload.gpu_count;
         config.models = symphony_core::sim::model_configs(workload);
+        config.input_bytes = vec![None; config.models.len()];
         config
     }
 
@@ -217,14 +281,51 @@ impl ServeConfig {
         if raw.models.is_empty() || raw.models.len() > MODELS_LIMIT {
             return Err(invalid("models", format!("1 to {MODELS_LIMIT} models")));
         }
-        let heartbeat_timeout_ms = raw.heartbeat_timeout_ms.unwrap_or(HEARTBEAT_TIMEOUT_MS_DEFAULT);
-        if !(50..=600_000).contains(&heartbeat_timeout_ms) {
-            return Err(invalid("heartbeat_timeout_ms", "50 to 600000".to_string()));
+        let mut timeouts = Timeouts::default();
+        for (field, value, slot, range) in [
+            (
+                "heartbeat_timeout_ms",
+                raw.heartbeat_timeout_ms,
+                &mut timeouts.heartbeat_ms,
+                50..=600_000,
+            ),
+            (
+                "plan_timeout_ms",
+                raw.plan_timeout_ms,
+                &mut timeouts.plan_ms,
+                10..=3_600_000,
+            ),
+            (
+                "handshake_timeout_ms",
+                raw.handshake_timeout_ms,
+                &mut timeouts.handshake_ms,
+                50..=600_000,
+            ),
+            (
+                "write_stall_timeout_ms",
+                raw.write_stall_timeout_ms,
+                &mut timeouts.write_stall_ms,
+                100..=3_600_000,
+            ),
+        ] {
+            if let Some(ms) = value {
+                if !range.contains(&ms) {
+                    return Err(invalid(field, format!("{} to {}", range.start(), range.end())));
+                }
+                *slot = ms;
+            }
         }
         if raw.shards == Some(0) {
             return Err(invalid("shards", "at least 1".to_string()));
         }
+        if raw.cpus.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                "cpus",
+                "a list of at least one CPU (or no `cpus` key)".to_string(),
+            ));
+        }
         let mut models = Vec::with_capacity(raw.models.len());
+        let mut input_bytes = Vec::with_capacity(raw.models.len());
         for (index, m) in raw.models.iter().enumerate() {
             let field = |name: &str| format!("models[{index}].{name}");
             if m.name.is_empty() || m.name.len() > symphony_core::wire::MODEL_NAME_LIMIT {
@@ -248,6 +349,15 @@ impl ServeConfig {
                 None => Profile::parse_linear(&m.profile, slo_ns),
             }
             .map_err(|e| invalid(&field("profile"), e.to_string()))?;
+            if m.input_bytes
+                .is_some_and(|bytes| bytes as usize > symphony_core::wire::INPUT_LIMIT)
+            {
+                return Err(invalid(
+                    &field("input_bytes"),
+                    format!("at most {} bytes (the frame cap)", symphony_core::wire::INPUT_LIMIT),
+                ));
+            }
+            input_bytes.push(m.input_bytes);
             models.push(ModelConfig {
                 name: m.name.clone(),
                 profile,
@@ -292,11 +402,27 @@ impl ServeConfig {
             }
         }
         let limits = raw.limits;
-        if limits.connections_per_shard == 0 || limits.requests_per_shard == 0 || limits.routed_batch == 0 {
-            return Err(invalid("limits", "every limit at least 1".to_string()));
-        }
-        if limits.mesh_channel < 2 {
-            return Err(invalid("limits.mesh_channel", "at least 2".to_string()));
+        for (field, value, least) in [
+            ("limits.connections_per_shard", limits.connections_per_shard, 1),
+            ("limits.links_per_shard", limits.links_per_shard, 1),
+            ("limits.requests_per_shard", limits.requests_per_shard, 1),
+            ("limits.requests_per_connection", limits.requests_per_connection, 1),
+            ("limits.routed_batch", limits.routed_batch, 1),
+            ("limits.mesh_channel", limits.mesh_channel, 2),
+            (
+                "limits.write_buffer_bytes",
+                limits.write_buffer_bytes,
+                WRITE_BUFFER_BYTES_MIN,
+            ),
+            (
+                "limits.link_write_buffer_bytes",
+                limits.link_write_buffer_bytes,
+                LINK_WRITE_BUFFER_BYTES_MIN,
+            ),
+        ] {
+            if value < least {
+                return Err(invalid(field, format!("at least {least}")));
+            }
         }
         let executor_gpus = match (&raw.executor_token, raw.executor_gpus) {
             (Some(_), None) => EXECUTOR_GPUS_DEFAULT,
@@ -309,9 +435,10 @@ impl ServeConfig {
             cpus: raw.cpus,
             gpus: raw.gpus,
             executor_gpus,
-            heartbeat_timeout_ms,
+            timeouts,
             zero_copy: raw.zero_copy,
             models,
+            input_bytes,
             policy,
             knobs,
             limits,

@@ -1,21 +1,36 @@
 //! The registry of external executors, shared by every shard: who is connected, which GPU
-//! slots of the table each one's GPUs occupy, the profiles it measured, and how far its
-//! links to the shards are.
+//! slots of the table each one's GPUs occupy, the profiles it measured, its secret, and
+//! which shards it has joined.
 //!
 //! Read on the hot path (a plan's GPU slot to its executor: one atomic load in
 //! `slot_owner`), written only when executors come and go (`dashmap` for the entries, a
 //! mutex for the free slots: both cold). The GPU table (`sync::gpu_table`) is what planning
-//! sees; this maps its slots to executors and decides, once, when an executor's GPUs go
-//! online (every shard's link joined) and offline (the first shard that loses it).
+//! sees; this maps its slots to executors and decides when an executor's GPUs go online
+//! (every shard's link joined) and offline (the first shard that loses it, or a plan that
+//! hung on one GPU). Online and offline go through the executor's [`Lifecycle`], so a join
+//! racing a loss never leaves a GPU online without a live executor (loom:
+//! `verify/tests/loom_lifecycle.rs`).
+//!
+//! A registration is bound to its executor: WELCOME gives it a random secret, and a JOIN
+//! must carry it; each shard takes one link per executor. The profiles the shards plan
+//! with are, per model, the slowest of every live executor's ([`Executors::planning_profiles`]):
+//! a plan never assumes a GPU is faster than the slowest one it may be granted.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use symphony_core::profile::Profile;
+use symphony_core::wire::executor::SECRET_BYTES;
+
+use crate::sync::gpu_table::GpuTable;
+use crate::sync::lifecycle::Lifecycle;
 
 /// No executor GPU in a slot.
 const NO_OWNER: u64 = u64::MAX;
+
+/// Bytes of an executor's name kept (and shown in logs).
+pub const NAME_LOG_LIMIT: usize = 64;
 
 /// Why a registration step was refused; sent to the executor in an ERROR frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +43,12 @@ pub enum RegistryError {
     NoRoom { wanted: usize, free: usize, slots: usize },
     #[error("executor {0} is not registered (or was lost)")]
     Unknown(u32),
+    #[error("this JOIN does not carry executor {0}'s secret")]
+    WrongSecret(u32),
+    #[error("executor {executor} already has a link on shard {shard}")]
+    AlreadyJoined { executor: u32, shard: u32 },
+    #[error("no secret could be drawn from the system's random source: {0}")]
+    Random(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -42,26 +63,32 @@ pub struct ExecutorGpu {
 
 #[derive(Debug)]
 struct Entry {
+    /// Bounded and escaped for logs ([`for_log`]).
     name: String,
+    secret: [u8; SECRET_BYTES],
     /// Table slots of its GPUs, by the executor's index order.
     slots: Vec<u32>,
     /// Per model of the catalog: the profile it measured.
     profiles: Vec<Profile>,
     registered: bool,
-    joined: usize,
+    /// Per shard: whether its link joined.
+    joined: Vec<bool>,
+    joined_count: usize,
     online: bool,
     lost: bool,
     /// Shards that let go of their link after the loss.
     released: usize,
+    life: Arc<Lifecycle>,
 }
 
 /// What a link join did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinOutcome {
-    /// The profiles this executor measured, per catalog model.
-    pub profiles: Vec<Profile>,
-    /// Every shard has joined: the caller brings these slots online.
-    pub bring_online: Option<Vec<u32>>,
+    /// The executor's name, for logs (bounded, escaped).
+    pub name: String,
+    /// When this was the last shard to join: the slots that went online (empty if the
+    /// executor was lost meanwhile) and the shards the table handed GPUs to.
+    pub online: Option<(Vec<u32>, Vec<u16>)>,
 }
 
 /// Executors known to the service.
@@ -69,21 +96,69 @@ pub struct JoinOutcome {
 pub struct Executors {
     token: Option<String>,
     shard_count: usize,
+    table: Arc<GpuTable>,
     /// The table's executor slots are `first_slot..first_slot + slot_owner.len()`.
     first_slot: u32,
     slot_owner: Box<[AtomicU64]>,
+    /// Per executor slot: plans of any shard that hung on it (while > 0 it is offline).
+    hung: Box<[AtomicU32]>,
     free_slots: Mutex<Vec<u32>>,
     next_id: AtomicU32,
     entries: DashMap<u32, Entry>,
 }
 
+/// `text` as it may appear in a log line: at most `limit` bytes (cut at a character), with
+/// control characters and quotes escaped, so a peer's string can neither forge a line nor
+/// drive the terminal.
+pub fn for_log(text: &str, limit: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(limit) + 8);
+    for c in text.chars() {
+        let escaped: String = if c.is_control() || c == '"' || c == '\\' {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        if out.len() + escaped.len() > limit {
+            out.push_str("...");
+            break;
+        }
+        out.push_str(&escaped);
+    }
+    out
+}
+
+/// `SECRET_BYTES` from the system's random source.
+fn draw_secret() -> Result<[u8; SECRET_BYTES], RegistryError> {
+    use std::io::Read;
+    let mut secret = [0u8; SECRET_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut secret))
+        .map_err(|e| RegistryError::Random(e.to_string()))?;
+    Ok(secret)
+}
+
+/// Compares in full whatever the first difference (no early exit).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 impl Executors {
-    pub fn new(token: Option<String>, first_slot: u32, slots: u32, shard_count: usize) -> Executors {
+    /// Executor GPUs take table slots `first_slot..first_slot + slots` of `table`.
+    pub fn new(
+        token: Option<String>,
+        table: Arc<GpuTable>,
+        first_slot: u32,
+        slots: u32,
+        shard_count: usize,
+    ) -> Executors {
+        assert!(first_slot as usize + slots as usize <= table.gpu_count());
         Executors {
             token,
             shard_count,
+            table,
             first_slot,
             slot_owner: (0..slots).map(|_| AtomicU64::new(NO_OWNER)).collect(),
+            hung: (0..slots).map(|_| AtomicU32::new(0)).collect(),
             // Lowest slots first (the grant policy prefers low indices).
             free_slots: Mutex::new((first_slot..first_slot + slots).rev().collect()),
             next_id: AtomicU32::new(1),
@@ -98,22 +173,15 @@ impl Executors {
     /// Checks a token (HELLO and JOIN).
     pub fn authorize(&self, token: &str) -> Result<(), RegistryError> {
         let expected = self.token.as_deref().ok_or(RegistryError::NoExecutors)?;
-        // Length and bytes compared in full whatever the first difference (no early exit).
-        let same = expected.len() == token.len()
-            && expected
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
+        if same_bytes(expected.as_bytes(), token.as_bytes()) {
             Ok(())
         } else {
             Err(RegistryError::WrongToken)
         }
     }
 
-    /// HELLO: a new executor id, checked for room for `gpus` GPUs.
-    pub fn hello(&self, name: &str, gpus: usize) -> Result<u32, RegistryError> {
+    /// HELLO: a new executor id and its secret, checked for room for `gpus` GPUs.
+    pub fn hello(&self, name: &str, gpus: usize) -> Result<(u32, [u8; SECRET_BYTES]), RegistryError> {
         let free = self.free_slots.lock().expect("free slots").len();
         if gpus == 0 || gpus > free {
             return Err(RegistryError::NoRoom {
@@ -122,21 +190,25 @@ impl Executors {
                 slots: self.slot_owner.len(),
             });
         }
+        let secret = draw_secret()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.entries.insert(
             id,
             Entry {
-                name: name.to_string(),
+                name: for_log(name, NAME_LOG_LIMIT),
+                secret,
                 slots: Vec::new(),
                 profiles: Vec::new(),
                 registered: false,
-                joined: 0,
+                joined: vec![false; self.shard_count],
+                joined_count: 0,
                 online: false,
                 lost: false,
                 released: 0,
+                life: Arc::new(Lifecycle::new()),
             },
         );
-        Ok(id)
+        Ok((id, secret))
     }
 
     /// REGISTER: takes table slots for the executor's GPUs (`locals`: its indices) and keeps
@@ -165,22 +237,48 @@ impl Executors {
         Ok(())
     }
 
-    /// JOIN from `shard`'s link. When it is the last shard to join, the executor's slots are
-    /// returned to bring online.
-    pub fn join(&self, id: u32) -> Result<JoinOutcome, RegistryError> {
-        let mut entry = self.entries.get_mut(&id).ok_or(RegistryError::Unknown(id))?;
-        if !entry.registered || entry.lost {
-            return Err(RegistryError::Unknown(id));
-        }
-        entry.joined += 1;
-        let bring_online = (entry.joined == self.shard_count && !entry.online).then(|| {
-            entry.online = true;
-            entry.slots.clone()
+    /// JOIN of executor `id` from `shard`'s link, with the secret of its WELCOME. The last
+    /// shard to join brings the executor's GPUs online in the table, `now_ns` free.
+    pub fn join(
+        &self,
+        id: u32,
+        shard: u32,
+        secret: &[u8; SECRET_BYTES],
+        now_ns: u64,
+    ) -> Result<JoinOutcome, RegistryError> {
+        let (name, online) = {
+            let mut entry = self.entries.get_mut(&id).ok_or(RegistryError::Unknown(id))?;
+            if !entry.registered || entry.lost {
+                return Err(RegistryError::Unknown(id));
+            }
+            if !same_bytes(&entry.secret, secret) {
+                return Err(RegistryError::WrongSecret(id));
+            }
+            let Some(joined) = entry.joined.get_mut(shard as usize) else {
+                return Err(RegistryError::Invalid(format!("there is no shard {shard}")));
+            };
+            if *joined {
+                return Err(RegistryError::AlreadyJoined { executor: id, shard });
+            }
+            *joined = true;
+            entry.joined_count += 1;
+            let last = entry.joined_count == self.shard_count && !entry.online;
+            if last {
+                entry.online = true;
+            }
+            let online = last.then(|| (entry.slots.clone(), Arc::clone(&entry.life)));
+            (entry.name.clone(), online)
+        };
+        // Outside the entry's lock: the lifecycle orders this against a concurrent loss.
+        let online = online.map(|(slots, life)| {
+            let (up, handoffs) = life.bring_online(&self.table, &slots, now_ns);
+            if up {
+                (slots, handoffs)
+            } else {
+                (Vec::new(), Vec::new())
+            }
         });
-        Ok(JoinOutcome {
-            profiles: entry.profiles.clone(),
-            bring_online,
-        })
+        Ok(JoinOutcome { name, online })
     }
 
     /// The executor GPU in table slot `gpu`, if any.
@@ -193,22 +291,60 @@ impl Executors {
         })
     }
 
-    /// The first shard to see executor `id` gone marks it lost and gets its slots, to take
-    /// offline; later callers get `None`.
-    /// An executor that no shard joined yet is forgotten at once (its slots are free again).
-    pub fn mark_lost(&self, id: u32) -> Option<Vec<u32>> {
-        let (slots, joined) = {
+    /// The first shard to see executor `id` gone marks it lost and takes its GPUs offline
+    /// (returns how many); later callers get `None`. An executor that no shard joined yet
+    /// is forgotten at once (its slots are free again).
+    pub fn mark_lost(&self, id: u32) -> Option<usize> {
+        let (slots, joined, life) = {
             let mut entry = self.entries.get_mut(&id)?;
             if entry.lost {
                 return None;
             }
             entry.lost = true;
-            (entry.slots.clone(), entry.joined)
+            (entry.slots.clone(), entry.joined_count, Arc::clone(&entry.life))
         };
+        life.lose(&self.table, &slots);
         if joined == 0 {
             self.forget(id);
         }
-        Some(slots)
+        Some(slots.len())
+    }
+
+    /// A plan on table slot `gpu` did not report in time: while any plan hangs there, the
+    /// GPU is out of planning. True when this took it offline.
+    pub fn gpu_hung(&self, gpu: u32) -> bool {
+        let Some(index) = gpu.checked_sub(self.first_slot) else {
+            return false;
+        };
+        let Some(hung) = self.hung.get(index as usize) else {
+            return false;
+        };
+        hung.fetch_add(1, Ordering::AcqRel) == 0 && self.table.set_offline(gpu)
+    }
+
+    /// A hung plan on slot `gpu` reported after all: when it was the last one, the GPU is
+    /// planned on again (free from `now_ns`) unless its executor is lost. Returns the shard
+    /// the table handed the GPU to, if any.
+    pub fn gpu_recovered(&self, gpu: u32, now_ns: u64) -> (bool, Option<u16>) {
+        let Some(index) = gpu.checked_sub(self.first_slot) else {
+            return (false, None);
+        };
+        let Some(hung) = self.hung.get(index as usize) else {
+            return (false, None);
+        };
+        let before = hung
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if before != 1 {
+            return (false, None);
+        }
+        let Some(owner) = self.owner_of(gpu) else {
+            return (false, None);
+        };
+        let Some(life) = self.entries.get(&owner.executor).map(|e| Arc::clone(&e.life)) else {
+            return (false, None);
+        };
+        life.bring_slot_online(&self.table, gpu, now_ns)
     }
 
     /// A shard let go of its link to lost executor `id` (or never had one). When every shard
@@ -219,7 +355,7 @@ impl Executors {
                 return;
             };
             entry.released += 1;
-            entry.lost && entry.released >= entry.joined.max(1)
+            entry.lost && entry.released >= entry.joined_count.max(1)
         };
         if done {
             self.forget(id);
@@ -230,7 +366,9 @@ impl Executors {
         if let Some((_, entry)) = self.entries.remove(&id) {
             let mut free = self.free_slots.lock().expect("free slots");
             for slot in entry.slots {
-                self.slot_owner[(slot - self.first_slot) as usize].store(NO_OWNER, Ordering::Release);
+                let index = (slot - self.first_slot) as usize;
+                self.slot_owner[index].store(NO_OWNER, Ordering::Release);
+                self.hung[index].store(0, Ordering::Release);
                 free.push(slot);
             }
             free.sort_unstable_by(|a, b| b.cmp(a));
@@ -242,6 +380,7 @@ impl Executors {
         self.entries.get(&id).is_some_and(|e| e.online && !e.lost)
     }
 
+    /// The executor's name as logs show it (bounded, escaped).
     pub fn name_of(&self, id: u32) -> Option<String> {
         self.entries.get(&id).map(|e| e.name.clone())
     }
@@ -250,37 +389,72 @@ impl Executors {
     pub fn online_count(&self) -> usize {
         self.entries.iter().filter(|e| e.online && !e.lost).count()
     }
+
+    /// Per catalog model: the slowest profile of the registered executors that are not lost
+    /// (`None` when there is none). Until plans are made per GPU class, a batch is planned
+    /// as if it ran on the slowest GPU it may be granted.
+    pub fn planning_profiles(&self, models: usize) -> Option<Vec<Profile>> {
+        let mut slowest: Option<Vec<Profile>> = None;
+        for entry in self.entries.iter() {
+            if !entry.registered || entry.lost || entry.profiles.len() != models {
+                continue;
+            }
+            slowest = Some(match slowest {
+                None => entry.profiles.clone(),
+                Some(current) => current
+                    .iter()
+                    .zip(&entry.profiles)
+                    .map(|(a, b)| a.slowest_with(b))
+                    .collect(),
+            });
+        }
+        slowest
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn profile() -> Profile {
-        Profile::from_latencies_ns(vec![1_000, 2_000], 0, 0)
+    fn profile(ns: u64) -> Profile {
+        Profile::from_latencies_ns(vec![ns, 2 * ns], 0, 0)
+    }
+
+    fn registry(table: &Arc<GpuTable>, shards: usize) -> Executors {
+        Executors::new(Some("t".into()), Arc::clone(table), 8, 4, shards)
     }
 
     #[test]
     fn tokens_are_checked_and_missing_tokens_refuse_all() {
-        let executors = Executors::new(Some("secret".into()), 8, 4, 2);
+        let table = Arc::new(GpuTable::with_offline(8, 4, 2));
+        let executors = Executors::new(Some("secret".into()), Arc::clone(&table), 8, 4, 2);
         assert_eq!(executors.authorize("secret"), Ok(()));
         assert_eq!(executors.authorize("secreT"), Err(RegistryError::WrongToken));
         assert_eq!(executors.authorize("secret2"), Err(RegistryError::WrongToken));
-        let closed = Executors::new(None, 8, 4, 2);
+        let closed = Executors::new(None, table, 8, 4, 2);
         assert_eq!(closed.authorize("secret"), Err(RegistryError::NoExecutors));
         assert!(!closed.accepts_executors());
     }
 
     #[test]
     fn gpus_go_online_when_every_shard_joined_and_slots_return_after_loss() {
-        let executors = Executors::new(Some("t".into()), 8, 4, 2);
-        let id = executors.hello("a", 3).unwrap();
-        executors.register(id, &[0, 1, 2], vec![profile()]).unwrap();
+        let table = Arc::new(GpuTable::with_offline(8, 4, 2));
+        let executors = registry(&table, 2);
+        let (id, secret) = executors.hello("a", 3).unwrap();
+        executors.register(id, &[0, 1, 2], vec![profile(1_000)]).unwrap();
         assert_eq!(executors.owner_of(8), Some(ExecutorGpu { executor: id, local: 0 }));
         assert_eq!(executors.owner_of(7), None);
         assert_eq!(executors.owner_of(11), None);
-        assert_eq!(executors.join(id).unwrap().bring_online, None);
-        assert_eq!(executors.join(id).unwrap().bring_online, Some(vec![8, 9, 10]));
+        assert_eq!(executors.join(id, 0, &secret, 5).unwrap().online, None);
+        // A second JOIN on one shard, or one without the secret, is refused.
+        assert_eq!(
+            executors.join(id, 0, &secret, 5),
+            Err(RegistryError::AlreadyJoined { executor: id, shard: 0 })
+        );
+        assert_eq!(executors.join(id, 1, &[0; 16], 5), Err(RegistryError::WrongSecret(id)));
+        let (slots, _) = executors.join(id, 1, &secret, 5).unwrap().online.unwrap();
+        assert_eq!(slots, vec![8, 9, 10]);
+        assert_eq!(table.online_count(), 8 + 3);
         assert_eq!(executors.online_count(), 1);
         // No room for a second executor of 2 GPUs.
         assert!(matches!(
@@ -288,20 +462,66 @@ mod tests {
             Err(RegistryError::NoRoom { free: 1, .. })
         ));
         // Lost: the first shard takes the slots offline, the second does not.
-        assert_eq!(executors.mark_lost(id), Some(vec![8, 9, 10]));
+        assert_eq!(executors.mark_lost(id), Some(3));
+        assert_eq!(table.online_count(), 8);
         assert_eq!(executors.mark_lost(id), None);
-        assert!(executors.join(id).is_err());
+        assert!(executors.join(id, 0, &secret, 5).is_err());
         executors.release(id);
         assert_eq!(executors.owner_of(8).map(|g| g.executor), Some(id));
         executors.release(id);
         assert_eq!(executors.owner_of(8), None);
         // Lost before any link joined: forgotten at once.
-        let c = executors.hello("c", 2).unwrap();
-        executors.register(c, &[0, 1], vec![profile()]).unwrap();
-        assert_eq!(executors.mark_lost(c), Some(vec![8, 9]));
+        let (c, _) = executors.hello("c", 2).unwrap();
+        executors.register(c, &[0, 1], vec![profile(1_000)]).unwrap();
+        assert_eq!(executors.mark_lost(c), Some(2));
         assert_eq!(executors.owner_of(8), None);
-        let b = executors.hello("b", 4).unwrap();
-        executors.register(b, &[0, 1, 2, 3], vec![profile()]).unwrap();
+        let (b, _) = executors.hello("b", 4).unwrap();
+        executors.register(b, &[0, 1, 2, 3], vec![profile(1_000)]).unwrap();
         assert_eq!(executors.owner_of(8).map(|g| g.executor), Some(b));
+    }
+
+    #[test]
+    fn a_hung_gpu_leaves_planning_until_its_last_hung_plan_reports() {
+        let table = Arc::new(GpuTable::with_offline(0, 4, 1));
+        let executors = Executors::new(Some("t".into()), Arc::clone(&table), 0, 4, 1);
+        let (id, secret) = executors.hello("a", 2).unwrap();
+        executors.register(id, &[0, 1], vec![profile(1_000)]).unwrap();
+        executors.join(id, 0, &secret, 0).unwrap();
+        assert_eq!(table.online_count(), 2);
+        assert!(executors.gpu_hung(0));
+        assert!(!executors.gpu_hung(0), "offline already");
+        assert!(!table.is_online(0) && table.is_online(1));
+        assert!(!executors.gpu_recovered(0, 10).0, "one plan still hangs");
+        assert!(executors.gpu_recovered(0, 10).0);
+        assert!(table.is_online(0));
+        // A lost executor's GPU does not come back.
+        assert!(executors.gpu_hung(1));
+        executors.mark_lost(id);
+        assert!(!executors.gpu_recovered(1, 20).0);
+        assert_eq!(table.online_count(), 0);
+    }
+
+    #[test]
+    fn plans_use_the_slowest_live_profile() {
+        let table = Arc::new(GpuTable::with_offline(0, 4, 1));
+        let executors = Executors::new(Some("t".into()), Arc::clone(&table), 0, 4, 1);
+        assert_eq!(executors.planning_profiles(1), None);
+        let (fast, _) = executors.hello("fast", 1).unwrap();
+        executors.register(fast, &[0], vec![profile(1_000)]).unwrap();
+        let (slow, _) = executors.hello("slow", 1).unwrap();
+        executors.register(slow, &[0], vec![profile(5_000)]).unwrap();
+        assert_eq!(executors.planning_profiles(1).unwrap()[0].exec_ns(1), 5_000);
+        executors.mark_lost(slow);
+        assert_eq!(executors.planning_profiles(1).unwrap()[0].exec_ns(1), 1_000);
+    }
+
+    #[test]
+    fn names_reach_logs_bounded_and_escaped() {
+        assert_eq!(for_log("gpu-box-1", 64), "gpu-box-1");
+        let evil = format!("a\nFAKE\x1b[2J{}", "x".repeat(1000));
+        let shown = for_log(&evil, 64);
+        assert!(shown.len() <= 64 + 3, "{shown}");
+        assert!(!shown.contains('\n') && !shown.contains('\x1b'), "{shown}");
+        assert!(shown.starts_with("a\\nFAKE\\u{1b}[2J"), "{shown}");
     }
 }

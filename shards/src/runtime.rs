@@ -31,8 +31,22 @@ pub enum RuntimeError {
         shards: usize,
         needed_bytes: u64,
     },
-    #[error("cpu {cpu} does not exist: this machine has CPUs 0 to {}", available - 1)]
-    NoSuchCpu { cpu: usize, available: usize },
+    #[error("`cpus` lists no CPU: name at least one of {allowed}, or leave it out for all of them")]
+    NoCpus { allowed: String },
+    #[error("cpu {cpu} is not one this process may run on (it may run on {allowed})")]
+    NoSuchCpu { cpu: usize, allowed: String },
+    #[error(
+        "RLIMIT_NOFILE is {limit}: {shards} shards need at least {needed} descriptors \
+         ({in_use} in use at start, {per_shard} per shard for its runtime and the least connections); \
+         raise the limit (ulimit -n) or use fewer shards (--shards)"
+    )]
+    NoFileTooSmall {
+        limit: u64,
+        shards: usize,
+        needed: u64,
+        in_use: u64,
+        per_shard: u64,
+    },
     #[error("starting shard {shard}: {reason}")]
     Spawn { shard: usize, reason: String },
     #[error("shard {shard} failed: {reason}")]
@@ -98,28 +112,154 @@ pub fn numa_cpus() -> Option<Vec<Vec<usize>>> {
     (!nodes.is_empty()).then_some(nodes)
 }
 
-/// The CPUs shards are pinned to: `cpus` if given (checked), else one NUMA node's CPUs before
-/// the next node's (hwloc), so shards that talk most share a node; without a readable topology,
-/// CPUs 0, 1, ...
+/// The CPUs this process may run on (its affinity mask: a container or `taskset` may give
+/// it CPUs that are not numbered from 0), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is an empty set; sched_getaffinity writes at most
+    // `size_of::<cpu_set_t>()` bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let status = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if status != 0 {
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..count).collect();
+    }
+    // SAFETY: CPU_ISSET reads the set we own, for indices below its capacity.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// The CPUs shards are pinned to: `cpus` if given (checked against the CPUs this process
+/// may run on), else those CPUs one NUMA node before the next (hwloc), so shards that talk
+/// most share a node; without a readable topology, the allowed CPUs in order.
 pub fn shard_cpus(shards: usize, cpus: Option<&[usize]>) -> Result<Vec<usize>, RuntimeError> {
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = allowed_cpus();
+    let describe = || allowed.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
     let chosen: Vec<usize> = match cpus {
+        Some([]) => return Err(RuntimeError::NoCpus { allowed: describe() }),
         Some(list) => list.iter().copied().cycle().take(shards).collect(),
         None => {
-            let by_node: Vec<usize> = numa_cpus().map(|nodes| nodes.concat()).unwrap_or_default();
-            if by_node.is_empty() {
-                (0..shards).map(|shard| shard % available).collect()
+            let by_node: Vec<usize> = numa_cpus()
+                .map(|nodes| nodes.concat())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|cpu| allowed.contains(cpu))
+                .collect();
+            let order = if by_node.is_empty() { allowed.clone() } else { by_node };
+            if order.is_empty() {
+                (0..shards).map(|_| 0).collect()
             } else {
-                by_node.iter().copied().cycle().take(shards).collect()
+                order.iter().copied().cycle().take(shards).collect()
             }
         }
     };
     for &cpu in &chosen {
-        if cpu >= available {
-            return Err(RuntimeError::NoSuchCpu { cpu, available });
+        if !allowed.contains(&cpu) {
+            return Err(RuntimeError::NoSuchCpu {
+                cpu,
+                allowed: describe(),
+            });
         }
     }
     Ok(chosen)
+}
+
+/// Descriptors one shard needs besides its connections: its io_uring rings, eventfds and
+/// timers, its listeners and zero-copy ring (an upper estimate).
+const FDS_PER_SHARD_RUNTIME: u64 = 24;
+/// Descriptors kept free for the process (logs, a config file, a profile table).
+const FDS_SPARE: u64 = 32;
+
+/// What the descriptor limit allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// The soft RLIMIT_NOFILE after start-up raised it to the hard limit.
+    pub limit: u64,
+    /// The connection caps the shards run with (the configured ones, or lower).
+    pub connections_per_shard: usize,
+    pub links_per_shard: usize,
+    /// Whether the caps were lowered to fit the limit.
+    pub lowered: bool,
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns the soft limit now.
+pub fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one valid `rlimit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    if limit.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        limit.rlim_cur
+    }
+}
+
+/// Descriptors this process has open now.
+fn fds_in_use() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(16, |dir| dir.count() as u64)
+}
+
+/// Raises the descriptor limit and fits the connection caps under it: every shard's
+/// connections on both ports (and the evicted and refused ones still closing) must have a
+/// descriptor, so accepting never fails for want of one while the caps hold.
+pub fn fd_budget(shards: usize, limits: &crate::config::Limits, links: bool) -> Result<FdBudget, RuntimeError> {
+    use crate::server::{CONNECTIONS_CLOSING_LIMIT, LINKS_LEAST};
+    let limit = raise_nofile_limit();
+    let in_use = fds_in_use();
+    let shards_u64 = shards as u64;
+    let per_shard_fixed = FDS_PER_SHARD_RUNTIME + CONNECTIONS_CLOSING_LIMIT as u64 * if links { 2 } else { 1 };
+    let links_wanted = if links { limits.links_per_shard as u64 } else { 0 };
+    let least = 1 + if links { LINKS_LEAST as u64 } else { 0 };
+    let reserve = in_use + FDS_SPARE;
+    let needed = reserve + shards_u64 * (per_shard_fixed + least);
+    if limit < needed {
+        return Err(RuntimeError::NoFileTooSmall {
+            limit,
+            shards,
+            needed,
+            in_use,
+            per_shard: per_shard_fixed + least,
+        });
+    }
+    let per_shard = (limit - reserve) / shards_u64 - per_shard_fixed;
+    let wanted = limits.connections_per_shard as u64 + links_wanted;
+    if wanted <= per_shard {
+        return Ok(FdBudget {
+            limit,
+            connections_per_shard: limits.connections_per_shard,
+            links_per_shard: limits.links_per_shard,
+            lowered: false,
+        });
+    }
+    // Scale both caps down in proportion, keeping the least of each.
+    let links_cap = if links {
+        (links_wanted * per_shard / wanted).max(LINKS_LEAST as u64)
+    } else {
+        limits.links_per_shard as u64
+    };
+    let clients_cap = (per_shard - if links { links_cap } else { 0 }).max(1);
+    Ok(FdBudget {
+        limit,
+        connections_per_shard: clients_cap.min(limits.connections_per_shard as u64) as usize,
+        links_per_shard: links_cap.min(limits.links_per_shard as u64) as usize,
+        lowered: true,
+    })
 }
 
 /// Starts one pinned executor running `main(shard)`; returns its join handle.
@@ -176,7 +316,22 @@ mod tests {
 
     #[test]
     fn cpus_are_checked() {
-        assert_eq!(shard_cpus(1, None).unwrap(), vec![0]);
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        assert_eq!(shard_cpus(1, None).unwrap(), vec![allowed[0]]);
         assert!(shard_cpus(1, Some(&[100_000])).is_err());
+        assert!(
+            shard_cpus(1, Some(&[])).is_err(),
+            "an empty list is an error, not a panic"
+        );
+    }
+
+    #[test]
+    fn connection_caps_fit_the_descriptor_limit() {
+        let limits = crate::config::Limits::default();
+        let budget = fd_budget(2, &limits, true).unwrap();
+        assert!(budget.limit >= 1024);
+        let used = 2 * (budget.connections_per_shard + budget.links_per_shard) as u64;
+        assert!(used <= budget.limit, "{budget:?}");
     }
 }

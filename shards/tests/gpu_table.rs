@@ -80,3 +80,18 @@ fn a_waiter_takes_a_free_gpu_whatever_its_free_at() {
     assert_eq!((claim.gpu(), claim.free_at_ns()), (0, 1_000));
     let _ = table.cancel(claim);
 }
+
+#[test]
+fn a_lost_executor_never_comes_online() {
+    use symphony_shards::sync::lifecycle::Lifecycle;
+    let table = GpuTable::with_offline(0, 2, 1);
+    let life = Lifecycle::new();
+    assert!(life.bring_online(&table, &[0, 1], 5).0);
+    assert_eq!(table.online_count(), 2);
+    assert!(life.lose(&table, &[0, 1]));
+    assert!(!life.lose(&table, &[0, 1]), "once");
+    assert_eq!(table.online_count(), 0);
+    assert!(!life.bring_online(&table, &[0, 1], 6).0);
+    assert!(!life.bring_slot_online(&table, 0, 7).0);
+    assert_eq!(table.online_count(), 0);
+}

@@ -156,11 +156,26 @@ fn a_client_that_disconnects_does_not_disturb_others() {
             request(&mut buffer, id, ModelRef::Name("resnet_b".into()), &[0; 32]);
         }
         gone.write_all(&buffer).unwrap();
-        // Closed with 100 requests deferred (resnet_b waits tens of ms to batch): they leave
-        // the scheduler before they use a GPU.
+        // Reset with 100 requests deferred (resnet_b waits tens of ms to batch): they leave
+        // the scheduler before they use a GPU. (A FIN alone is a half-close: the client may
+        // still read, so its requests are kept until a reply cannot be written.)
         let deadline = Instant::now() + Duration::from_secs(2);
         while server.stats().requests.load(Ordering::Relaxed) < 100 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads one valid `linger` for this open socket.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&gone),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
         }
     }
     let deadline = Instant::now() + Duration::from_secs(2);

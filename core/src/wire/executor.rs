@@ -6,17 +6,18 @@
 //! ```text
 //! executor                                  scheduler (any shard, the front-door port)
 //!   HELLO {token, name, backend, gpus} ───▶
-//!                                      ◀─── WELCOME {executor id, link address per shard, models}
+//!                                      ◀─── WELCOME {executor id, secret, link address per shard, models}
 //!   PROBE {sequence, sent} ×N ─────────▶
 //!                                      ◀─── PROBE_REPLY {sequence, sent, scheduler time} ×N
 //!   REGISTER {clock offset, profiles} ─▶
 //!                                      ◀─── REGISTERED {executor id}
 //! then, once per shard, on that shard's link address:
-//!   JOIN {token, executor id, shard} ──▶
+//!   JOIN {token, executor id, secret, shard} ──▶
 //!                                      ◀─── JOINED {shard}
 //!                                      ◀─── PLAN {plan, request ids, input lengths} + inputs
 //!   RESULT {plan, status, times, output lengths} + outputs ─▶
-//!   HEARTBEAT ─────────────────────────▶ (every interval; the shard answers HEARTBEAT)
+//!   HEARTBEAT {sent} ──────────────────▶ (every interval, from the JOIN on)
+//!                                      ◀─── HEARTBEAT {scheduler time, echo of sent}
 //! ```
 //!
 //! A refusal (wrong token, a model the executor does not run, no room for its GPUs) is an
@@ -43,6 +44,8 @@ pub const TOKEN_LIMIT: usize = 256;
 pub const EXECUTOR_GPUS_LIMIT: usize = 4096;
 /// Requests one plan carries.
 pub const PLAN_REQUESTS_LIMIT: usize = 1 << 16;
+/// Bytes of a registration's secret (WELCOME, JOIN).
+pub const SECRET_BYTES: usize = 16;
 
 /// One GPU of an executor.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -135,6 +138,9 @@ pub struct ModelInfo {
 #[rkyv(derive(Debug))]
 pub struct Welcome {
     pub executor_id: u32,
+    /// This registration's own secret: every JOIN of it must carry it (a token holder
+    /// cannot JOIN as another executor).
+    pub secret: [u8; SECRET_BYTES],
     /// Index = shard: the address to JOIN that shard on.
     pub links: Vec<String>,
     pub models: Vec<ModelInfo>,
@@ -188,6 +194,8 @@ pub struct Registered {
 pub struct Join {
     pub token: String,
     pub executor_id: u32,
+    /// The secret of the executor's WELCOME.
+    pub secret: [u8; SECRET_BYTES],
     pub shard: u32,
 }
 
@@ -270,7 +278,12 @@ pub struct ResultMsg {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct Heartbeat {
+    /// The sender's clock when it sent this heartbeat.
     pub sent_ns: u64,
+    /// In a shard's answer: the `sent_ns` of the executor's heartbeat it answers (the
+    /// executor re-estimates its clock offset from the pair, as from a probe); 0 from an
+    /// executor.
+    pub echo_ns: u64,
 }
 
 type HighSerializer<'a, 'b> =
@@ -378,11 +391,11 @@ pub fn split_section(kind: Kind, payload: &[u8]) -> Result<(&[u8], &[u8]), WireE
 pub fn access<T>(kind: Kind, payload: &[u8]) -> Result<&T::Archived, WireError>
 where
     T: Archive,
-    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, super::ValidationError>>,
 {
-    rkyv::access::<T::Archived, rancor::Error>(payload).map_err(|error| WireError::Malformed {
+    rkyv::access::<T::Archived, super::ValidationError>(payload).map_err(|error| WireError::Malformed {
         kind,
-        reason: error.to_string(),
+        reason: format!("{error:#}"),
     })
 }
 
@@ -424,7 +437,7 @@ pub fn access_result(payload: &[u8]) -> Result<(&ArchivedResultMsg, &[u8]), Wire
 pub fn decode<T>(kind: Kind, payload: &[u8]) -> Result<T, WireError>
 where
     T: Archive,
-    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, super::ValidationError>>
         + Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
 {
     let archived = access::<T>(kind, payload)?;

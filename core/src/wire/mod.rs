@@ -56,7 +56,7 @@ use rkyv::{Archive, Deserialize, Place, Serialize};
 /// The first 4 bytes of every frame: `u32` little-endian, so the bytes are `"SYMP"`.
 pub const FRAME_MAGIC: u32 = 0x504D_5953;
 /// The protocol version this module speaks; a frame with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the frame header in bytes.
 pub const FRAME_HEADER_SIZE: usize = 16;
 /// Largest payload of one frame, in bytes (8 MiB). A receiver may configure a lower cap
@@ -95,6 +95,10 @@ pub enum Kind {
     Reply = 2,
     /// Either direction: an [`ErrorFrame`]; the sender closes the connection after it.
     Error = 3,
+    /// Client to scheduler: [`ListModels`], a request for the model list.
+    ListModels = 4,
+    /// Scheduler to client: [`Models`], the answer to [`Kind::ListModels`].
+    Models = 5,
     /// Executor protocol ([`executor`]): executor to scheduler, [`executor::Hello`].
     ExecHello = 16,
     /// [`executor::Welcome`].
@@ -126,6 +130,8 @@ impl Kind {
             1 => Some(Kind::Request),
             2 => Some(Kind::Reply),
             3 => Some(Kind::Error),
+            4 => Some(Kind::ListModels),
+            5 => Some(Kind::Models),
             16 => Some(Kind::ExecHello),
             17 => Some(Kind::ExecWelcome),
             18 => Some(Kind::ExecProbe),
@@ -148,6 +154,8 @@ impl core::fmt::Display for Kind {
             Kind::Request => "REQUEST",
             Kind::Reply => "REPLY",
             Kind::Error => "ERROR",
+            Kind::ListModels => "LIST_MODELS",
+            Kind::Models => "MODELS",
             Kind::ExecHello => "EXEC_HELLO",
             Kind::ExecWelcome => "EXEC_WELCOME",
             Kind::ExecProbe => "EXEC_PROBE",
@@ -543,6 +551,9 @@ pub enum ErrorCode {
     /// An executor's registration cannot be taken (a model it lacks, no room for its GPUs,
     /// an unknown executor id on a link).
     Refused = 8,
+    /// The receiver has no room for this connection (its connection limit); the sender
+    /// closes after this frame. Retry later, or on another front door.
+    Overloaded = 9,
 }
 
 /// Either direction: why the sender is closing the connection.
@@ -552,6 +563,37 @@ pub struct ErrorFrame {
     pub code: ErrorCode,
     /// For people; at most [`ERROR_MESSAGE_LIMIT`] bytes.
     pub message: String,
+}
+
+/// Client to scheduler: asks for the models the scheduler serves (answered with [`Models`]).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug), compare(PartialEq))]
+pub struct ListModels {
+    /// Chosen by the client; echoed in the answer.
+    pub client_request_id: u64,
+}
+
+/// One model as a client sees it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug), compare(PartialEq))]
+pub struct ModelEntry {
+    /// The id a request may use instead of the name ([`ModelRef::Id`]).
+    pub id: u32,
+    pub name: String,
+    /// The model's SLO; a request may only tighten it.
+    pub slo_us: u64,
+    /// The size every input must have, when the model declares one (others are `MALFORMED`).
+    pub input_bytes: Option<u32>,
+    /// The largest batch the scheduler forms for this model.
+    pub batch_size_max: u32,
+}
+
+/// Scheduler to client: every model, in id order.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug), compare(PartialEq))]
+pub struct Models {
+    pub client_request_id: u64,
+    pub models: Vec<ModelEntry>,
 }
 
 impl ArchivedRequest {
@@ -756,6 +798,16 @@ pub fn encode_reply(out: &mut Vec<u8>, reply: &ReplyRef<'_>) -> Result<usize, Wi
     encode_frame(out, Kind::Reply, reply)
 }
 
+/// Appends a LIST_MODELS frame to `out`.
+pub fn encode_list_models(out: &mut Vec<u8>, client_request_id: u64) -> Result<usize, WireError> {
+    encode_frame(out, Kind::ListModels, &ListModels { client_request_id })
+}
+
+/// Appends a MODELS frame to `out`.
+pub fn encode_models(out: &mut Vec<u8>, models: &Models) -> Result<usize, WireError> {
+    encode_frame(out, Kind::Models, models)
+}
+
 /// Appends an ERROR frame to `out`, the message truncated to [`ERROR_MESSAGE_LIMIT`] bytes (at a
 /// character boundary); returns the frame's size in bytes.
 pub fn encode_error(out: &mut Vec<u8>, code: ErrorCode, message: &str) -> Result<usize, WireError> {
@@ -776,26 +828,83 @@ pub fn encode_error(out: &mut Vec<u8>, code: ErrorCode, message: &str) -> Result
 // ---------------------------------------------------------------------------------------------
 // Access (validated, in place) and deserialization.
 
-fn malformed(kind: Kind, error: rancor::Error) -> WireError {
+/// The error type of validation: it keeps rkyv's account of what failed (which field, which
+/// check) in release builds too, where `rancor::Error` keeps none. It allocates only when a
+/// payload fails.
+pub type ValidationError = rancor::BoxedError;
+
+fn malformed(kind: Kind, error: impl core::fmt::Display) -> WireError {
+    // The alternate form adds rkyv's trace: which field of which struct failed.
     WireError::Malformed {
         kind,
-        reason: error.to_string(),
+        reason: format!("{error:#}"),
     }
 }
 
 /// The request archived in `payload`, validated, in place (no copy, any alignment).
 pub fn access_request(payload: &[u8]) -> Result<&ArchivedRequest, WireError> {
-    rkyv::access::<ArchivedRequest, rancor::Error>(payload).map_err(|error| malformed(Kind::Request, error))
+    rkyv::access::<ArchivedRequest, ValidationError>(payload).map_err(|error| WireError::Malformed {
+        kind: Kind::Request,
+        reason: explain_request(payload, &error.to_string()),
+    })
+}
+
+/// Why a request payload failed validation, naming the field (the layout is
+/// `docs/protocol.md`'s: a 30-byte root at the end). Only called on failure.
+fn explain_request(payload: &[u8], checker: &str) -> String {
+    const ROOT: usize = 30;
+    if payload.len() < ROOT {
+        return format!(
+            "the payload is {} bytes; a request's root alone is {ROOT} ({checker})",
+            payload.len()
+        );
+    }
+    let root = payload.len() - ROOT;
+    let r = &payload[root..];
+    let read_i32 = |at: usize| i32::from_le_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]) as i64;
+    let read_u32 = |at: usize| u32::from_le_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]) as i64;
+    if r[8] > 1 {
+        return format!("field `model`: tag {} is neither 0 (Id) nor 1 (Name) ({checker})", r[8]);
+    }
+    if r[17] > 1 {
+        return format!(
+            "field `slo_us`: tag {} is neither 0 (none) nor 1 (some) ({checker})",
+            r[17]
+        );
+    }
+    let input_at = root as i64 + 22 + read_i32(22);
+    let input_len = read_u32(26);
+    if input_at < 0 || input_at + input_len > root as i64 {
+        return format!(
+            "field `input`: {input_len} bytes at payload offset {input_at} do not lie before the root at {root} ({checker})"
+        );
+    }
+    if r[8] == 1 {
+        return format!("field `model`: the name is not a valid string here ({checker})");
+    }
+    checker.to_string()
 }
 
 /// The reply archived in `payload`, validated, in place.
 pub fn access_reply(payload: &[u8]) -> Result<&ArchivedReply, WireError> {
-    rkyv::access::<ArchivedReply, rancor::Error>(payload).map_err(|error| malformed(Kind::Reply, error))
+    rkyv::access::<ArchivedReply, ValidationError>(payload).map_err(|error| malformed(Kind::Reply, error))
+}
+
+/// The LIST_MODELS archived in `payload`, validated, in place.
+pub fn access_list_models(payload: &[u8]) -> Result<&ArchivedListModels, WireError> {
+    rkyv::access::<ArchivedListModels, ValidationError>(payload).map_err(|error| malformed(Kind::ListModels, error))
+}
+
+/// The MODELS archived in `payload`, copied out.
+pub fn decode_models(payload: &[u8]) -> Result<Models, WireError> {
+    let archived =
+        rkyv::access::<ArchivedModels, ValidationError>(payload).map_err(|error| malformed(Kind::Models, error))?;
+    rkyv::deserialize::<Models, rancor::Error>(archived).map_err(|error| malformed(Kind::Models, error))
 }
 
 /// The error frame archived in `payload`, validated, in place.
 pub fn access_error(payload: &[u8]) -> Result<&ArchivedErrorFrame, WireError> {
-    rkyv::access::<ArchivedErrorFrame, rancor::Error>(payload).map_err(|error| malformed(Kind::Error, error))
+    rkyv::access::<ArchivedErrorFrame, ValidationError>(payload).map_err(|error| malformed(Kind::Error, error))
 }
 
 /// The named limits of a validated request: model name and input size. A request that fails
@@ -913,7 +1022,7 @@ mod tests {
         Status::ExecutionFailed,
     ];
 
-    const ERROR_CODES: [ErrorCode; 9] = [
+    const ERROR_CODES: [ErrorCode; 10] = [
         ErrorCode::BadMagic,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownKind,
@@ -923,6 +1032,7 @@ mod tests {
         ErrorCode::UnexpectedKind,
         ErrorCode::Unauthorized,
         ErrorCode::Refused,
+        ErrorCode::Overloaded,
     ];
 
     #[test]
@@ -1126,29 +1236,40 @@ mod tests {
                 magic: u32::from_le_bytes(*b"GET ")
             })
         );
+        // Version 1 (before the executor messages carried their secret) is refused.
         assert_eq!(
-            decode(&header_bytes(FRAME_MAGIC, 2, 1, 0, 0)),
-            Err(WireError::UnsupportedVersion { version: 2 })
+            decode(&header_bytes(FRAME_MAGIC, 1, 1, 0, 0)),
+            Err(WireError::UnsupportedVersion { version: 1 })
+        );
+        assert_eq!(
+            decode(&header_bytes(FRAME_MAGIC, 3, 1, 0, 0)),
+            Err(WireError::UnsupportedVersion { version: 3 })
         );
         assert_eq!(
             decode(&header_bytes(FRAME_MAGIC, 0, 1, 0, 0)),
             Err(WireError::UnsupportedVersion { version: 0 })
         );
-        for kind in [0, 4, 15, 27, 63, u16::MAX] {
+        for kind in [0, 6, 15, 27, 63, u16::MAX] {
             assert_eq!(
-                decode(&header_bytes(FRAME_MAGIC, 1, kind, 0, 0)),
+                decode(&header_bytes(FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, 0)),
                 Err(WireError::UnknownKind { kind })
             );
         }
         assert_eq!(
-            decode(&header_bytes(FRAME_MAGIC, 1, 1, FRAME_PAYLOAD_LIMIT + 1, 0)),
+            decode(&header_bytes(
+                FRAME_MAGIC,
+                PROTOCOL_VERSION,
+                1,
+                FRAME_PAYLOAD_LIMIT + 1,
+                0
+            )),
             Err(WireError::Oversized {
                 payload_len: FRAME_PAYLOAD_LIMIT as u64 + 1,
                 limit: FRAME_PAYLOAD_LIMIT
             })
         );
         assert_eq!(
-            FrameDecoder::new(100).decode(&header_bytes(FRAME_MAGIC, 1, 2, 101, 0)[..12]),
+            FrameDecoder::new(100).decode(&header_bytes(FRAME_MAGIC, PROTOCOL_VERSION, 2, 101, 0)[..12]),
             Err(WireError::Oversized {
                 payload_len: 101,
                 limit: 100
@@ -1156,11 +1277,11 @@ mod tests {
             "a lower configured cap applies, before the header is complete"
         );
         assert_eq!(
-            decode(&header_bytes(FRAME_MAGIC, 1, 1, 0, 1 << 31)),
+            decode(&header_bytes(FRAME_MAGIC, PROTOCOL_VERSION, 1, 0, 1 << 31)),
             Err(WireError::ReservedNonzero { reserved: 1 << 31 })
         );
         // A valid header with a zero-length payload is a frame (whose access then fails).
-        let bytes = header_bytes(FRAME_MAGIC, 1, 3, 0, 0);
+        let bytes = header_bytes(FRAME_MAGIC, PROTOCOL_VERSION, 3, 0, 0);
         let frame = single_frame(&bytes);
         assert!(matches!(
             access_error(frame.payload),
@@ -1178,7 +1299,7 @@ mod tests {
     fn errors_stop_the_frame_iterator() {
         let mut buffer = encode_request_owned(&sample_requests()[0]);
         let first_len = buffer.len();
-        buffer.extend_from_slice(&header_bytes(FRAME_MAGIC, 1, 9, 0, 0));
+        buffer.extend_from_slice(&header_bytes(FRAME_MAGIC, PROTOCOL_VERSION, 9, 0, 0));
         buffer.extend_from_slice(&encode_request_owned(&sample_requests()[1]));
         let mut frames = FrameDecoder::default().frames(&buffer);
         assert!(frames.next().expect("first").is_ok());
@@ -1384,7 +1505,7 @@ mod tests {
     fn doc_frame(kind: u16, payload: Vec<u8>) -> Vec<u8> {
         let mut frame = Vec::new();
         frame.extend_from_slice(b"SYMP");
-        frame.extend_from_slice(&1u16.to_le_bytes());
+        frame.extend_from_slice(&2u16.to_le_bytes());
         frame.extend_from_slice(&kind.to_le_bytes());
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(&[0; 4]);
@@ -1534,7 +1655,7 @@ mod tests {
                     input: &[0xde, 0xad, 0xbe, 0xef],
                 },
                 // The worked example of docs/protocol.md.
-                "53594d50010001002d00000000000000\
+                "53594d50020001002d00000000000000\
                  7265736e657435305f7631deadbeef\
                  0700000000000000018b000000e8ffffff01a8610000e6ffffff04000000",
             ),
@@ -1545,7 +1666,7 @@ mod tests {
                     slo_us: None,
                     input: &[1, 2, 3],
                 },
-                "53594d50010001002100000000000000\
+                "53594d50020001002100000000000000\
                  010203\
                  08000000000000000003000000000000000000000000e7ffffff03000000",
             ),
@@ -1556,7 +1677,7 @@ mod tests {
                     slo_us: Some(0),
                     input: &[],
                 },
-                "53594d50010001001e00000000000000\
+                "53594d50020001001e00000000000000\
                  09000000000000000162657274ffffffff0100000000eaffffff00000000",
             ),
         ];
@@ -1582,7 +1703,7 @@ mod tests {
                     },
                     output: &[0x01, 0x02],
                 },
-                "53594d50010002001f00000000000000\
+                "53594d50020002001f00000000000000\
                  0102\
                  070000000000000000b0040000480d00005c120000e9ffffff02000000",
             ),
@@ -1597,7 +1718,7 @@ mod tests {
                     },
                     output: &[],
                 },
-                "53594d50010002001d00000000000000\
+                "53594d50020002001d00000000000000\
                  0800000000000000018403000000000000b6030000ebffffff00000000",
             ),
         ];
@@ -1615,7 +1736,7 @@ mod tests {
         encode_error(&mut bytes, ErrorCode::UnknownKind, "unknown frame kind 9").expect("encodes");
         assert_eq!(
             hex(&bytes),
-            "53594d50010003001d00000000000000\
+            "53594d50020003001d00000000000000\
              756e6b6e6f776e206672616d65206b696e642039\
              0294000000ebffffff"
         );

@@ -1,6 +1,6 @@
 //! Executor links: the handshake of an executor on the front door (HELLO, PROBE, REGISTER),
 //! one link per shard and executor (JOIN), plans out, results back, heartbeats, and what
-//! happens when an executor is lost.
+//! happens when an executor is lost or a plan hangs.
 //!
 //! The protocol is `symphony_core::wire::executor` (and `docs/protocol.md`). Each shard
 //! listens for links on a port of its own, so every shard sends its plans on its own
@@ -8,10 +8,15 @@
 //! (`crate::executors`) maps GPU table slots to executors; an executor's GPUs go online in
 //! the table when its last link joins, and offline as soon as one shard loses it.
 //!
-//! Loss: a link that closes, breaks the protocol or stays silent past the heartbeat timeout
-//! loses its executor on every shard (`ShardMsg::ExecutorLost`). Each shard then re-plans
-//! the requests of its unfinished plans on that executor whose deadline still allows one
-//! batch, and answers the others `executor lost`.
+//! Trust: a JOIN needs the token and the secret its executor got in WELCOME, and a shard
+//! takes one link per executor; a link that has not joined within the handshake timeout is
+//! closed. Loss: a link that closes, breaks the protocol (any frame it must not send, a
+//! RESULT that does not match its plan), stays silent past the heartbeat timeout or stops
+//! taking its plans loses its executor on every shard (`ShardMsg::ExecutorLost`). Each
+//! shard then re-plans the requests of its unfinished plans on that executor whose deadline
+//! still allows one batch, and answers the others `executor lost`. A plan not reported by
+//! its finish plus `plan_timeout_ms` is lost alone: its requests are re-planned or answered,
+//! and its GPU leaves planning until that plan's RESULT comes after all.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -30,10 +35,16 @@ use symphony_core::wire::executor::{
 };
 use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, Status};
 
-use super::buffers::ReadBuffer;
-use super::{accept_until_stop, new_connection, write_loop, zerocopy, Connection, Shard, ShardMsg, READ_BUFFER_BYTES};
+use super::buffers::{ReadBuffer, READ_BUFFER_INITIAL_BYTES};
+use super::connection::{self, frame_limit, Admission, Connection, Receivers};
+use super::pending::RequestKey;
+use super::{zerocopy, ConnectionKey, Shard, ShardMsg};
+use crate::executors::{for_log, NAME_LOG_LIMIT};
 
 type Refusal = (ErrorCode, String);
+
+/// Bytes of an executor's message (a failed or refused batch) shown in a log line.
+const MESSAGE_LOG_LIMIT: usize = 256;
 
 fn malformed(error: wire::WireError) -> Refusal {
     (ErrorCode::Malformed, error.to_string())
@@ -64,6 +75,8 @@ struct InFlight {
     gpu: u32,
     batch_size: u32,
     ids: Vec<u64>,
+    /// Unreported past this, the plan is lost (its finish plus the plan timeout).
+    overdue_at_ns: u64,
 }
 
 /// One shard's link to one executor.
@@ -72,7 +85,20 @@ pub(super) struct Link {
     executor: u32,
     conn: Rc<Connection>,
     inflight: RefCell<HashMap<u64, InFlight>>,
+    /// Plans that passed their timeout, by id: their GPU (it is out of planning until the
+    /// RESULT comes after all).
+    overdue: RefCell<HashMap<u64, u32>>,
     last_seen_ns: Cell<u64>,
+}
+
+/// How sending a plan went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PlanSent {
+    Sent,
+    /// The GPU's executor has no link here (lost): re-plan the requests.
+    NoLink,
+    /// The executor's link queue is full: it is lost; re-plan the requests.
+    Overflow(u32),
 }
 
 impl Shard {
@@ -109,7 +135,7 @@ impl Shard {
                     .get()
                     .cloned()
                     .ok_or_else(|| refused("the scheduler is starting up; try again"))?;
-                let id = self
+                let (id, secret) = self
                     .executors
                     .hello(hello.name.as_str(), locals.len())
                     .map_err(refused)?;
@@ -127,6 +153,7 @@ impl Shard {
                     .collect();
                 let welcome = Welcome {
                     executor_id: id,
+                    secret,
                     links,
                     models,
                 };
@@ -180,7 +207,7 @@ impl Shard {
             _ => unreachable!("is_control_kind"),
         }
         drop(out);
-        let _ = connection.notify.try_send(());
+        connection.wake_writer();
         Ok(())
     }
 
@@ -190,6 +217,17 @@ impl Shard {
             if !self.executors.is_online(id) {
                 self.executor_lost(id, true, "its handshake ended before every link joined");
             }
+        }
+    }
+
+    /// Plans this shard's models with the slowest profile of the live executors.
+    fn apply_planning_profiles(&self) {
+        let Some(profiles) = self.executors.planning_profiles(self.catalog.configs.len()) else {
+            return;
+        };
+        let mut scheduler = self.scheduler.borrow_mut();
+        for (local, &global) in self.catalog.owned[self.id as usize].iter().enumerate() {
+            scheduler.set_profile(local as u32, profiles[global as usize].clone());
         }
     }
 
@@ -207,57 +245,57 @@ impl Shard {
             )));
         }
         let executor = join.executor_id.to_native();
-        let outcome = self.executors.join(executor).map_err(refused)?;
-        {
-            // This shard plans its models with the executor's measured profiles.
-            let mut scheduler = self.scheduler.borrow_mut();
-            for (local, &global) in self.catalog.owned[self.id as usize].iter().enumerate() {
-                scheduler.set_profile(local as u32, outcome.profiles[global as usize].clone());
-            }
-        }
+        let outcome = self
+            .executors
+            .join(executor, self.id, &join.secret, self.now_ns())
+            .map_err(refused)?;
+        let now_ns = self.now_ns();
         let link = Rc::new(Link {
             executor,
             conn: Rc::clone(connection),
             inflight: RefCell::new(HashMap::new()),
-            last_seen_ns: Cell::new(self.now_ns()),
+            overdue: RefCell::new(HashMap::new()),
+            last_seen_ns: Cell::new(now_ns),
         });
         self.links.borrow_mut().insert(executor, Rc::clone(&link));
+        self.apply_planning_profiles();
         exec::encode(
             &mut connection.out.borrow_mut(),
             Kind::ExecJoined,
             &Joined { shard: self.id },
         )
         .map_err(malformed)?;
-        let _ = connection.notify.try_send(());
-        if let Some(slots) = outcome.bring_online {
-            let now_ns = self.now_ns();
+        connection.wake_writer();
+        if let Some((slots, handoffs)) = outcome.online {
             let mut scheduler = self.scheduler.borrow_mut();
-            for &slot in &slots {
-                if let Some(shard) = scheduler.gpus().table().set_online(slot, now_ns) {
-                    scheduler.gpus_mut().push_handoff(shard);
-                }
+            for shard in handoffs {
+                scheduler.gpus_mut().push_handoff(shard);
             }
             drop(scheduler);
-            let name = self.executors.name_of(executor).unwrap_or_default();
-            eprintln!(
-                "symphony serve: executor {executor} ({name}) online with {} GPUs",
-                slots.len()
-            );
+            if !slots.is_empty() {
+                eprintln!(
+                    "symphony serve: executor {executor} ({}) online with {} GPUs",
+                    outcome.name,
+                    slots.len()
+                );
+            }
         }
         glommio::spawn_local(heartbeat_watch(Rc::clone(self), Rc::clone(&link))).detach();
         self.on_timer();
         Ok(link)
     }
 
-    /// Sends `plan` to the executor of its GPU. False when that executor has no link here
-    /// (lost): the caller re-plans the requests.
-    pub(super) fn send_plan(&self, plan: &Plan, requests: &[Request]) -> bool {
+    /// Sends `plan` to the executor of its GPU.
+    pub(super) fn send_plan(&self, plan: &Plan, requests: &[Request]) -> PlanSent {
         let Some(owner) = self.executors.owner_of(plan.gpu) else {
-            return false;
+            return PlanSent::NoLink;
         };
         let Some(link) = self.links.borrow().get(&owner.executor).cloned() else {
-            return false;
+            return PlanSent::NoLink;
         };
+        if link.conn.is_dead() {
+            return PlanSent::NoLink;
+        }
         let mut msg = self.plan_msg.borrow_mut();
         msg.plan_id = plan.plan_id;
         msg.gpu = owner.local;
@@ -266,22 +304,31 @@ impl Shard {
         msg.finish_ns = plan.finish_ns;
         msg.requests.clear();
         let pending = self.pending.borrow();
-        let input_of = |id: u64| pending.get(id).and_then(|p| p.input.as_ref()).map(|s| s.bytes());
+        let input_of = |id: u64| {
+            pending
+                .get(RequestKey::of_id(id))
+                .and_then(|p| p.input.as_ref())
+                .map(|s| s.bytes())
+        };
         msg.requests.extend(requests.iter().map(|r| PlanRequest {
             request_id: r.id,
             input_len: input_of(r.id).map_or(0, |bytes| bytes.len() as u32),
         }));
         let section_len: usize = msg.requests.iter().map(|r| r.input_len as usize).sum();
+        // Room for the frame's head too (a few bytes per request).
+        let frame_len = section_len + 64 + 12 * requests.len();
+        if link.conn.queued_bytes() + frame_len > self.limits.link_write_buffer_bytes {
+            return PlanSent::Overflow(owner.executor);
+        }
         let mut out = link.conn.out.borrow_mut();
         let encoded = if section_len >= zerocopy::ZERO_COPY_MIN_BYTES && self.zero_copy.is_some() {
-            // The inputs stay in the clients' receive buffers: the writer sends them from
-            // there (zero-copy) right after this head.
+            // The inputs stay where they are held: the writer sends them from there
+            // (zero-copy) right after this head.
             exec::encode_sectioned_head(&mut out, Kind::ExecPlan, &*msg, section_len).map(|_| {
-                let at = out.len();
-                let mut sections = link.conn.sections.borrow_mut();
+                drop(out);
                 for r in requests {
-                    if let Some(input) = pending.get(r.id).and_then(|p| p.input.as_ref()) {
-                        sections.push((at, input.clone()));
+                    if let Some(input) = pending.get(RequestKey::of_id(r.id)).and_then(|p| p.input.as_ref()) {
+                        link.conn.push_section(input.clone());
                     }
                 }
             })
@@ -295,18 +342,21 @@ impl Shard {
             })
             .map(|_| ())
         };
-        drop(out);
         drop(pending);
         if encoded.is_err() {
             // The batch's inputs exceed one frame: its requests fail, the GPU idles.
             for r in requests {
-                if let Some(origin) = self.pending.borrow_mut().remove(r.id) {
-                    self.reply(origin, Status::ExecutionFailed, self.timings(origin, None));
+                if let Some(pending) = self.pending.borrow_mut().remove(RequestKey::of_id(r.id)) {
+                    self.reply(
+                        pending.origin,
+                        Status::ExecutionFailed,
+                        self.timings(pending.origin, None),
+                    );
                 }
             }
-            return true;
+            return PlanSent::Sent;
         }
-        let _ = link.conn.notify.try_send(());
+        link.conn.wake_writer();
         let mut ids = self.id_lists.borrow_mut().pop().unwrap_or_default();
         ids.clear();
         ids.extend(requests.iter().map(|r| r.id));
@@ -317,44 +367,70 @@ impl Shard {
                 gpu: plan.gpu,
                 batch_size: plan.batch_size,
                 ids,
+                overdue_at_ns: plan.finish_ns.saturating_add(self.timeouts.plan_ns),
             },
         );
         self.stats.executor_plans.fetch_add(1, Ordering::Relaxed);
-        true
+        PlanSent::Sent
     }
 
-    /// RESULT: answers the plan's requests with their outputs (slices of the link's buffer).
+    /// RESULT: answers the plan's requests with their outputs. Everything is checked before
+    /// the plan leaves the link's table: a RESULT that does not match its plan breaks the
+    /// protocol, and the caller loses the executor with the plan still in flight, so its
+    /// requests are re-planned or answered.
     fn on_result(self: &Rc<Self>, link: &Link, payload: &[u8], buffer: &ReadBuffer) -> Result<(), Refusal> {
         let (result, section) = exec::access_result(payload).map_err(malformed)?;
         let now_ns = self.now_ns();
         link.last_seen_ns.set(now_ns);
         let plan_id = result.plan_id.to_native();
-        let flight = link.inflight.borrow_mut().remove(&plan_id).ok_or_else(|| {
-            (
-                ErrorCode::Malformed,
-                format!("a RESULT for plan {plan_id}, which is not in flight"),
-            )
-        })?;
         let started_ns = result.started_ns.to_native();
-        let finished_ns = result.finished_ns.to_native().max(started_ns);
-        match result.status {
-            PlanStatus::Ok => {
-                if result.output_lens.len() != flight.ids.len() {
+        let finished_ns = result.finished_ns.to_native();
+        {
+            let inflight = link.inflight.borrow();
+            let Some(flight) = inflight.get(&plan_id) else {
+                drop(inflight);
+                return self.on_overdue_result(link, plan_id, now_ns);
+            };
+            if result.status == PlanStatus::Ok {
+                let n = flight.ids.len();
+                if result.output_lens.len() != n {
                     return Err((
                         ErrorCode::Malformed,
                         format!(
-                            "plan {plan_id} had {} requests, its RESULT {} outputs",
-                            flight.ids.len(),
+                            "plan {plan_id} had {n} requests, its RESULT {} outputs",
                             result.output_lens.len()
                         ),
                     ));
                 }
+                let mut previous = None;
+                for index in result.refused.iter().map(|i| i.to_native()) {
+                    if index as usize >= n || previous.is_some_and(|p| p >= index) {
+                        return Err((
+                            ErrorCode::Malformed,
+                            format!(
+                                "plan {plan_id} refuses request index {index}: refused indexes are ascending, each below its {n} requests"
+                            ),
+                        ));
+                    }
+                    previous = Some(index);
+                }
+                if finished_ns < started_ns {
+                    return Err((
+                        ErrorCode::Malformed,
+                        format!("plan {plan_id} finished at {finished_ns} ns, before it started at {started_ns} ns"),
+                    ));
+                }
+            }
+        }
+        let flight = link.inflight.borrow_mut().remove(&plan_id).expect("checked above");
+        match result.status {
+            PlanStatus::Ok => {
                 if !result.refused.is_empty() {
-                    eprintln!(
-                        "symphony serve: plan {plan_id}: {} request(s) refused by the model: {}",
+                    self.log(&format!(
+                        "plan {plan_id}: {} request(s) refused by the model: {}",
                         result.refused.len(),
-                        result.message.as_str()
-                    );
+                        for_log(result.message.as_str(), MESSAGE_LOG_LIMIT)
+                    ));
                 }
                 let mut refused = result.refused.iter().map(|i| i.to_native() as usize).peekable();
                 let mut offset = 0usize;
@@ -362,16 +438,26 @@ impl Shard {
                     let len = len.to_native() as usize;
                     let output = &section[offset..offset + len];
                     offset += len;
-                    let Some(origin) = self.pending.borrow_mut().remove(id) else {
+                    let is_refused = refused.next_if_eq(&index).is_some();
+                    let Some(pending) = self.pending.borrow_mut().remove(RequestKey::of_id(id)) else {
                         continue;
                     };
-                    let timings = self.timings(origin, Some((started_ns, finished_ns)));
-                    if refused.next_if_eq(&index).is_some() {
-                        self.reply(origin, Status::Malformed, timings);
+                    let timings = self.timings(pending.origin, Some((started_ns, finished_ns)));
+                    if is_refused {
+                        self.reply(pending.origin, Status::Malformed, timings);
                     } else {
-                        self.reply_output(origin, timings, output, buffer);
+                        self.reply_output(pending.origin, timings, output, buffer);
                     }
                 }
+                let completion = Completion {
+                    plan_id,
+                    gpu: flight.gpu,
+                    model: flight.model,
+                    batch_size: flight.batch_size,
+                    started_ns,
+                    finished_ns,
+                };
+                self.completed(now_ns, &completion);
             }
             PlanStatus::Late | PlanStatus::Failed => {
                 // Late: it could not start in time, its SLO is lost. Failed: the backend said so.
@@ -381,47 +467,94 @@ impl Shard {
                     Status::ExecutionFailed
                 };
                 if status == Status::ExecutionFailed {
-                    eprintln!(
-                        "symphony serve: executor {} failed plan {plan_id}: {}",
+                    self.log(&format!(
+                        "executor {} failed plan {plan_id}: {}",
                         link.executor,
-                        result.message.as_str()
-                    );
+                        for_log(result.message.as_str(), MESSAGE_LOG_LIMIT)
+                    ));
                 }
                 for &id in &flight.ids {
-                    if let Some(origin) = self.pending.borrow_mut().remove(id) {
-                        self.reply(origin, status, self.timings(origin, None));
+                    if let Some(pending) = self.pending.borrow_mut().remove(RequestKey::of_id(id)) {
+                        self.reply(pending.origin, status, self.timings(pending.origin, None));
                     }
                 }
             }
-        }
-        if result.status == PlanStatus::Ok {
-            let completion = Completion {
-                plan_id,
-                gpu: flight.gpu,
-                model: flight.model,
-                batch_size: flight.batch_size,
-                started_ns,
-                finished_ns,
-            };
-            self.completed(now_ns, &completion);
         }
         self.id_lists.borrow_mut().push(flight.ids);
         self.drain_output();
         Ok(())
     }
 
+    /// A RESULT for a plan that is not in flight: if it is one that timed out, its GPU has
+    /// reported and may be planned on again (its requests were answered already); any other
+    /// plan id breaks the protocol.
+    fn on_overdue_result(self: &Rc<Self>, link: &Link, plan_id: u64, now_ns: u64) -> Result<(), Refusal> {
+        let Some(gpu) = link.overdue.borrow_mut().remove(&plan_id) else {
+            return Err((
+                ErrorCode::Malformed,
+                format!("a RESULT for plan {plan_id}, which is not in flight"),
+            ));
+        };
+        let (online, handoff) = self.executors.gpu_recovered(gpu, now_ns);
+        if online {
+            self.log(&format!(
+                "GPU {gpu} of executor {} reported its late plan {plan_id}: back in planning",
+                link.executor
+            ));
+            if let Some(shard) = handoff {
+                self.scheduler.borrow_mut().gpus_mut().push_handoff(shard);
+            }
+            self.on_timer();
+        }
+        Ok(())
+    }
+
+    /// Plans of `link` past their timeout are lost: their requests are re-planned or
+    /// answered, and their GPUs leave planning until they report.
+    fn check_overdue(self: &Rc<Self>, link: &Link) {
+        let now_ns = self.now_ns();
+        let overdue: Vec<u64> = link
+            .inflight
+            .borrow()
+            .iter()
+            .filter(|(_, flight)| flight.overdue_at_ns < now_ns)
+            .map(|(&plan_id, _)| plan_id)
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        for plan_id in overdue {
+            let flight = link.inflight.borrow_mut().remove(&plan_id).expect("listed above");
+            self.stats.plans_timed_out.fetch_add(1, Ordering::Relaxed);
+            link.overdue.borrow_mut().insert(plan_id, flight.gpu);
+            if self.executors.gpu_hung(flight.gpu) {
+                self.log(&format!(
+                    "plan {plan_id} on GPU {} of executor {} is {} ms past its finish: the GPU is out of planning until it reports",
+                    flight.gpu,
+                    link.executor,
+                    self.timeouts.plan_ns / 1_000_000
+                ));
+            }
+            for &id in &flight.ids {
+                self.replan_or_lose(RequestKey::of_id(id));
+            }
+            self.id_lists.borrow_mut().push(flight.ids);
+        }
+        self.drain_output();
+    }
+
     /// A request of a plan whose executor was lost: planned again if one batch still fits
     /// before its deadline, else answered `executor lost`.
-    pub(super) fn replan_or_lose(self: &Rc<Self>, id: u64) {
+    pub(super) fn replan_or_lose(self: &Rc<Self>, key: RequestKey) {
         let now_ns = self.now_ns();
-        let Some((model, deadline_ns)) = self.pending.borrow().get(id).map(|p| (p.model, p.deadline_ns)) else {
+        let Some((model, deadline_ns)) = self.pending.borrow().get(key).map(|p| (p.model, p.deadline_ns)) else {
             return;
         };
         let fits = now_ns + self.scheduler.borrow().profile(model).exec_ns(1) <= deadline_ns;
         if fits && !self.stop.load(Ordering::Relaxed) {
             self.stats.replanned.fetch_add(1, Ordering::Relaxed);
             let request = Request {
-                id,
+                id: key.id(),
                 model,
                 arrival_ns: now_ns,
                 deadline_ns,
@@ -429,8 +562,8 @@ impl Shard {
             let mut scheduler = self.scheduler.borrow_mut();
             let mut output = self.output.borrow_mut();
             scheduler.on_arrival(now_ns, request, &mut output);
-        } else if let Some(origin) = self.pending.borrow_mut().remove(id) {
-            self.reply(origin, Status::ExecutorLost, self.timings(origin, None));
+        } else if let Some(pending) = self.pending.borrow_mut().remove(key) {
+            self.reply(pending.origin, Status::ExecutorLost, self.timings(pending.origin, None));
         }
     }
 
@@ -438,86 +571,150 @@ impl Shard {
     /// link closes and its plans' requests are re-planned or answered; with `broadcast`, the
     /// other shards are told to do the same.
     pub(super) fn executor_lost(self: &Rc<Self>, executor: u32, broadcast: bool, why: &str) {
-        if let Some(slots) = self.executors.mark_lost(executor) {
+        if let Some(gpus) = self.executors.mark_lost(executor) {
             self.stats.executors_lost.fetch_add(1, Ordering::Relaxed);
-            let scheduler = self.scheduler.borrow();
-            for &slot in &slots {
-                scheduler.gpus().table().set_offline(slot);
-            }
-            drop(scheduler);
-            eprintln!(
-                "symphony serve: executor {executor} lost ({why}); its {} GPUs are offline",
-                slots.len()
-            );
+            let name = self.executors.name_of(executor).unwrap_or_default();
+            eprintln!("symphony serve: executor {executor} ({name}) lost ({why}); its {gpus} GPUs are offline");
         }
         let link = self.links.borrow_mut().remove(&executor);
         if let Some(link) = link {
-            link.conn.closing.set(true);
-            let _ = link.conn.notify.try_send(());
+            // Told why, so it reconnects at once.
+            link.conn
+                .fail(ErrorCode::Refused, &format!("executor {executor} was lost: {why}"));
             let flights: Vec<InFlight> = link.inflight.borrow_mut().drain().map(|(_, f)| f).collect();
             for flight in flights {
                 for &id in &flight.ids {
-                    self.replan_or_lose(id);
+                    self.replan_or_lose(RequestKey::of_id(id));
                 }
             }
+            link.overdue.borrow_mut().clear();
             self.executors.release(executor);
         }
+        // Planning may be faster now that the executor is gone.
+        self.apply_planning_profiles();
         if broadcast {
-            for dest in 0..self.senders.nr_consumers() {
+            for dest in 0..self.mesh.shard_count() {
                 if dest != self.id as usize {
-                    self.send_msg(dest, ShardMsg::ExecutorLost(executor));
+                    self.mesh.send(dest, ShardMsg::ExecutorLost(executor));
                 }
             }
         }
         self.drain_output();
     }
-}
 
-/// Loses the link's executor when the link stays silent past the heartbeat timeout.
-async fn heartbeat_watch(shard: Rc<Shard>, link: Rc<Link>) {
-    let period = Duration::from_nanos(shard.heartbeat_timeout_ns / 4).max(Duration::from_millis(5));
-    loop {
-        glommio::timer::sleep(period).await;
-        let current = shard
-            .links
+    /// Whether `link` is this shard's current link to its executor.
+    fn is_current(&self, link: &Rc<Link>) -> bool {
+        self.links
             .borrow()
             .get(&link.executor)
-            .is_some_and(|l| Rc::ptr_eq(l, &link));
-        if !current || shard.stop.load(Ordering::Relaxed) {
+            .is_some_and(|l| Rc::ptr_eq(l, link))
+    }
+}
+
+/// Loses the link's executor when the link stays silent past the heartbeat timeout, and
+/// times out its plans.
+async fn heartbeat_watch(shard: Rc<Shard>, link: Rc<Link>) {
+    let shortest_ns = shard.timeouts.heartbeat_ns.min(shard.timeouts.plan_ns);
+    let period = Duration::from_nanos(shortest_ns / 4).max(Duration::from_millis(5));
+    loop {
+        glommio::timer::sleep(period).await;
+        if !shard.is_current(&link) || shard.stop.load(Ordering::Relaxed) {
             return;
         }
-        if shard.now_ns().saturating_sub(link.last_seen_ns.get()) > shard.heartbeat_timeout_ns {
+        if shard.now_ns().saturating_sub(link.last_seen_ns.get()) > shard.timeouts.heartbeat_ns {
             shard.executor_lost(link.executor, true, "missed its heartbeats");
             return;
         }
+        shard.check_overdue(&link);
     }
 }
 
 /// Accepts executor links on this shard's link port until the service stops.
-pub(super) async fn link_accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    while let Some(stream) = accept_until_stop(&shard, &listener).await {
-        glommio::spawn_local(serve_link(Rc::clone(&shard), stream)).detach();
+pub(super) async fn accept_links(shard: Rc<Shard>, listener: TcpListener) {
+    while let Some(stream) = connection::accept_until_stop(&shard, &listener, "executor link").await {
+        let why = "closed to make room for a new link: this one never joined";
+        let admission = shard.link_conns.borrow_mut().admit(why);
+        match admission {
+            Admission::Serve(key, connection, receivers) => {
+                glommio::spawn_local(serve_link(Rc::clone(&shard), key, stream, connection, *receivers)).detach();
+            }
+            Admission::Refuse => connection::refuse_later(&shard, stream, true),
+            Admission::Drop => {
+                drop(stream);
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 }
 
-/// One link: JOIN, then RESULT and HEARTBEAT frames until it closes.
-async fn serve_link(shard: Rc<Shard>, stream: TcpStream) {
+/// One link: JOIN (within the handshake timeout), then RESULT and HEARTBEAT frames until
+/// it closes.
+async fn serve_link(
+    shard: Rc<Shard>,
+    key: ConnectionKey,
+    stream: TcpStream,
+    connection: Rc<Connection>,
+    receivers: Receivers,
+) {
     let _ = stream.set_nodelay(true);
     // The socket stays open while the writer holds its half.
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut reader, writer) = futures_lite::io::split(stream);
-    let (connection, notify_rx) = new_connection();
-    let writer = write_loop(writer, Rc::clone(&connection), notify_rx, Some((fd, Rc::clone(&shard))));
-    let writer_task = glommio::spawn_local(writer).detach();
+    let writer = connection::write_loop(
+        writer,
+        Rc::clone(&connection),
+        receivers.notify,
+        Some((fd, Rc::clone(&shard))),
+        shard.write_stall_timeout(),
+    );
+    glommio::spawn_local(writer).detach();
+    let stop_reading = receivers.stop_reading;
     let decoder = FrameDecoder::default();
-    let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
-    let mut buffer = ReadBuffer::new(READ_BUFFER_BYTES, limit);
+    let mut buffer = ReadBuffer::new(READ_BUFFER_INITIAL_BYTES, frame_limit());
     let mut link: Option<Rc<Link>> = None;
-    let mut why = "its link closed";
+    let join_by = std::time::Instant::now() + shard.timeouts.handshake;
+    let mut why = "its link closed".to_string();
     'read: while let Some(spare) = buffer.spare() {
-        let read = match reader.read(spare).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
+        let joined = link.is_some();
+        let read = futures_lite::future::or(
+            async { Ok(reader.read(spare).await) },
+            futures_lite::future::or(
+                async {
+                    let _ = stop_reading.recv().await;
+                    Err(false)
+                },
+                async {
+                    if joined {
+                        std::future::pending::<()>().await;
+                    }
+                    glommio::timer::sleep(join_by.saturating_duration_since(std::time::Instant::now())).await;
+                    Err(true)
+                },
+            ),
+        )
+        .await;
+        let read = match read {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(read)) => read,
+            Err(false) => {
+                why = if connection.is_dead() {
+                    "it stopped taking its plans (its link's writes failed or stalled)".to_string()
+                } else {
+                    why
+                };
+                break;
+            }
+            Err(true) => {
+                shard.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                connection.fail(
+                    ErrorCode::Refused,
+                    &format!(
+                        "no EXEC_JOIN within {} ms of connecting",
+                        shard.timeouts.handshake.as_millis()
+                    ),
+                );
+                break;
+            }
         };
         buffer.advance(read);
         let mut frames = decoder.frames(buffer.filled());
@@ -525,6 +722,7 @@ async fn serve_link(shard: Rc<Shard>, stream: TcpStream) {
             let outcome = match (frame, link.as_ref()) {
                 (Ok(frame), None) if frame.kind == Kind::ExecJoin => {
                     shard.on_join(&connection, frame.payload).map(|joined| {
+                        connection.active.set(true);
                         link = Some(joined);
                     })
                 }
@@ -537,15 +735,28 @@ async fn serve_link(shard: Rc<Shard>, stream: TcpStream) {
                     shard.on_result(&joined, frame.payload, &buffer)
                 }
                 (Ok(frame), Some(joined)) if frame.kind == Kind::ExecHeartbeat => {
-                    joined.last_seen_ns.set(shard.now_ns());
-                    let beat = Heartbeat {
-                        sent_ns: shard.now_ns(),
-                    };
-                    exec::encode(&mut connection.out.borrow_mut(), Kind::ExecHeartbeat, &beat)
-                        .map(|_| {
-                            let _ = connection.notify.try_send(());
-                        })
-                        .map_err(malformed)
+                    let now_ns = shard.now_ns();
+                    joined.last_seen_ns.set(now_ns);
+                    match exec::access::<Heartbeat>(Kind::ExecHeartbeat, frame.payload) {
+                        Ok(beat) => {
+                            let answer = Heartbeat {
+                                sent_ns: now_ns,
+                                echo_ns: beat.sent_ns.to_native(),
+                            };
+                            exec::encode(&mut connection.out.borrow_mut(), Kind::ExecHeartbeat, &answer)
+                                .map(|_| connection.wake_writer())
+                                .map_err(malformed)
+                        }
+                        Err(e) => Err(malformed(e)),
+                    }
+                }
+                (Ok(frame), _) if frame.kind == Kind::Error => {
+                    let message = wire::decode_error(frame.payload)
+                        .map(|e| for_log(&e.message, NAME_LOG_LIMIT))
+                        .unwrap_or_default();
+                    why = format!("it sent an ERROR frame ({message})");
+                    connection.close_after_writing();
+                    break 'read;
                 }
                 (Ok(frame), Some(_)) => Err((
                     ErrorCode::UnexpectedKind,
@@ -557,10 +768,8 @@ async fn serve_link(shard: Rc<Shard>, stream: TcpStream) {
                 (Err(e), _) => Err((e.error_code().unwrap_or(ErrorCode::Malformed), e.to_string())),
             };
             if let Err((code, message)) = outcome {
-                let _ = wire::encode_error(&mut connection.out.borrow_mut(), code, &message);
-                connection.closing.set(true);
-                let _ = connection.notify.try_send(());
-                why = "it broke the protocol";
+                why = format!("it broke the protocol: {}", for_log(&message, MESSAGE_LOG_LIMIT));
+                connection.fail(code, &message);
                 break 'read;
             }
         }
@@ -569,12 +778,11 @@ async fn serve_link(shard: Rc<Shard>, stream: TcpStream) {
         shard.flush_outbox();
     }
     if let Some(link) = link {
-        shard.executor_lost(link.executor, true, why);
+        if shard.is_current(&link) {
+            shard.executor_lost(link.executor, true, &why);
+        }
     }
     shard.flush_outbox();
-    if !connection.closing.get() {
-        connection.closing.set(true);
-        let _ = connection.notify.try_send(());
-    }
-    drop(writer_task);
+    shard.link_conns.borrow_mut().remove(key);
+    connection.close_after_writing();
 }

@@ -3,50 +3,54 @@
 //!
 //! The path of a request (ARCHITECTURE.md): a client connection on any shard sends REQUEST
 //! frames (`core::wire`, many per read); the shard validates each, looks the model up and
-//! routes it to the model's owning shard (itself, or over the channel mesh in batches: a full
-//! channel is backpressure). The owner runs the core's deferred scheduler for its models with
-//! real time (glommio timers), claiming GPUs in the shared [`GpuTable`]. Each plan runs on an
-//! embedded simulated executor (a task that waits until `exec_at`, then for the profile's time);
-//! its requests are answered OK, dropped requests at once, and every reply goes back to the
-//! connection's shard, which writes many reply frames per write.
+//! routes it to the model's owning shard (itself, or over the channel mesh in batches,
+//! `mesh`). The owner runs the core's deferred scheduler for its models with real time
+//! (glommio timers), claiming GPUs in the shared [`GpuTable`]. Each plan runs on an embedded
+//! simulated executor (a task that waits until `exec_at`, then for the profile's time) or
+//! goes to an external executor over this shard's link to it (`links`); its requests are
+//! answered, dropped requests at once, and every reply goes back to the connection's shard,
+//! which writes many reply frames per write.
 //!
-//! External executors (`links`): each shard links to every executor, sends its plans with the
-//! inputs as slices of the clients' receive buffers (zero-copy for 16 KiB and more:
-//! `zerocopy`), and re-plans or answers the requests of an executor lost. Cross-shard
-//! waiting: each shard posts its most urgent waiting candidate to the GPU table; a release
-//! reserves the freed GPU for the earliest `invalid_after` across shards and tells that shard.
-//! Not built: placing executor links near their GPUs (every shard has a link to each).
-//! Built: a client that disconnects has its queued requests removed from every shard's
-//! scheduler before they use a GPU; SIGINT/SIGTERM stop accepting, let planned batches finish
-//! and answer the rest.
+//! What faces the outside is bounded and cannot be made to panic (`connection`): every port
+//! has a connection cap, every connection a write queue cap and a stall timeout, a client is
+//! read only while it takes its replies (TCP backpressure), the mesh's overflow stops the
+//! front doors that feed it, a half-closed client still gets its replies, links must JOIN in
+//! time and with their registration's secret, and a plan an executor never reports is lost
+//! after `plan_timeout_ms`. SIGINT/SIGTERM stop accepting, let planned batches finish and
+//! answer the rest, on every shard before any shard exits.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use symphony_core::policy::deferred::{Config, Deferred};
 use symphony_core::policy::{Completion, ModelConfig, Output, Policy};
 use symphony_core::request::Request;
-use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind, ReplyRef, Status, Timings};
+use symphony_core::wire::{self, ErrorCode, ReplyRef, Status, Timings};
 
-use crate::config::{Limits, ServeConfig};
+use crate::config::{Limits, ServeConfig, Timeouts};
 use crate::executors::Executors;
 use crate::runtime::{self, RuntimeError, ShardMemory};
 use crate::shared_gpus::SharedGpus;
 use crate::sync::gpu_table::GpuTable;
 
-/// Bytes a connection reads at once (frames beyond it wait for the next read).
-const READ_BUFFER_BYTES: usize = 256 << 10;
 /// How often idle loops look at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
+/// Connections of one port that may be closing beyond its cap (evicted, or being refused):
+/// each still holds a descriptor for a moment.
+pub(crate) const CONNECTIONS_CLOSING_LIMIT: usize = connection::EVICTING_LIMIT + connection::REFUSING_LIMIT;
+/// The fewest link connections a shard is given when the descriptor limit is low.
+pub(crate) const LINKS_LEAST: usize = 4;
+/// After the drain's grace period, how long a shard still waits for the other shards'
+/// answers to its routed requests before it exits.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -59,11 +63,17 @@ pub enum ServeError {
 }
 
 mod buffers;
+mod connection;
 mod links;
+mod mesh;
+mod pending;
 mod zerocopy;
 
 use buffers::{ReadBuffer, Slice};
+use connection::{Connection, Slots};
 use links::Link;
+use mesh::Mesh;
+use pending::{PendingTable, RequestKey};
 
 /// One model as every shard knows it.
 #[derive(Debug)]
@@ -72,6 +82,8 @@ struct CatalogEntry {
     owner: usize,
     /// Index in the owner's scheduler.
     local: u32,
+    /// The size every input must have, if the model declares one.
+    input_bytes: Option<u32>,
 }
 
 /// Read-only after start-up: the models by id and name, and who owns each.
@@ -86,7 +98,7 @@ struct Catalog {
 }
 
 impl Catalog {
-    fn new(models: &[ModelConfig], shards: usize) -> Catalog {
+    fn new(models: &[ModelConfig], input_bytes: &[Option<u32>], shards: usize) -> Catalog {
         let mut owned = vec![Vec::new(); shards];
         let mut by_name = HashMap::with_capacity(models.len());
         let mut entries = Vec::with_capacity(models.len());
@@ -99,6 +111,7 @@ impl Catalog {
                 slo_ns: m.slo_ns,
                 owner,
                 local: owned[owner].len() as u32 - 1,
+                input_bytes: input_bytes.get(index).copied().flatten(),
             });
         }
         Catalog {
@@ -118,15 +131,52 @@ impl Catalog {
             wire::ArchivedModelRef::Name(name) => self.by_name.get(name.as_str()).copied(),
         }
     }
+
+    /// The MODELS answer.
+    fn models_answer(&self, client_request_id: u64) -> wire::Models {
+        wire::Models {
+            client_request_id,
+            models: self
+                .configs
+                .iter()
+                .zip(&self.models)
+                .enumerate()
+                .map(|(id, (config, entry))| wire::ModelEntry {
+                    id: id as u32,
+                    name: config.name.clone(),
+                    slo_us: config.slo_ns / 1000,
+                    input_bytes: entry.input_bytes,
+                    batch_size_max: config.profile.batch_size_max(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A connection's key on its shard: slot and generation (a reused slot never gets an older
+/// connection's replies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnectionKey(u64);
+
+impl ConnectionKey {
+    fn new(slot: u32, generation: u32) -> ConnectionKey {
+        ConnectionKey(u64::from(generation) << 32 | u64::from(slot))
+    }
+
+    fn slot(self) -> u32 {
+        self.0 as u32
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
 }
 
 /// Where a reply goes: a connection on a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Origin {
     shard: u32,
-    /// Slot and generation of the connection on its shard (a reused slot never gets an
-    /// older connection's replies).
-    connection: u64,
+    connection: ConnectionKey,
     client_request_id: u64,
     received_ns: u64,
 }
@@ -137,8 +187,7 @@ struct Routed {
     origin: Origin,
     model: u32,
     deadline_ns: u64,
-    /// Its input bytes, in the client connection's receive buffer (kept only when external
-    /// executors may run it).
+    /// Its input bytes (kept only when external executors may run it).
     input: Option<Slice>,
 }
 
@@ -148,7 +197,7 @@ struct RoutedReply {
     origin: Origin,
     status: Status,
     timings: Timings,
-    /// The output, in an executor link's receive buffer.
+    /// The output, held from an executor link's receive buffer.
     output: Option<Slice>,
 }
 
@@ -160,7 +209,7 @@ enum ShardMsg {
     /// A client connection closed: drop its queued requests.
     Disconnected {
         shard: u32,
-        connection: u64,
+        connection: ConnectionKey,
     },
     /// A release reserved a GPU for the receiver's waiting candidate.
     HandOff,
@@ -168,125 +217,24 @@ enum ShardMsg {
     ExecutorLost(u32),
 }
 
-/// A request the owner holds until it is answered.
-#[derive(Debug, Clone)]
-struct Pending {
-    origin: Origin,
-    /// The model's index in this shard's scheduler.
-    model: u32,
-    deadline_ns: u64,
-    input: Option<Slice>,
-    /// Bumped when the slot is reused, so a stale id never answers a newer request.
-    generation: u32,
+/// The timeouts, in the units the shard uses.
+#[derive(Debug, Clone, Copy)]
+struct TimeoutsNs {
+    heartbeat_ns: u64,
+    plan_ns: u64,
+    handshake: Duration,
+    write_stall: Duration,
 }
 
-/// Requests a shard holds, keyed by slot and generation (the scheduler's request id).
-#[derive(Debug)]
-struct PendingTable {
-    slots: Vec<Option<Pending>>,
-    generations: Vec<u32>,
-    free: Vec<u32>,
-    limit: usize,
-}
-
-impl PendingTable {
-    fn new(limit: usize) -> PendingTable {
-        PendingTable {
-            slots: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
-            limit,
+impl TimeoutsNs {
+    fn of(t: &Timeouts) -> TimeoutsNs {
+        TimeoutsNs {
+            heartbeat_ns: t.heartbeat_ms * 1_000_000,
+            plan_ns: t.plan_ms * 1_000_000,
+            handshake: Duration::from_millis(t.handshake_ms),
+            write_stall: Duration::from_millis(t.write_stall_ms),
         }
     }
-
-    fn insert(&mut self, origin: Origin, model: u32, deadline_ns: u64, input: Option<Slice>) -> Option<u64> {
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None if self.slots.len() < self.limit => {
-                self.slots.push(None);
-                self.generations.push(0);
-                self.slots.len() as u32 - 1
-            }
-            None => return None,
-        };
-        let generation = self.generations[slot as usize];
-        self.slots[slot as usize] = Some(Pending {
-            origin,
-            model,
-            deadline_ns,
-            input,
-            generation,
-        });
-        Some(u64::from(generation) << 32 | u64::from(slot))
-    }
-
-    /// The request with scheduler id `id`, if it is still held.
-    fn get(&self, id: u64) -> Option<&Pending> {
-        let slot = (id & u64::from(u32::MAX)) as usize;
-        let generation = (id >> 32) as u32;
-        self.slots
-            .get(slot)?
-            .as_ref()
-            .filter(|pending| pending.generation == generation)
-    }
-
-    /// The held requests of one client connection: `(request id, model)`.
-    fn of_connection(&self, shard: u32, connection: u64) -> Vec<(u64, u32)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, pending)| {
-                let p = pending.as_ref()?;
-                (p.origin.shard == shard && p.origin.connection == connection)
-                    .then_some((u64::from(p.generation) << 32 | slot as u64, p.model))
-            })
-            .collect()
-    }
-
-    fn held(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
-    /// Takes every held request (shutdown).
-    fn drain(&mut self) -> Vec<Origin> {
-        let mut origins = Vec::new();
-        for slot in 0..self.slots.len() {
-            if let Some(pending) = self.slots[slot].take() {
-                origins.push(pending.origin);
-                self.generations[slot] = pending.generation.wrapping_add(1);
-                self.free.push(slot as u32);
-            }
-        }
-        origins
-    }
-
-    fn remove(&mut self, id: u64) -> Option<Origin> {
-        let slot = (id & u64::from(u32::MAX)) as usize;
-        let generation = (id >> 32) as u32;
-        let pending = self.slots.get_mut(slot)?;
-        if pending.as_ref().is_some_and(|p| p.generation == generation) {
-            let origin = pending.take().map(|p| p.origin);
-            self.generations[slot] = generation.wrapping_add(1);
-            self.free.push(slot as u32);
-            origin
-        } else {
-            None
-        }
-    }
-}
-
-/// A client connection's outgoing side.
-#[derive(Debug)]
-struct Connection {
-    /// Reply frames waiting for the writer.
-    out: RefCell<Vec<u8>>,
-    /// Bytes that belong in `out` at the given offsets but stay where they were read: the
-    /// inputs of plan frames sent zero-copy (executor links only).
-    sections: RefCell<Vec<(usize, Slice)>>,
-    /// Wakes the writer; holds at most one token.
-    notify: LocalSender<()>,
-    /// Set when the connection must close after what is queued has been written.
-    closing: Cell<bool>,
 }
 
 /// Everything one shard owns.
@@ -296,21 +244,24 @@ struct Shard {
     catalog: Arc<Catalog>,
     knobs_d_resp_ns: u64,
     limits: Limits,
+    timeouts: TimeoutsNs,
     scheduler: RefCell<Deferred<SharedGpus>>,
     output: RefCell<Output>,
     pending: RefCell<PendingTable>,
-    connections: RefCell<Vec<Option<Rc<Connection>>>>,
-    /// Per connection slot: bumped when the slot is reused.
-    connection_generations: RefCell<Vec<u32>>,
-    open_connections: Cell<usize>,
+    /// Client connections (front door).
+    clients: RefCell<Slots>,
+    /// Connections on the executor link port.
+    link_conns: RefCell<Slots>,
     /// Requests this shard routed to other shards and has no reply for yet.
     awaiting_remote: Cell<usize>,
     /// Per destination shard: requests and replies to send in the next batch.
     outbox_requests: RefCell<Vec<Vec<Routed>>>,
     outbox_replies: RefCell<Vec<Vec<RoutedReply>>>,
-    senders: Senders<ShardMsg>,
+    mesh: Rc<Mesh>,
     wake: LocalSender<()>,
     stop: Arc<AtomicBool>,
+    /// Shards done answering their own requests at shutdown.
+    drained: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     /// Table slots `0..embedded_gpus` run on embedded simulated executors; the rest belong
     /// to external executors.
@@ -320,7 +271,6 @@ struct Shard {
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     /// This shard's links, by executor id.
     links: RefCell<HashMap<u32, Rc<Link>>>,
-    heartbeat_timeout_ns: u64,
     /// The plan message being encoded (its request list keeps its capacity).
     plan_msg: RefCell<wire::executor::PlanMsg>,
     /// Spare request-id lists of finished plans (no allocation per plan in steady state).
@@ -342,6 +292,16 @@ impl Shard {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// One line on stderr, naming the shard. Strings from peers reach it only through
+    /// [`crate::executors::for_log`].
+    fn log(&self, line: &str) {
+        eprintln!("symphony serve: shard {}: {line}", self.id);
+    }
+
+    fn write_stall_timeout(&self) -> Duration {
+        self.timeouts.write_stall
+    }
+
     /// A request for a model this shard owns enters its scheduler.
     fn admit(self: &Rc<Self>, routed: Routed) {
         let now_ns = self.now_ns();
@@ -350,12 +310,13 @@ impl Shard {
             .pending
             .borrow_mut()
             .insert(routed.origin, local, routed.deadline_ns, routed.input);
-        let Some(id) = inserted else {
+        let Some(key) = inserted else {
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
             self.reply(routed.origin, Status::Overloaded, self.timings(routed.origin, None));
             return;
         };
         let request = Request {
-            id,
+            id: key.id(),
             model: local,
             arrival_ns: now_ns,
             deadline_ns: routed.deadline_ns,
@@ -372,16 +333,22 @@ impl Shard {
     fn drain_output(self: &Rc<Self>) {
         let mut output = self.output.borrow_mut();
         for request in &output.drops {
-            if let Some(origin) = self.pending.borrow_mut().remove(request.id) {
-                self.reply(origin, Status::Dropped, self.timings(origin, None));
+            if let Some(pending) = self.pending.borrow_mut().remove(RequestKey::of_id(request.id)) {
+                self.reply(pending.origin, Status::Dropped, self.timings(pending.origin, None));
             }
         }
         let mut lost = Vec::new();
+        let mut overflowed = Vec::new();
         for plan in &output.plans {
             self.stats.plans.fetch_add(1, Ordering::Relaxed);
             if plan.gpu >= self.embedded_gpus {
-                if !self.send_plan(plan, output.plan_requests(plan)) {
-                    lost.extend(output.plan_requests(plan).iter().map(|r| r.id));
+                match self.send_plan(plan, output.plan_requests(plan)) {
+                    links::PlanSent::Sent => {}
+                    links::PlanSent::NoLink => lost.extend(output.plan_requests(plan).iter().map(|r| r.id)),
+                    links::PlanSent::Overflow(executor) => {
+                        lost.extend(output.plan_requests(plan).iter().map(|r| r.id));
+                        overflowed.push(executor);
+                    }
                 }
                 continue;
             }
@@ -395,10 +362,17 @@ impl Shard {
         }
         output.clear();
         drop(output);
+        for executor in overflowed {
+            self.executor_lost(
+                executor,
+                true,
+                "its link's write queue is full: it does not take its plans",
+            );
+        }
         if !lost.is_empty() {
             // Planned on a GPU whose executor is gone (its slot went offline meanwhile).
             for id in lost {
-                self.replan_or_lose(id);
+                self.replan_or_lose(RequestKey::of_id(id));
             }
             return self.drain_output();
         }
@@ -416,9 +390,9 @@ impl Shard {
         sleep_until(self.epoch, started_ns + (plan.finish_ns - plan.exec_at_ns)).await;
         let finished_ns = self.now_ns();
         for id in ids {
-            if let Some(origin) = self.pending.borrow_mut().remove(id) {
-                let timings = self.timings(origin, Some((started_ns, finished_ns)));
-                self.reply(origin, Status::Ok, timings);
+            if let Some(pending) = self.pending.borrow_mut().remove(RequestKey::of_id(id)) {
+                let timings = self.timings(pending.origin, Some((started_ns, finished_ns)));
+                self.reply(pending.origin, Status::Ok, timings);
             }
         }
         let completion = Completion {
@@ -471,8 +445,8 @@ impl Shard {
         }
     }
 
-    /// An OK reply with `output`, a slice of `buffer` (a link's receive buffer): copied into
-    /// the reply frame here, or passed by reference to the connection's shard.
+    /// An OK reply with `output`, bytes of `buffer` (a link's receive buffer): copied into
+    /// the reply frame here, or held for the connection's shard.
     fn reply_output(&self, origin: Origin, timings: Timings, output: &[u8], buffer: &ReadBuffer) {
         if origin.shard == self.id {
             self.write_reply(origin, Status::Ok, timings, output);
@@ -481,20 +455,27 @@ impl Shard {
                 origin,
                 status: Status::Ok,
                 timings,
-                output: (!output.is_empty()).then(|| buffer.slice_of(output)),
+                output: (!output.is_empty()).then(|| buffer.hold(output)),
             });
         }
     }
 
+    /// The one reply to a request of one of this shard's connections.
     fn write_reply(&self, origin: Origin, status: Status, timings: Timings, output: &[u8]) {
-        let slot = (origin.connection & u64::from(u32::MAX)) as usize;
-        let generation = (origin.connection >> 32) as u32;
-        if self.connection_generations.borrow().get(slot) != Some(&generation) {
-            return; // That connection closed; its slot may serve another by now.
+        // A closed connection's replies have nowhere to go (its slot may serve another by
+        // now: the key's generation tells).
+        let Some(connection) = self.clients.borrow().get(origin.connection) else {
+            return;
+        };
+        let owed = connection.owed.get().saturating_sub(1);
+        connection.owed.set(owed);
+        if owed == 0 || owed as usize + 1 == self.limits.requests_per_connection {
+            // A half-closed connection waits for its last reply; a full one for room.
+            connection.wake_reader();
         }
-        let connection = self.connections.borrow().get(slot).and_then(|c| c.clone());
-        // A closed connection's replies have nowhere to go.
-        let Some(connection) = connection else { return };
+        if connection.is_dead() {
+            return;
+        }
         let reply = ReplyRef {
             client_request_id: origin.client_request_id,
             status,
@@ -513,7 +494,7 @@ impl Shard {
             let _ = wire::encode_reply(&mut out, &failed);
         }
         drop(out);
-        let _ = connection.notify.try_send(());
+        connection.wake_writer();
     }
 
     /// Cross-shard GPU waiting: posts the scheduler's most urgent waiting candidate, declines
@@ -534,39 +515,21 @@ impl Shard {
                 let _ = self.wake.try_send(());
                 continue;
             }
-            self.send_msg(shard as usize, ShardMsg::HandOff);
+            self.mesh.send(shard as usize, ShardMsg::HandOff);
         }
     }
 
-    /// Sends one message to shard `dest`; a full channel makes a task wait for room
-    /// (backpressure, never loss). A closed one means the service is stopping.
-    fn send_msg(self: &Rc<Self>, dest: usize, msg: ShardMsg) {
-        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
-            self.senders.try_send_to(dest, msg)
-        {
-            let this = Rc::clone(self);
-            glommio::spawn_local(async move {
-                let _ = this.senders.send_to(dest, msg).await;
-            })
-            .detach();
-        }
-    }
-
-    /// Sends every batched cross-shard message (a full channel makes the task wait: that is
-    /// the backpressure).
+    /// Sends every batched cross-shard message, in order behind what is queued already.
     fn flush_outbox(self: &Rc<Self>) {
         let shard_count = self.outbox_requests.borrow().len();
         for dest in 0..shard_count {
             let requests = std::mem::take(&mut self.outbox_requests.borrow_mut()[dest]);
             let replies = std::mem::take(&mut self.outbox_replies.borrow_mut()[dest]);
-            for msg in [
-                (!requests.is_empty()).then_some(ShardMsg::Requests(requests)),
-                (!replies.is_empty()).then_some(ShardMsg::Replies(replies)),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                self.send_msg(dest, msg);
+            if !requests.is_empty() {
+                self.mesh.send(dest, ShardMsg::Requests(requests));
+            }
+            if !replies.is_empty() {
+                self.mesh.send(dest, ShardMsg::Replies(replies));
             }
         }
     }
@@ -579,8 +542,8 @@ impl Shard {
                 }
             }
             ShardMsg::Replies(replies) => {
-                self.awaiting_remote
-                    .set(self.awaiting_remote.get().saturating_sub(replies.len()));
+                assert!(self.awaiting_remote.get() >= replies.len(), "a reply nobody waits for");
+                self.awaiting_remote.set(self.awaiting_remote.get() - replies.len());
                 for r in replies {
                     let output = r.output.as_ref().map_or(&[][..], Slice::bytes);
                     self.write_reply(r.origin, r.status, r.timings, output);
@@ -593,30 +556,31 @@ impl Shard {
             }
             ShardMsg::ExecutorLost(executor) => self.executor_lost(executor, false, "another shard lost it"),
         }
+        self.flush_outbox();
     }
 
     /// A client went away: its requests still queued here leave the scheduler before they
     /// use a GPU (those already planned run; their replies are discarded).
-    fn cancel_connection(self: &Rc<Self>, shard: u32, connection: u64) {
+    fn cancel_connection(self: &Rc<Self>, shard: u32, connection: ConnectionKey) {
         let held = self.pending.borrow().of_connection(shard, connection);
         if held.is_empty() {
             return;
         }
         let now_ns = self.now_ns();
-        for (id, model) in held {
+        for (key, model) in held {
             let cancelled = {
                 let mut scheduler = self.scheduler.borrow_mut();
                 let mut output = self.output.borrow_mut();
-                scheduler.cancel(now_ns, model, id, &mut output)
+                scheduler.cancel(now_ns, model, key.id(), &mut output)
             };
             if cancelled {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                if let Some(origin) = self.pending.borrow_mut().remove(id) {
+                if let Some(pending) = self.pending.borrow_mut().remove(key) {
                     if shard != self.id {
                         // No reply will come: the origin shard stops waiting for one (its
                         // connection is gone, so nothing is written).
                         self.outbox_replies.borrow_mut()[shard as usize].push(RoutedReply {
-                            origin,
+                            origin: pending.origin,
                             status: Status::ShuttingDown,
                             timings: Timings::default(),
                             output: None,
@@ -628,53 +592,85 @@ impl Shard {
         self.drain_output();
     }
 
-    /// Tells every shard (this one included) that a connection of this shard closed.
-    fn disconnected(self: &Rc<Self>, connection: u64) {
-        self.cancel_connection(self.id, connection);
-        for dest in 0..self.outbox_requests.borrow().len() {
-            if dest == self.id as usize {
+    /// A connection of this shard closed: the shards it sent requests to (this one
+    /// included) drop those still queued. One that is owed nothing costs no message.
+    fn disconnected(self: &Rc<Self>, connection: &Connection, key: ConnectionKey) {
+        if connection.owed.get() == 0 {
+            return;
+        }
+        let routed = connection.routed.get();
+        self.cancel_connection(self.id, key);
+        for dest in 0..self.mesh.shard_count() {
+            if dest == self.id as usize || routed & (1 << (dest % 64)) == 0 {
                 continue;
             }
-            let msg = ShardMsg::Disconnected {
-                shard: self.id,
-                connection,
-            };
-            self.send_msg(dest, msg);
+            self.mesh.send(
+                dest,
+                ShardMsg::Disconnected {
+                    shard: self.id,
+                    connection: key,
+                },
+            );
         }
     }
 
-    /// One request frame from a client: validated, looked up, routed.
-    fn on_request(
-        self: &Rc<Self>,
-        connection: u64,
-        payload: &[u8],
-        buffer: &ReadBuffer,
-    ) -> Result<(), (ErrorCode, String)> {
-        let request = wire::access_request(payload).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
+    /// LIST_MODELS: every model, in id order.
+    fn on_list_models(&self, connection: &Connection, payload: &[u8]) -> Result<(), (ErrorCode, String)> {
+        let ask = wire::access_list_models(payload).map_err(|e| (ErrorCode::Malformed, e.to_string()))?;
+        let answer = self.catalog.models_answer(ask.client_request_id.to_native());
+        wire::encode_models(&mut connection.out.borrow_mut(), &answer).map_err(|e| {
+            (
+                ErrorCode::Malformed,
+                format!("the model list does not fit a frame: {e}"),
+            )
+        })?;
+        connection.wake_writer();
+        Ok(())
+    }
+
+    /// One request frame from a client: validated, looked up, routed. Every request that
+    /// decodes gets exactly one reply on its connection.
+    fn on_request(self: &Rc<Self>, connection: &Connection, key: ConnectionKey, payload: &[u8], buffer: &ReadBuffer) {
+        let request = match wire::access_request(payload) {
+            Ok(request) => request,
+            Err(e) => {
+                // Which request it was is unknown: an ERROR frame, and the close.
+                connection.fail(ErrorCode::Malformed, &e.to_string());
+                return;
+            }
+        };
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        connection.owed.set(connection.owed.get() + 1);
         let received_ns = self.now_ns();
         let origin = Origin {
             shard: self.id,
-            connection,
+            connection: key,
             client_request_id: request.client_request_id.to_native(),
             received_ns,
         };
         if wire::check_request(request).is_err() {
             self.write_reply(origin, Status::Malformed, self.timings(origin, None), &[]);
-            return Ok(());
+            return;
         }
         let Some(model) = self.catalog.lookup(&request.model) else {
             self.write_reply(origin, Status::UnknownModel, self.timings(origin, None), &[]);
-            return Ok(());
+            return;
         };
         let entry = &self.catalog.models[model as usize];
+        if entry
+            .input_bytes
+            .is_some_and(|bytes| bytes as usize != request.input.len())
+        {
+            self.write_reply(origin, Status::Malformed, self.timings(origin, None), &[]);
+            return;
+        }
         let slo_ns = match request.slo_us_tighter() {
             Some(slo_us) => entry.slo_ns.min(u64::from(slo_us) * 1000),
             None => entry.slo_ns,
         };
-        // Inputs matter only to external executors: otherwise the receive buffer is not held.
+        // Inputs matter only to external executors: otherwise they are not held.
         let input = (self.executors.accepts_executors() && !request.input.is_empty())
-            .then(|| buffer.slice_of(request.input.as_slice()));
+            .then(|| buffer.hold(request.input.as_slice()));
         let routed = Routed {
             origin,
             model,
@@ -686,6 +682,7 @@ impl Shard {
         } else if entry.owner == self.id as usize {
             self.admit(routed);
         } else {
+            connection.routed.set(connection.routed.get() | 1 << (entry.owner % 64));
             self.awaiting_remote.set(self.awaiting_remote.get() + 1);
             let mut outbox = self.outbox_requests.borrow_mut();
             let batch = &mut outbox[entry.owner];
@@ -695,7 +692,6 @@ impl Shard {
                 self.flush_outbox();
             }
         }
-        Ok(())
     }
 
     fn on_timer(self: &Rc<Self>) {
@@ -740,200 +736,6 @@ async fn timer_loop(shard: Rc<Shard>, wake: LocalReceiver<()>) {
     }
 }
 
-/// Reads frames from a client until it closes or breaks the protocol.
-async fn serve_connection(
-    shard: Rc<Shard>,
-    key: u64,
-    stream: TcpStream,
-    connection: Rc<Connection>,
-    notify_rx: LocalReceiver<()>,
-) {
-    let _ = stream.set_nodelay(true);
-    let (mut reader, writer) = futures_lite::io::split(stream);
-    let writer_task = glommio::spawn_local(write_loop(writer, Rc::clone(&connection), notify_rx, None)).detach();
-    let decoder = FrameDecoder::default();
-    let limit = wire::FRAME_HEADER_SIZE + wire::FRAME_PAYLOAD_LIMIT as usize;
-    let mut buffer = ReadBuffer::new(READ_BUFFER_BYTES, limit);
-    // Set when this connection is an executor's control connection (it sent HELLO).
-    let mut control = links::Control::default();
-    // `None`: a frame larger than the frame cap fills the buffer (the decoder refuses such a
-    // header first, so this is a safety net).
-    'read: while let Some(spare) = buffer.spare() {
-        let read = match reader.read(spare).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
-        };
-        buffer.advance(read);
-        let mut frames = decoder.frames(buffer.filled());
-        for frame in &mut frames {
-            let outcome = match frame {
-                Ok(frame) if frame.kind == Kind::Request => shard.on_request(key, frame.payload, &buffer),
-                Ok(frame) if links::is_control_kind(frame.kind) => {
-                    shard.on_control(&mut control, &connection, frame.kind, frame.payload)
-                }
-                Ok(frame) => Err((
-                    ErrorCode::UnexpectedKind,
-                    format!("a client sends REQUEST frames, not {}", frame.kind),
-                )),
-                Err(e) => Err((e.error_code().unwrap_or(ErrorCode::Malformed), e.to_string())),
-            };
-            if let Err((code, message)) = outcome {
-                let _ = wire::encode_error(&mut connection.out.borrow_mut(), code, &message);
-                connection.closing.set(true);
-                let _ = connection.notify.try_send(());
-                shard.flush_outbox();
-                break 'read;
-            }
-        }
-        let consumed = frames.consumed();
-        buffer.consume(consumed);
-        shard.flush_outbox();
-    }
-    shard.control_closed(&control);
-    // Replies still owed on this connection go nowhere now; its queued requests are dropped
-    // from the schedulers before they use a GPU.
-    let slot = (key & u64::from(u32::MAX)) as usize;
-    shard.connections.borrow_mut()[slot] = None;
-    let mut generations = shard.connection_generations.borrow_mut();
-    generations[slot] = generations[slot].wrapping_add(1);
-    drop(generations);
-    shard.open_connections.set(shard.open_connections.get() - 1);
-    shard.disconnected(key);
-    if !connection.closing.get() {
-        connection.closing.set(true);
-        let _ = connection.notify.try_send(());
-    }
-    drop(writer_task);
-}
-
-/// A connection's outgoing side and the receiver its writer waits on.
-fn new_connection() -> (Rc<Connection>, LocalReceiver<()>) {
-    let (notify, notify_rx) = local_channel::new_bounded(1);
-    let connection = Rc::new(Connection {
-        out: RefCell::new(Vec::with_capacity(64 << 10)),
-        sections: RefCell::new(Vec::new()),
-        notify,
-        closing: Cell::new(false),
-    });
-    (connection, notify_rx)
-}
-
-/// Writes what is queued on `connection`, many frames per write, until it closes. A link
-/// (`link`: its socket and shard) sends a queue that holds zero-copy sections with
-/// io_uring's SENDMSG_ZC (`zerocopy`).
-async fn write_loop(
-    mut writer: futures_lite::io::WriteHalf<TcpStream>,
-    connection: Rc<Connection>,
-    notify_rx: LocalReceiver<()>,
-    link: Option<(std::os::fd::RawFd, Rc<Shard>)>,
-) {
-    let mut spare = Vec::with_capacity(64 << 10);
-    while notify_rx.recv().await.is_some() {
-        std::mem::swap(&mut spare, &mut connection.out.borrow_mut());
-        let sections = std::mem::take(&mut *connection.sections.borrow_mut());
-        if !sections.is_empty() {
-            let outgoing = zerocopy::Outgoing {
-                bytes: std::mem::replace(&mut spare, Vec::with_capacity(64 << 10)),
-                sections,
-            };
-            if send_sections(&mut writer, link.as_ref(), outgoing).await.is_err() {
-                break;
-            }
-        } else if !spare.is_empty() && writer.write_all(&spare).await.is_err() {
-            break;
-        }
-        spare.clear();
-        if connection.closing.get() && connection.out.borrow().is_empty() {
-            break;
-        }
-    }
-    let _ = writer.close().await;
-}
-
-/// Sends a queue with sections: zero-copy where the shard has a ring, else (or for what the
-/// kernel refused to send zero-copy) copied into one buffer.
-async fn send_sections(
-    writer: &mut futures_lite::io::WriteHalf<TcpStream>,
-    link: Option<&(std::os::fd::RawFd, Rc<Shard>)>,
-    outgoing: zerocopy::Outgoing,
-) -> std::io::Result<()> {
-    let Some((fd, shard)) = link else {
-        return writer.write_all(&outgoing.flatten()).await;
-    };
-    let stats = &shard.stats;
-    let sent = match &shard.zero_copy {
-        Some(ring) => {
-            let outgoing = Rc::new(outgoing);
-            let len = outgoing.len();
-            match ring.send(*fd, Rc::clone(&outgoing)).await? {
-                zerocopy::Sent::Done => {
-                    stats.zero_copy_sends.fetch_add(1, Ordering::Relaxed);
-                    stats.zero_copy_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    return Ok(());
-                }
-                zerocopy::Sent::Refused { sent, error } => {
-                    if !shard.zero_copy_refused.replace(true) {
-                        eprintln!(
-                            "symphony serve: shard {}: the kernel refused a zero-copy send ({error}); such sends are copied",
-                            shard.id
-                        );
-                    }
-                    (sent, outgoing)
-                }
-            }
-        }
-        None => (0, Rc::new(outgoing)),
-    };
-    stats.zero_copy_fallbacks.fetch_add(1, Ordering::Relaxed);
-    let (sent, outgoing) = sent;
-    writer.write_all(&outgoing.flatten()[sent..]).await
-}
-
-/// The next accepted connection, or `None` once the service stops.
-async fn accept_until_stop(shard: &Shard, listener: &TcpListener) -> Option<TcpStream> {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            while !shard.stop.load(Ordering::Relaxed) {
-                glommio::timer::sleep(STOP_POLL).await;
-            }
-            None
-        })
-        .await;
-        if let Ok(stream) = accepted? {
-            return Some(stream);
-        }
-    }
-}
-
-/// Accepts clients until the service stops.
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    while let Some(stream) = accept_until_stop(&shard, &listener).await {
-        if shard.open_connections.get() >= shard.limits.connections_per_shard {
-            drop(stream); // Over the limit: closed at once.
-            continue;
-        }
-        let (connection, notify_rx) = new_connection();
-        let key = {
-            let mut connections = shard.connections.borrow_mut();
-            let mut generations = shard.connection_generations.borrow_mut();
-            let slot = match connections.iter().position(Option::is_none) {
-                Some(free) => {
-                    connections[free] = Some(Rc::clone(&connection));
-                    free
-                }
-                None => {
-                    connections.push(Some(Rc::clone(&connection)));
-                    generations.push(0);
-                    connections.len() - 1
-                }
-            };
-            u64::from(generations[slot]) << 32 | slot as u64
-        };
-        shard.open_connections.set(shard.open_connections.get() + 1);
-        glommio::spawn_local(serve_connection(Rc::clone(&shard), key, stream, connection, notify_rx)).detach();
-    }
-}
-
 /// Counters of the whole service (all shards), for tests and operators.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -941,6 +743,8 @@ pub struct Stats {
     pub requests: std::sync::atomic::AtomicU64,
     /// Queued requests removed because their client went away.
     pub cancelled: std::sync::atomic::AtomicU64,
+    /// Requests answered `overloaded` (a shard's request table was full).
+    pub overloaded: std::sync::atomic::AtomicU64,
     /// Batches planned (embedded and external executors).
     pub plans: std::sync::atomic::AtomicU64,
     /// GPUs a release reserved for another shard's waiting candidate (cross-shard EDF).
@@ -951,11 +755,21 @@ pub struct Stats {
     pub executors_lost: std::sync::atomic::AtomicU64,
     /// Requests of a lost executor's plans planned again.
     pub replanned: std::sync::atomic::AtomicU64,
+    /// Plans an executor did not report within the plan timeout.
+    pub plans_timed_out: std::sync::atomic::AtomicU64,
     /// Link writes sent zero-copy (io_uring SENDMSG_ZC), and their bytes.
     pub zero_copy_sends: std::sync::atomic::AtomicU64,
     pub zero_copy_bytes: std::sync::atomic::AtomicU64,
     /// Link writes that had to be copied instead (no ring, or the kernel refused).
     pub zero_copy_fallbacks: std::sync::atomic::AtomicU64,
+    /// Connections refused at a port's limit (an ERROR `OVERLOADED`, then the close).
+    pub connections_refused: std::sync::atomic::AtomicU64,
+    /// Failed accepts (descriptors or memory exhausted), each followed by a back-off.
+    pub accept_errors: std::sync::atomic::AtomicU64,
+    /// Times a client connection was not read because of its limits or the mesh's backlog.
+    pub backpressure_waits: std::sync::atomic::AtomicU64,
+    /// Link connections closed for not joining within the handshake timeout.
+    pub handshake_timeouts: std::sync::atomic::AtomicU64,
 }
 
 /// What a running service gives its caller.
@@ -967,6 +781,8 @@ pub struct ServerHandle {
     stats: Arc<Stats>,
     shard_count: usize,
     memory: ShardMemory,
+    limits: Limits,
+    nofile: runtime::FdBudget,
     stop: Arc<AtomicBool>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -993,6 +809,16 @@ impl ServerHandle {
 
     pub fn memory(&self) -> ShardMemory {
         self.memory
+    }
+
+    /// The limits the shards run with (connection caps lowered to the descriptor limit).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The descriptor limit and what it allowed.
+    pub fn fd_budget(&self) -> runtime::FdBudget {
+        self.nofile
     }
 
     pub fn stats(&self) -> &Stats {
@@ -1022,13 +848,20 @@ impl ServerHandle {
     }
 }
 
-/// Starts the service: `shards` pinned executors (default: the machine's CPUs).
+/// Starts the service: `shards` pinned executors (default: the CPUs this process may run
+/// on). Raises the soft descriptor limit to the hard one and lowers the connection caps to
+/// what it allows.
 pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let available = runtime::allowed_cpus().len().max(1);
     let shard_count = config.shards.unwrap_or(available).max(1);
     let memory = runtime::shard_memory(shard_count, runtime::memlock_limit_bytes())?;
     let cpus = runtime::shard_cpus(shard_count, config.cpus.as_deref())?;
-    let catalog = Arc::new(Catalog::new(&config.models, shard_count));
+    let accepts_executors = config.executor_token.is_some() && config.executor_gpus > 0;
+    let nofile = runtime::fd_budget(shard_count, &config.limits, accepts_executors)?;
+    let mut limits = config.limits;
+    limits.connections_per_shard = nofile.connections_per_shard;
+    limits.links_per_shard = nofile.links_per_shard;
+    let catalog = Arc::new(Catalog::new(&config.models, &config.input_bytes, shard_count));
     let table = Arc::new(GpuTable::with_offline(
         config.gpus as usize,
         config.executor_gpus as usize,
@@ -1036,6 +869,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     ));
     let executors = Arc::new(Executors::new(
         config.executor_token.clone(),
+        Arc::clone(&table),
         config.gpus,
         config.executor_gpus,
         shard_count,
@@ -1044,6 +878,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut shard_link_addrs = Vec::with_capacity(shard_count);
     let mesh = MeshBuilder::<ShardMsg, Full>::full(shard_count, config.limits.mesh_channel);
     let stop = Arc::new(AtomicBool::new(false));
+    let drained = Arc::new(AtomicUsize::new(0));
     let stats = Arc::new(Stats::default());
     let epoch = Instant::now();
     let mut joins = Vec::with_capacity(shard_count);
@@ -1058,16 +893,17 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             models: config.models.clone(),
             policy: Config::of(config.policy, &config.knobs),
             knobs: config.knobs.clone(),
-            limits: config.limits,
+            limits,
+            timeouts: TimeoutsNs::of(&config.timeouts),
             table: Arc::clone(&table),
             mesh: mesh.clone(),
             stop: Arc::clone(&stop),
+            drained: Arc::clone(&drained),
             stats: Arc::clone(&stats),
             epoch,
             embedded_gpus: config.gpus,
             executors: Arc::clone(&executors),
             link_addrs: Arc::clone(&link_addrs),
-            heartbeat_timeout_ns: config.heartbeat_timeout_ms * 1_000_000,
             zero_copy: config.zero_copy,
         };
         let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
@@ -1097,6 +933,8 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
         stats,
         shard_count,
         memory,
+        limits,
+        nofile,
         stop,
         joins,
     })
@@ -1110,15 +948,16 @@ struct ShardSetup {
     policy: Config,
     knobs: symphony_core::policy::Knobs,
     limits: Limits,
+    timeouts: TimeoutsNs,
     table: Arc<GpuTable>,
     mesh: MeshBuilder<ShardMsg, Full>,
     stop: Arc<AtomicBool>,
+    drained: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     epoch: Instant,
     embedded_gpus: u32,
     executors: Arc<Executors>,
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
-    heartbeat_timeout_ns: u64,
     zero_copy: bool,
 }
 
@@ -1196,24 +1035,24 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         catalog: setup.catalog,
         knobs_d_resp_ns: setup.knobs.d_resp_ns,
         limits: setup.limits,
+        timeouts: setup.timeouts,
         scheduler: RefCell::new(scheduler),
         output: RefCell::new(Output::new()),
         pending: RefCell::new(PendingTable::new(setup.limits.requests_per_shard)),
-        connections: RefCell::new(Vec::new()),
-        connection_generations: RefCell::new(Vec::new()),
-        open_connections: Cell::new(0),
+        clients: RefCell::new(Slots::new(setup.limits.connections_per_shard)),
+        link_conns: RefCell::new(Slots::new(setup.limits.links_per_shard)),
         awaiting_remote: Cell::new(0),
         outbox_requests: RefCell::new(vec![Vec::new(); shard_count]),
         outbox_replies: RefCell::new(vec![Vec::new(); shard_count]),
-        senders,
+        mesh: Rc::new(Mesh::new(senders)),
         wake,
         stop: setup.stop,
+        drained: setup.drained,
         stats: setup.stats,
         embedded_gpus: setup.embedded_gpus,
         executors: setup.executors,
         link_addrs: setup.link_addrs,
         links: RefCell::new(HashMap::new()),
-        heartbeat_timeout_ns: setup.heartbeat_timeout_ns,
         plan_msg: RefCell::new(wire::executor::PlanMsg::default()),
         id_lists: RefCell::new(Vec::new()),
         zero_copy,
@@ -1230,21 +1069,22 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
     }
     glommio::spawn_local(timer_loop(Rc::clone(&shard), wake_rx)).detach();
     if let Some(listener) = link_listener {
-        glommio::spawn_local(links::link_accept_loop(Rc::clone(&shard), listener)).detach();
+        glommio::spawn_local(links::accept_links(Rc::clone(&shard), listener)).detach();
     }
-    accept_loop(Rc::clone(&shard), listener).await;
-    drain(&shard).await;
+    connection::accept_clients(Rc::clone(&shard), listener).await;
+    drain(&shard, shard_count).await;
 }
 
 /// After stop: no new connections, new requests are answered "shutting down"; planned batches
 /// finish and are answered; what is still queued when the grace period ends is answered
-/// "shutting down"; then the writers get a moment to flush.
-async fn drain(shard: &Rc<Shard>) {
+/// "shutting down". A shard then waits until every shard has answered its own requests and
+/// the answers to the requests it routed have arrived (they may still be on the mesh), and
+/// gives its writers a moment to flush.
+async fn drain(shard: &Rc<Shard>, shard_count: usize) {
     let grace_ns = shard.catalog.models.iter().map(|m| m.slo_ns).max().unwrap_or(0) + 1_000_000_000;
     let started_ns = shard.now_ns();
     loop {
-        let held = shard.pending.borrow().held();
-        if held == 0 && shard.awaiting_remote.get() == 0 {
+        if shard.pending.borrow().held() == 0 {
             break;
         }
         if shard.now_ns() - started_ns > grace_ns {
@@ -1264,6 +1104,20 @@ async fn drain(shard: &Rc<Shard>) {
         {
             shard.on_timer();
         }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    shard.drained.fetch_add(1, Ordering::AcqRel);
+    // Every shard answers within its grace period: wait that long and a little more.
+    let linger_until_ns = started_ns + grace_ns + SHUTDOWN_LINGER.as_nanos() as u64;
+    while (shard.drained.load(Ordering::Acquire) < shard_count || shard.awaiting_remote.get() > 0)
+        && shard.now_ns() < linger_until_ns
+    {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    // The writers flush what is queued (bounded: a client that does not read is not waited
+    // for past the linger).
+    let flush_until = Instant::now() + SHUTDOWN_LINGER;
+    while shard.clients.borrow().queued_bytes() > 0 && Instant::now() < flush_until {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     glommio::timer::sleep(STOP_POLL).await;

@@ -38,6 +38,9 @@ const RING_ENTRIES: u32 = 64;
 /// Iovecs per `sendmsg` (the kernel's `UIO_MAXIOV`); a longer queue goes in several sends.
 const IOV_MAX: usize = 1024;
 
+/// Tries of one `io_uring_enter` that the kernel answers EINTR, EAGAIN or EBUSY.
+const SUBMIT_RETRY_LIMIT: u32 = 16;
+
 /// What one link write sends: `bytes` with `sections` spliced in, each at its offset (the
 /// inputs of the plan frames queued in `bytes`, in order).
 #[derive(Debug, Default)]
@@ -120,6 +123,12 @@ pub(super) struct ZeroCopy {
     ring: RefCell<IoUring>,
     in_flight: RefCell<HashMap<u64, InFlight>>,
     next_id: Cell<u64>,
+    /// Set when a submission failed: the ring is never used again.
+    broken: Cell<bool>,
+}
+
+fn ring_broken() -> std::io::Error {
+    std::io::Error::other("the zero-copy ring was retired after a failed submission")
 }
 
 impl std::fmt::Debug for ZeroCopy {
@@ -146,6 +155,7 @@ impl ZeroCopy {
             ring: RefCell::new(ring),
             in_flight: RefCell::new(HashMap::new()),
             next_id: Cell::new(0),
+            broken: Cell::new(false),
         })
     }
 
@@ -155,7 +165,11 @@ impl ZeroCopy {
         let total = outgoing.len();
         let mut sent = 0;
         while sent < total {
-            let id = self.submit(fd, &outgoing, sent).await?;
+            let id = match self.submit(fd, &outgoing, sent).await {
+                Ok(id) => id,
+                // The ring is retired: the rest goes out copied.
+                Err(error) => return Ok(Sent::Refused { sent, error }),
+            };
             let result = self.result_of(id).await;
             if result < 0 {
                 let error = std::io::Error::from_raw_os_error(-result);
@@ -213,22 +227,61 @@ impl ZeroCopy {
         );
         let mut backoff = Duration::from_micros(20);
         loop {
-            {
+            if self.broken.get() {
+                // Never submit on a ring whose submission failed (below).
+                self.in_flight.borrow_mut().remove(&id);
+                return Err(ring_broken());
+            }
+            let pushed = {
                 let mut ring = self.ring.borrow_mut();
                 // SAFETY: the message and every buffer its iovecs point into live in
                 // `in_flight` until the kernel's last completion for this id is read.
                 let pushed = unsafe { ring.submission().push(&entry) }.is_ok();
-                if pushed {
-                    ring.submit()?;
-                    return Ok(id);
+                pushed
+            };
+            match self.submit_queued() {
+                Ok(()) if pushed => return Ok(id),
+                Ok(()) => {}
+                Err(error) if pushed => {
+                    // The entry sits in the submission queue with a raw descriptor that may
+                    // be closed and reused: this ring never submits again (`broken`), and
+                    // the entry's buffers stay in `in_flight`, so nothing it points to is
+                    // ever freed under it. Sends of this shard are copied from now on.
+                    self.broken.set(true);
+                    return Err(error);
                 }
-                // The submission queue is full: submit what is there and wait for room.
-                ring.submit()?;
+                Err(error) => {
+                    self.broken.set(true);
+                    self.in_flight.borrow_mut().remove(&id);
+                    return Err(error);
+                }
             }
+            // The submission queue is full: wait for room.
             self.reap();
             glommio::timer::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(1));
         }
+    }
+
+    /// Submits what the submission queue holds, retrying what the kernel asks to retry.
+    fn submit_queued(&self) -> std::io::Result<()> {
+        for _ in 0..SUBMIT_RETRY_LIMIT {
+            let submitted = self.ring.borrow_mut().submit();
+            match submitted {
+                Ok(_) => return Ok(()),
+                Err(error) if matches!(error.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                    // EBUSY/EAGAIN: completions must be read first.
+                    self.reap();
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(std::io::Error::other("io_uring submit kept failing"))
+    }
+
+    /// Whether a failed submission retired this ring (its sends fall back to copies).
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken.get()
     }
 
     /// Waits for the result of send `id`.

@@ -15,3 +15,4 @@ pub(crate) mod atomic {
 }
 
 pub mod gpu_table;
+pub mod lifecycle;
