@@ -621,3 +621,223 @@ fn executors_come_back_after_the_scheduler_restarts_under_load() {
         );
     }
 }
+
+#[test]
+fn links_past_their_cap_make_room_or_are_refused() {
+    let _serial = serial();
+    let serve = Serve::start(&executor_config("shards = 1\n[limits]\nlinks_per_shard = 3"), &[]);
+    let (_control, welcome) = support::hello(serve.addr, &FakeSpec::new(Behavior::Echo)).unwrap();
+    let link = welcome.links[0].clone();
+    // Three connections that never JOIN fill the port; an executor still joins (one of them
+    // makes room), and so do two more.
+    let idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(link.as_str()).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let executors: Vec<FakeExecutor> = (0..3)
+        .map(|i| {
+            FakeExecutor::join(serve.addr, FakeSpec::new(Behavior::Echo))
+                .unwrap_or_else(|e| panic!("executor {i} could not join: {e}\n{}", serve.log_text()))
+        })
+        .collect();
+    // Three joined links: the fourth connection is told why and closed.
+    let mut refused = TcpStream::connect(link.as_str()).unwrap();
+    let frames = read_frames(&mut refused, 1, Duration::from_secs(2));
+    let (kind, payload) = frames.first().expect("an ERROR frame");
+    assert_eq!(*kind, Kind::Error);
+    let error = wire::decode_error(payload).unwrap();
+    assert_eq!(error.code, ErrorCode::Overloaded, "{error:?}");
+    assert!(closed_within(&mut refused, Duration::from_secs(2)));
+    drop((idle, executors));
+}
+
+#[test]
+fn a_full_request_table_answers_overloaded_at_once() {
+    let _serial = serial();
+    let serve = Serve::start(
+        &format!(
+            "{}{PATIENT_MODEL}",
+            example_config("gpus = 1\nshards = 1\n[limits]\nrequests_per_shard = 10")
+        ),
+        &[],
+    );
+    let mut client = serve.client();
+    for id in 0..25u64 {
+        client.send(id, &ModelRef::Name("patient".into()), None, b"").unwrap();
+    }
+    client.flush().unwrap();
+    // The patient model's requests wait seconds to batch: ten fill the table, the other
+    // fifteen are answered at once.
+    client.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    for _ in 0..15 {
+        let reply = client.recv().expect("an OVERLOADED reply within a second");
+        assert_eq!(reply.status, Status::Overloaded);
+        assert!(reply.client_request_id >= 10);
+    }
+}
+
+#[test]
+fn a_client_owed_too_many_replies_is_not_read_until_it_gets_them() {
+    let _serial = serial();
+    for (limit, answered) in [(5, false), (6, true)] {
+        let serve = Serve::start(
+            &format!(
+                "{}{PATIENT_MODEL}",
+                example_config(&format!(
+                    "gpus = 1\nshards = 1\n[limits]\nrequests_per_connection = {limit}"
+                ))
+            ),
+            &[],
+        );
+        let mut stream = TcpStream::connect(serve.addr).unwrap();
+        let mut frames = Vec::new();
+        for id in 0..5u64 {
+            request_frame(&mut frames, id, "patient", b"");
+        }
+        wire::encode_list_models(&mut frames, 99).unwrap();
+        stream.write_all(&frames).unwrap();
+        // Five requests owed (their batch waits seconds): at a limit of 5 the LIST_MODELS
+        // behind them is not read.
+        let got = read_frames(&mut stream, 1, Duration::from_millis(700));
+        assert_eq!(
+            got.first().map(|f| f.0) == Some(Kind::Models),
+            answered,
+            "limit {limit}: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn an_executor_that_does_not_take_its_plans_is_lost() {
+    let _serial = serial();
+    let mut serve = Serve::start(
+        &executor_config("shards = 1\nzero_copy = false\n[limits]\nlink_write_buffer_bytes = 16777472"),
+        &[],
+    );
+    let mut spec = FakeSpec::new(Behavior::Unread);
+    spec.gpus = 16;
+    let _fake = FakeExecutor::join(serve.addr, spec).unwrap();
+    let mut client = serve.client();
+    let input = vec![1u8; 60 << 10];
+    for id in 0..1000u64 {
+        client.send(id, &ModelRef::Name("small".into()), None, &input).unwrap();
+    }
+    client.flush().unwrap();
+    assert!(
+        serve.wait_log("does not take its plans", Duration::from_secs(10)),
+        "{}",
+        serve.log_text()
+    );
+    for _ in 0..1000 {
+        client.recv().expect("every request is answered");
+    }
+    serve.assert_alive("an executor that does not read its link");
+}
+
+#[test]
+fn a_client_that_accepts_nothing_is_closed_after_the_stall_timeout() {
+    let _serial = serial();
+    let serve = Serve::start(
+        &example_config("gpus = 1\nshards = 1\nwrite_stall_timeout_ms = 300\n[limits]\nwrite_buffer_bytes = 65536"),
+        &[],
+    );
+    let mut stream = TcpStream::connect(serve.addr).unwrap();
+    stream.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+    let burst = unknown_model_burst(400_000);
+    let _ = stream.write_all(&burst);
+    // The service's writes stall (this client does not read): it closes the connection.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(3)),
+        "a connection that accepted nothing for 1.5 s is still open"
+    );
+}
+
+#[test]
+fn an_executor_whose_clock_runs_slow_keeps_its_plans_on_time() {
+    let _serial = serial();
+    let serve = Serve::start(&executor_config("shards = 1"), &[]);
+    // 5000 ppm slow: with the handshake's offset alone, batches would start 15 ms late
+    // (on the scheduler's clock) after 3 s, and the small model's 50 ms SLO would be missed.
+    let _executor = ExecutorProcess::spawn(serve.addr, 2, &["--clock-skew-ppm", "-5000"]);
+    assert!(
+        wait_ok(&serve, "small", Duration::from_secs(10)),
+        "{}",
+        serve.log_text()
+    );
+    let mut client = serve.client();
+    let mut bad = 0;
+    let mut total = 0;
+    let started = Instant::now();
+    let mut id = 0u64;
+    while started.elapsed() < Duration::from_secs(6) {
+        for _ in 0..5 {
+            client.send(id, &ModelRef::Name("small".into()), None, b"t").unwrap();
+            id += 1;
+        }
+        client.flush().unwrap();
+        for _ in 0..5 {
+            let reply = client.recv().unwrap();
+            // Only the last seconds count: by then a stale offset is far off. A reply after
+            // the SLO counts as bad, whatever its status.
+            if started.elapsed() > Duration::from_secs(3) {
+                total += 1;
+                bad += u32::from(reply.status != Status::Ok || reply.timings.total_us > 50_000);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(total > 50, "{total} requests");
+    assert!(
+        bad * 20 <= total,
+        "{bad} of {total} requests failed or were late with an executor clock 5000 ppm slow"
+    );
+}
+
+#[test]
+fn serve_runs_on_the_cpus_it_may_run_on() {
+    let _serial = serial();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        println!("skipped: needs two CPUs");
+        return;
+    }
+    // Only the last CPU: the process may not run on CPU 0, and its one CPU is not CPU 0.
+    let last = (cpus - 1).to_string();
+    let dir = support::scratch("taskset");
+    let config = dir.join("c.toml");
+    std::fs::write(&config, example_config("gpus = 1")).unwrap();
+    for cpus_arg in [None, Some(last.as_str())] {
+        let mut command = std::process::Command::new("taskset");
+        command
+            .args(["-c", &last, env!("CARGO_BIN_EXE_symphony"), "serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::piped());
+        if let Some(cpu) = cpus_arg {
+            command.args(["--cpus", cpu]);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        // The shard's thread runs on the CPU the process was given.
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+        let shard_cpus: Vec<String> = tasks
+            .flatten()
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("shard-")))
+            .filter_map(|t| {
+                let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"))?;
+                Some(line.split_whitespace().last()?.to_string())
+            })
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            first.contains("1 shard(s)") && !first.contains("error"),
+            "serve under `taskset -c {last}` {cpus_arg:?}: {first}"
+        );
+        assert!(
+            !shard_cpus.is_empty() && shard_cpus.iter().all(|c| *c == last),
+            "shard threads on CPUs {shard_cpus:?}, the process may run on {last} only"
+        );
+    }
+}

@@ -248,3 +248,66 @@ fn shards_share_a_scarce_gpu_through_the_table() {
     );
     server.stop().unwrap();
 }
+
+/// Messages between two shards keep their order, even when the channel between them is
+/// full: a connection's `Disconnected` never overtakes its `Requests`, so every request of
+/// a client that went away leaves the schedulers (none is admitted after the cancel).
+#[test]
+fn a_full_mesh_keeps_messages_in_order() {
+    let text = "listen = \"127.0.0.1:0\"\ngpus = 1\nshards = 2\n\
+        [[models]]\nname = \"patient_a\"\nprofile = \"sleep#100,1000,0,0\"\nslo_ms = 30000\n\
+        [[models]]\nname = \"patient_b\"\nprofile = \"sleep#100,1000,0,0\"\nslo_ms = 30000\n\
+        [limits]\nmesh_channel = 2\nrouted_batch = 1\n";
+    let config = ServeConfig::parse(text, Path::new("."), "test").unwrap();
+    let server = server::start(&config).expect("the service starts");
+    // Fewer than a full batch (1024) per model: none is planned for 30 s.
+    let sent = 1600u64;
+    for round in 0..3 {
+        let mut gone = TcpStream::connect(server.local_addr()).unwrap();
+        let mut buffer = Vec::new();
+        // Half for each model: whichever shard took the connection, half are routed to the
+        // other one, one message per request through a channel of two.
+        for id in 0..sent {
+            let model = ["patient_a", "patient_b"][id as usize % 2];
+            request(&mut buffer, id, ModelRef::Name(model.into()), &[]);
+        }
+        gone.write_all(&buffer).unwrap();
+        let target = (round + 1) * sent;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.stats().requests.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Reset at once, while requests are still on their way to the other shard.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads one valid `linger` for this open socket.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&gone),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(gone);
+        // Every one of them is cancelled (they wait 30 s to batch, so none ran).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.stats().cancelled.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            server.stats().requests.load(Ordering::Relaxed),
+            target,
+            "round {round}: the service read every request"
+        );
+        assert_eq!(
+            server.stats().cancelled.load(Ordering::Relaxed),
+            target,
+            "round {round}: requests of a gone client were admitted after its disconnect"
+        );
+    }
+    server.stop().unwrap();
+}

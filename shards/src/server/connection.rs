@@ -398,21 +398,17 @@ async fn serve_client(
     let mut buffer = ReadBuffer::new(READ_BUFFER_INITIAL_BYTES, frame_limit());
     // Set when this connection is an executor's control connection (it sent HELLO).
     let mut control = links::Control::default();
+    // Set once the read side reached EOF: what is buffered is still handled.
+    let mut eof = false;
     let end = 'read: loop {
-        // Backpressure: read nothing while the client does not take its replies, owes too
-        // many, or messages to other shards wait for room.
-        loop {
+        // Backpressure: handle and read nothing while the client does not take its replies,
+        // owes too many, or messages to other shards wait for room.
+        while over_limits(&shard, &connection) {
             if connection.is_dead() || connection.evicted.get() {
                 break 'read ReadEnd::Closed;
             }
-            let full = connection.queued_bytes() >= shard.limits.write_buffer_bytes
-                || connection.owed.get() as usize >= shard.limits.requests_per_connection;
-            let backlogged = shard.mesh.backlogged();
-            if !full && !backlogged {
-                break;
-            }
             shard.stats.backpressure_waits.fetch_add(1, Ordering::Relaxed);
-            let poll = if backlogged {
+            let poll = if shard.mesh.backlogged() {
                 Duration::from_millis(1)
             } else {
                 STOP_POLL
@@ -425,23 +421,18 @@ async fn serve_client(
             )
             .await;
         }
-        let Some(spare) = buffer.spare() else {
+        if connection.is_dead() || connection.evicted.get() {
             break ReadEnd::Closed;
-        };
-        let read = futures_lite::future::or(async { Some(reader.read(spare).await) }, async {
-            let _ = stop_reading.recv().await;
-            None
-        })
-        .await;
-        let read = match read {
-            Some(Ok(0)) => break ReadEnd::HalfClosed,
-            Some(Ok(read)) => read,
-            Some(Err(_)) | None => break ReadEnd::Closed,
-        };
-        buffer.advance(read);
-        connection.active.set(true);
+        }
+        // The frames read so far, as far as the limits allow (the rest wait in the buffer).
         let mut frames = decoder.frames(buffer.filled());
-        for frame in &mut frames {
+        let mut at_limit = false;
+        loop {
+            if over_limits(&shard, &connection) {
+                at_limit = true;
+                break;
+            }
+            let Some(frame) = frames.next() else { break };
             let outcome = match frame {
                 Ok(frame) if frame.kind == Kind::Request => {
                     shard.on_request(&connection, key, frame.payload, &buffer);
@@ -471,6 +462,28 @@ async fn serve_client(
         let consumed = frames.consumed();
         buffer.consume(consumed);
         shard.flush_outbox();
+        if at_limit {
+            continue;
+        }
+        if eof {
+            break ReadEnd::HalfClosed;
+        }
+        let Some(spare) = buffer.spare() else {
+            break ReadEnd::Closed;
+        };
+        let read = futures_lite::future::or(async { Some(reader.read(spare).await) }, async {
+            let _ = stop_reading.recv().await;
+            None
+        })
+        .await;
+        match read {
+            Some(Ok(0)) => eof = true,
+            Some(Ok(read)) => {
+                buffer.advance(read);
+                connection.active.set(true);
+            }
+            Some(Err(_)) | None => break ReadEnd::Closed,
+        }
     };
     drop(buffer);
     if end == ReadEnd::HalfClosed {
@@ -491,6 +504,14 @@ async fn serve_client(
     // they use a GPU.
     shard.disconnected(&connection, key);
     connection.close_after_writing();
+}
+
+/// Whether a client connection must not be handled further now: its replies wait to be
+/// written, it owes its limit of replies, or the mesh has a backlog.
+fn over_limits(shard: &Shard, connection: &Connection) -> bool {
+    connection.queued_bytes() >= shard.limits.write_buffer_bytes
+        || connection.owed.get() as usize >= shard.limits.requests_per_connection
+        || shard.mesh.backlogged()
 }
 
 /// Writes what is queued on `connection`, many frames per write, until it closes. A link

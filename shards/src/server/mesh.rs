@@ -78,11 +78,11 @@ impl Mesh {
         }
         self.queued.set(self.queued.get() + 1);
         drop(queues);
-        let mut flushing = self.flushing.borrow_mut();
-        if !flushing[dest] {
-            flushing[dest] = true;
+        let start = !std::mem::replace(&mut self.flushing.borrow_mut()[dest], true);
+        if start {
             self.flushers.set(self.flushers.get() + 1);
             let mesh = Rc::clone(self);
+            // No borrow is held here: glommio may run a spawned task at once.
             glommio::spawn_local(async move { mesh.flush(dest).await }).detach();
         }
     }
