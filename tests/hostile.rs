@@ -841,3 +841,35 @@ fn serve_runs_on_the_cpus_it_may_run_on() {
         );
     }
 }
+
+#[test]
+fn a_client_owed_its_input_budget_is_not_read_until_it_gets_replies() {
+    let _serial = serial();
+    for (budget_mib, answered) in [(8, false), (16, true)] {
+        let limits = format!("[limits]\nrequest_bytes_per_connection = {}", budget_mib << 20);
+        let serve = Serve::start(
+            &format!(
+                "{}{PATIENT_MODEL}",
+                example_config(&format!("gpus = 1\nshards = 1\n{limits}"))
+            ),
+            &[],
+        );
+        let mut stream = TcpStream::connect(serve.addr).unwrap();
+        let mut frames = Vec::new();
+        let input = vec![0u8; 5 << 20];
+        for id in 0..2u64 {
+            request_frame(&mut frames, id, "patient", &input);
+        }
+        wire::encode_list_models(&mut frames, 99).unwrap();
+        stream.write_all(&frames).unwrap();
+        // 10 MiB of inputs owed (their batch waits seconds): over an 8 MiB budget the
+        // LIST_MODELS behind them is not read.
+        let got = read_frames(&mut stream, 1, Duration::from_millis(700));
+        assert_eq!(
+            got.first().map(|f| f.0) == Some(Kind::Models),
+            answered,
+            "budget {budget_mib} MiB: {:?}",
+            got.first().map(|f| f.0)
+        );
+    }
+}

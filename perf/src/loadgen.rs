@@ -245,6 +245,30 @@ pub struct LoadReport {
     pub errors: Vec<String>,
     pub wall_s: f64,
     pub models: Vec<ModelLoadReport>,
+    /// Latency of bench replies that were not `OK` (dropped, overloaded, ...), µs: how soon a
+    /// request the service cannot serve is told so.
+    pub not_ok_latency_us_p50: u64,
+    pub not_ok_latency_us_p99: u64,
+    pub not_ok_latency_us_max: u64,
+    /// Every second of the run (every phase), by arrival time.
+    pub timeline: Vec<SecondReport>,
+}
+
+/// The requests that arrived in one second of the run, and how they ended.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SecondReport {
+    /// Seconds from the start of the run.
+    pub second: u64,
+    pub offered: u64,
+    /// `OK` within the model's SLO.
+    pub success: u64,
+    /// `OK` after the SLO.
+    pub late: u64,
+    pub dropped: u64,
+    pub overloaded: u64,
+    /// Any other status.
+    pub other: u64,
+    pub noreply: u64,
 }
 
 /// Everything the threads share. Each request's slot is written by its connection's sender
@@ -305,6 +329,10 @@ struct ConnectionStats {
     bench_replies: u64,
     unexpected: u64,
     duplicate: u64,
+    /// Bench replies that were not `OK`.
+    not_ok_latency_us: Histogram<u32>,
+    /// Per second of arrival time: success, late, dropped, overloaded, other.
+    timeline: Vec<[u64; 5]>,
 }
 
 fn latency_histogram() -> Histogram<u32> {
@@ -551,6 +579,8 @@ fn receive_loop(shared: &Shared<'_>, connection: usize, mut receiver: Receiver) 
         bench_replies: 0,
         unexpected: 0,
         duplicate: 0,
+        not_ok_latency_us: latency_histogram(),
+        timeline: Vec::new(),
     };
     let mut replies = 0u64;
     while replies < expected {
@@ -615,15 +645,30 @@ fn record_reply(
         _ => shared.slots[index].store(SLOT_REPLIED, Ordering::Relaxed),
     }
     let arrival = shared.arrivals[index];
+    let latency_ns = now_ns.saturating_sub(sent_ns);
+    let model = arrival.model_index as usize;
+    let second = (arrival.arrival_ns / 1_000_000_000) as usize;
+    if stats.timeline.len() <= second {
+        stats.timeline.resize(second + 1, [0; 5]);
+    }
+    let column = match reply.status {
+        Status::Ok if latency_ns <= shared.slo_ns[model] => 0,
+        Status::Ok => 1,
+        Status::Dropped => 2,
+        Status::Overloaded => 3,
+        _ => 4,
+    };
+    stats.timeline[second][column] += 1;
     if arrival.phase != Phase::Bench {
         return true;
     }
-    let latency_ns = now_ns.saturating_sub(sent_ns);
     stats.latency_us.saturating_record(latency_ns / 1000);
+    if reply.status != Status::Ok {
+        stats.not_ok_latency_us.saturating_record(latency_ns / 1000);
+    }
     stats.bench_replies += 1;
     let status = reply.status;
     stats.statuses[status as usize] += 1;
-    let model = arrival.model_index as usize;
     let counts = &mut stats.models[model];
     counts[0] += 1;
     if status == Status::Ok {
@@ -674,10 +719,30 @@ fn summarize(spec: &LoadSpec, shared: &Shared<'_>, stats: Vec<ConnectionStats>, 
     let mut bench_replies = 0;
     let mut unexpected_replies = 0;
     let mut duplicate_replies = 0;
+    let mut not_ok_latency_us = latency_histogram();
+    let seconds = (spec.workload.end_ns() / 1_000_000_000 + 1) as usize;
+    let mut timeline: Vec<SecondReport> = (0..seconds)
+        .map(|second| SecondReport {
+            second: second as u64,
+            ..SecondReport::default()
+        })
+        .collect();
     for connection in &stats {
         latency_us
             .add(&connection.latency_us)
             .expect("histograms with the same bounds add");
+        not_ok_latency_us
+            .add(&connection.not_ok_latency_us)
+            .expect("histograms with the same bounds add");
+        for (second, counts) in connection.timeline.iter().enumerate() {
+            if let Some(t) = timeline.get_mut(second) {
+                t.success += counts[0];
+                t.late += counts[1];
+                t.dropped += counts[2];
+                t.overloaded += counts[3];
+                t.other += counts[4];
+            }
+        }
         for (total, count) in statuses.iter_mut().zip(connection.statuses) {
             *total += count;
         }
@@ -697,6 +762,10 @@ fn summarize(spec: &LoadSpec, shared: &Shared<'_>, stats: Vec<ConnectionStats>, 
     for (arrival, slot) in shared.arrivals.iter().zip(&shared.slots) {
         let slot = slot.load(Ordering::Relaxed);
         unsent += u64::from(slot == SLOT_UNSENT);
+        if let Some(t) = timeline.get_mut((arrival.arrival_ns / 1_000_000_000) as usize) {
+            t.offered += 1;
+            t.noreply += u64::from(slot != SLOT_REPLIED);
+        }
         if arrival.phase == Phase::Bench {
             totals[arrival.model_index as usize] += 1;
             noreplies[arrival.model_index as usize] += u64::from(slot != SLOT_REPLIED);
@@ -784,5 +853,9 @@ fn summarize(spec: &LoadSpec, shared: &Shared<'_>, stats: Vec<ConnectionStats>, 
         errors,
         wall_s,
         models: model_reports,
+        not_ok_latency_us_p50: not_ok_latency_us.value_at_quantile(0.5),
+        not_ok_latency_us_p99: not_ok_latency_us.value_at_quantile(0.99),
+        not_ok_latency_us_max: not_ok_latency_us.max(),
+        timeline,
     }
 }

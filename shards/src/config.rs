@@ -33,6 +33,8 @@ slo_ms = 50
 kind = "symphony"
 "#;
 
+/// The least request byte budgets: one request of the largest input.
+pub const REQUEST_BYTES_MIN: usize = symphony_core::wire::INPUT_LIMIT;
 /// The least `limits.write_buffer_bytes`: room for a few small replies before the reader stops.
 pub const WRITE_BUFFER_BYTES_MIN: usize = 64 << 10;
 /// The least `limits.link_write_buffer_bytes`: one plan of the largest frame, twice.
@@ -138,6 +140,13 @@ pub struct Limits {
     /// Requests one connection may have without a reply; at it the shard reads no more from
     /// that connection until replies go out (TCP backpressure).
     pub requests_per_connection: usize,
+    /// Input bytes of the requests one connection has without a reply; at it the shard reads
+    /// no more from that connection until replies go out. With `request_bytes_per_shard`, it
+    /// bounds the inputs a shard holds (and the outputs an echoing executor returns).
+    pub request_bytes_per_connection: usize,
+    /// Input bytes of the requests a shard's connections have without a reply, together;
+    /// past it only a connection owed nothing is read.
+    pub request_bytes_per_shard: usize,
     /// Bytes queued for writing on one client connection; at it the shard reads no more from
     /// that connection until the client reads (TCP backpressure). Replies already owed are
     /// still queued, so the queue may pass it by those.
@@ -159,6 +168,8 @@ impl Default for Limits {
             links_per_shard: 256,
             requests_per_shard: 1 << 20,
             requests_per_connection: 16_384,
+            request_bytes_per_connection: 64 << 20,
+            request_bytes_per_shard: 1 << 30,
             write_buffer_bytes: 4 << 20,
             link_write_buffer_bytes: 64 << 20,
             routed_batch: 1024,
@@ -407,6 +418,16 @@ impl ServeConfig {
             ("limits.links_per_shard", limits.links_per_shard, 1),
             ("limits.requests_per_shard", limits.requests_per_shard, 1),
             ("limits.requests_per_connection", limits.requests_per_connection, 1),
+            (
+                "limits.request_bytes_per_connection",
+                limits.request_bytes_per_connection,
+                REQUEST_BYTES_MIN,
+            ),
+            (
+                "limits.request_bytes_per_shard",
+                limits.request_bytes_per_shard,
+                REQUEST_BYTES_MIN,
+            ),
             ("limits.routed_batch", limits.routed_batch, 1),
             ("limits.mesh_channel", limits.mesh_channel, 2),
             (

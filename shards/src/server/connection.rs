@@ -73,8 +73,11 @@ pub(super) struct Connection {
     evicted: Cell<bool>,
     /// A frame was read from it (a connection that never sent one is evicted first).
     pub(super) active: Cell<bool>,
-    /// Requests read and not answered yet (client connections).
+    /// Requests read and not answered yet (client connections), and their input bytes.
     pub(super) owed: Cell<u32>,
+    pub(super) owed_bytes: Cell<usize>,
+    /// The reader waits for room or for its replies (replies wake it).
+    reader_waits: Cell<bool>,
     /// Shards (bit `shard % 64`) this connection sent requests to.
     pub(super) routed: Cell<u64>,
     /// Accept order.
@@ -106,6 +109,8 @@ impl Connection {
             evicted: Cell::new(false),
             active: Cell::new(false),
             owed: Cell::new(0),
+            owed_bytes: Cell::new(0),
+            reader_waits: Cell::new(false),
             routed: Cell::new(0),
             serial,
         });
@@ -141,6 +146,13 @@ impl Connection {
     /// Wakes a reader that waits for room or for its replies.
     pub(super) fn wake_reader(&self) {
         let _ = self.wake.try_send(());
+    }
+
+    /// Wakes the reader if it waits (a reply went out).
+    pub(super) fn wake_waiting_reader(&self) {
+        if self.reader_waits.get() {
+            self.wake_reader();
+        }
     }
 
     /// Closes once what is queued is written.
@@ -413,6 +425,7 @@ async fn serve_client(
             } else {
                 STOP_POLL
             };
+            connection.reader_waits.set(true);
             futures_lite::future::or(
                 async {
                     let _ = wake.recv().await;
@@ -420,6 +433,7 @@ async fn serve_client(
                 glommio::timer::sleep(poll),
             )
             .await;
+            connection.reader_waits.set(false);
         }
         if connection.is_dead() || connection.evicted.get() {
             break ReadEnd::Closed;
@@ -489,6 +503,7 @@ async fn serve_client(
     if end == ReadEnd::HalfClosed {
         // Every reply it is owed is written before the close (each request gets one).
         while connection.owed.get() > 0 && !connection.is_dead() {
+            connection.reader_waits.set(true);
             futures_lite::future::or(
                 async {
                     let _ = wake.recv().await;
@@ -500,6 +515,10 @@ async fn serve_client(
     }
     shard.control_closed(&control);
     shard.clients.borrow_mut().remove(key);
+    // Its replies will find no connection: its bytes leave the shard's budget now.
+    shard
+        .owed_bytes
+        .set(shard.owed_bytes.get().saturating_sub(connection.owed_bytes.get()));
     // Replies still owed go nowhere now; its queued requests leave the schedulers before
     // they use a GPU.
     shard.disconnected(&connection, key);
@@ -509,8 +528,12 @@ async fn serve_client(
 /// Whether a client connection must not be handled further now: its replies wait to be
 /// written, it owes its limit of replies, or the mesh has a backlog.
 fn over_limits(shard: &Shard, connection: &Connection) -> bool {
+    let owed_bytes = connection.owed_bytes.get();
     connection.queued_bytes() >= shard.limits.write_buffer_bytes
         || connection.owed.get() as usize >= shard.limits.requests_per_connection
+        || owed_bytes >= shard.limits.request_bytes_per_connection
+        // Past the shard's budget, only a connection owed nothing is read (one request).
+        || (owed_bytes > 0 && shard.owed_bytes.get() >= shard.limits.request_bytes_per_shard)
         || shard.mesh.backlogged()
 }
 
@@ -554,7 +577,7 @@ pub(super) async fn write_loop(
                 *out = Vec::new();
             }
         }
-        connection.wake_reader();
+        connection.wake_waiting_reader();
         if connection.closing.get() && connection.out.borrow().is_empty() && connection.sections.borrow().is_empty() {
             break;
         }

@@ -179,6 +179,8 @@ struct Origin {
     connection: ConnectionKey,
     client_request_id: u64,
     received_ns: u64,
+    /// Bytes of the request's input (counted against its connection until the reply).
+    input_len: u32,
 }
 
 /// A request on its way to the owner of its model.
@@ -254,6 +256,8 @@ struct Shard {
     link_conns: RefCell<Slots>,
     /// Requests this shard routed to other shards and has no reply for yet.
     awaiting_remote: Cell<usize>,
+    /// Input bytes of the requests this shard's connections are owed replies for.
+    owed_bytes: Cell<usize>,
     /// Per destination shard: requests and replies to send in the next batch.
     outbox_requests: RefCell<Vec<Vec<Routed>>>,
     outbox_replies: RefCell<Vec<Vec<RoutedReply>>>,
@@ -469,10 +473,13 @@ impl Shard {
         };
         let owed = connection.owed.get().saturating_sub(1);
         connection.owed.set(owed);
-        if owed == 0 || owed as usize + 1 == self.limits.requests_per_connection {
-            // A half-closed connection waits for its last reply; a full one for room.
-            connection.wake_reader();
-        }
+        let input_len = origin.input_len as usize;
+        connection
+            .owed_bytes
+            .set(connection.owed_bytes.get().saturating_sub(input_len));
+        self.owed_bytes.set(self.owed_bytes.get().saturating_sub(input_len));
+        // A half-closed connection waits for its last reply, a full one for room.
+        connection.wake_waiting_reader();
         if connection.is_dead() {
             return;
         }
@@ -640,13 +647,19 @@ impl Shard {
             }
         };
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let input_len = request.input.len() as u32;
         connection.owed.set(connection.owed.get() + 1);
+        connection
+            .owed_bytes
+            .set(connection.owed_bytes.get() + input_len as usize);
+        self.owed_bytes.set(self.owed_bytes.get() + input_len as usize);
         let received_ns = self.now_ns();
         let origin = Origin {
             shard: self.id,
             connection: key,
             client_request_id: request.client_request_id.to_native(),
             received_ns,
+            input_len,
         };
         if wire::check_request(request).is_err() {
             self.write_reply(origin, Status::Malformed, self.timings(origin, None), &[]);
@@ -1042,6 +1055,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         clients: RefCell::new(Slots::new(setup.limits.connections_per_shard)),
         link_conns: RefCell::new(Slots::new(setup.limits.links_per_shard)),
         awaiting_remote: Cell::new(0),
+        owed_bytes: Cell::new(0),
         outbox_requests: RefCell::new(vec![Vec::new(); shard_count]),
         outbox_replies: RefCell::new(vec![Vec::new(); shard_count]),
         mesh: Rc::new(Mesh::new(senders)),

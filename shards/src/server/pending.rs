@@ -191,6 +191,7 @@ mod tests {
             connection: ConnectionKey(connection),
             client_request_id: id,
             received_ns: 0,
+            input_len: 0,
         }
     }
 
