@@ -54,29 +54,74 @@ pub fn estimate_offset(probes: &[Probe]) -> Option<Offset> {
     })
 }
 
-/// The offset from the recent probes of a stream (heartbeat round trips).
+/// The offset from a stream of probes (the handshake's, then heartbeat round trips).
+///
+/// Each probe bounds the offset to within half its round trip when it was taken; as it ages,
+/// the clocks drift apart by up to [`DRIFT_PPM_BOUND`] of the time since. The estimate is
+/// the probe whose bound is tightest now (NTP's rule with aging): a fresh probe with a short
+/// round trip wins, a heartbeat that came back slowly (a busy scheduler) does not replace a
+/// better older one, and an old one gives way as it ages. The most recent `window` probes
+/// are kept, and the best of those that left the window.
 #[derive(Debug)]
 pub struct OffsetTracker {
     recent: std::collections::VecDeque<Probe>,
     window: usize,
+    /// The best probe that left `recent` (by its bound when it left).
+    older: Option<Probe>,
+}
+
+/// How fast two clocks may drift apart, at most, in parts per million (NTP assumes 500).
+pub const DRIFT_PPM_BOUND: u64 = 500;
+
+/// A probe's bound on the offset at local time `now_ns`: half its round trip, plus the drift
+/// since it was taken.
+fn bound_at(probe: &Probe, now_ns: u64) -> Option<u64> {
+    let round_trip = probe.received_local_ns.checked_sub(probe.sent_local_ns)?;
+    let age = now_ns.saturating_sub(probe.received_local_ns);
+    Some(round_trip / 2 + age / 1_000_000 * DRIFT_PPM_BOUND + age % 1_000_000 * DRIFT_PPM_BOUND / 1_000_000)
 }
 
 impl OffsetTracker {
-    /// Keeps the last `window` probes (at least 1).
+    /// Keeps the last `window` probes (at least 1) and the best older one.
     pub fn new(window: usize) -> OffsetTracker {
         OffsetTracker {
             recent: std::collections::VecDeque::with_capacity(window.max(1)),
             window: window.max(1),
+            older: None,
         }
     }
 
-    /// Adds a probe; the estimate from the recent ones.
+    /// Adds a probe; the estimate at its receipt.
     pub fn record(&mut self, probe: Probe) -> Option<Offset> {
+        let now_ns = probe.received_local_ns;
         if self.recent.len() == self.window {
-            self.recent.pop_front();
+            let left = self.recent.pop_front().expect("full");
+            let better = match (&self.older, bound_at(&left, now_ns)) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(older), Some(bound)) => bound_at(older, now_ns).is_none_or(|b| bound < b),
+            };
+            if better {
+                self.older = Some(left);
+            }
         }
         self.recent.push_back(probe);
-        estimate_offset(self.recent.make_contiguous())
+        self.estimate(now_ns)
+    }
+
+    /// The offset from the probe with the tightest bound at local time `now_ns`.
+    pub fn estimate(&self, now_ns: u64) -> Option<Offset> {
+        let (best, bound) = self
+            .recent
+            .iter()
+            .chain(self.older.iter())
+            .filter_map(|p| Some((p, bound_at(p, now_ns)?)))
+            .min_by_key(|&(_, bound)| bound)?;
+        let midpoint = (i128::from(best.sent_local_ns) + i128::from(best.received_local_ns)) / 2;
+        Some(Offset {
+            offset_ns: (i128::from(best.scheduler_ns) - midpoint) as i64,
+            error_bound_ns: bound,
+        })
     }
 }
 
@@ -189,6 +234,30 @@ mod tests {
         let offset = last.unwrap();
         let truth = 9_900_000_000i64 / 500;
         assert!((offset.offset_ns - truth).abs() <= 4 * 200_000, "{offset:?} vs {truth}");
+    }
+
+    #[test]
+    fn a_slow_round_trip_does_not_replace_a_good_estimate() {
+        // A tight handshake probe (true offset 1 s), then heartbeats whose answers came back
+        // slowly and lopsided (the scheduler was busy): the tight probe keeps winning while
+        // its drift allowance is below their half round trips.
+        let mut tracker = OffsetTracker::new(4);
+        tracker.record(Probe {
+            sent_local_ns: 1_000_000,
+            scheduler_ns: 1_001_010_000,
+            received_local_ns: 1_020_000,
+        });
+        for i in 1..=20u64 {
+            let sent = 1_000_000 + i * 100_000_000;
+            let offset = tracker
+                .record(Probe {
+                    sent_local_ns: sent,
+                    scheduler_ns: 1_000_000_000 + sent + 19_000_000,
+                    received_local_ns: sent + 20_000_000,
+                })
+                .unwrap();
+            assert!((offset.offset_ns - 1_000_000_000).abs() <= 10_000, "{i}: {offset:?}");
+        }
     }
 
     #[test]

@@ -537,6 +537,8 @@ struct Handshake {
     control: FrameConn,
     welcome: Welcome,
     offset: Offset,
+    /// The probes the offset came from (the tracker starts from them).
+    probes: Vec<Probe>,
     scheduler_addr: SocketAddr,
 }
 
@@ -589,6 +591,7 @@ fn handshake(config: &ExecutorConfig, clock: Clock) -> Result<Handshake, Executo
         control,
         welcome,
         offset,
+        probes,
         scheduler_addr,
     })
 }
@@ -669,6 +672,7 @@ fn start_session(
         mut control,
         welcome,
         offset,
+        probes,
         scheduler_addr,
     } = match handshake(config, clock) {
         Ok(handshake) => handshake,
@@ -713,7 +717,11 @@ fn start_session(
     drop(control);
     let writers: Vec<Arc<LinkWriter>> = beating.lock().expect("link writers").clone();
     let shared_offset = Arc::new(SharedOffset::new(offset));
-    let tracker = Arc::new(Mutex::new(OffsetTracker::new(OFFSET_WINDOW)));
+    let mut tracker = OffsetTracker::new(OFFSET_WINDOW);
+    for probe in probes {
+        tracker.record(probe);
+    }
+    let tracker = Arc::new(Mutex::new(tracker));
     let (events_tx, events) = mpsc::channel();
     let silence_limit = (config.heartbeat_interval * 10).max(Duration::from_secs(1));
     let mut threads = vec![heartbeat];
