@@ -61,6 +61,9 @@ struct ClientArgs {
     /// Requests to send (pipelined on one connection).
     #[arg(long, default_value_t = 1)]
     count: u32,
+    /// Print the models the service serves (id, name, SLO, input size, largest batch) instead.
+    #[arg(long, conflicts_with_all = ["model", "model_id"])]
+    list_models: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -357,6 +360,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn run_client(args: ClientArgs) -> anyhow::Result<()> {
     use symphony_core::wire::ModelRef;
+    if args.list_models {
+        let mut client = symphony_shards::client::Client::connect(args.target.as_str())
+            .with_context(|| format!("connecting to {}", args.target))?;
+        let models = client.list_models()?;
+        println!(
+            "{:>5}  {:<32} {:>10} {:>12} {:>10}",
+            "id", "name", "slo_ms", "input_bytes", "batch_max"
+        );
+        for m in &models.models {
+            println!(
+                "{:>5}  {:<32} {:>10.1} {:>12} {:>10}",
+                m.id,
+                m.name,
+                m.slo_us as f64 / 1e3,
+                m.input_bytes.map_or_else(|| "any".to_string(), |b| b.to_string()),
+                m.batch_size_max
+            );
+        }
+        return Ok(());
+    }
     let model = match (args.model, args.model_id) {
         (Some(name), None) => ModelRef::Name(name),
         (None, Some(id)) => ModelRef::Id(id),

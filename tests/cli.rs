@@ -1,6 +1,8 @@
 //! The `symphony` command as a user meets it: good runs write what they promise, bad input
 //! gets an error that names the file, the field and what was expected, never a panic.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -179,4 +181,31 @@ fn profile_writes_a_table_the_service_reads() {
     assert_eq!(profile.batch_size_max(), 3);
     assert!(profile.latency_ns(1) > 0);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn client_lists_the_models_a_service_serves() {
+    let _serial = support::serial();
+    let config = support::example_config(
+        "gpus = 1\nshards = 1\n[[models]]\nname = \"fixed\"\nprofile = \"sleep#10,100,0,0\"\nslo_ms = 20\ninput_bytes = 1024",
+    );
+    let serve = support::Serve::start(&config, &[]);
+    let output = symphony(&["client", "--target", &serve.addr.to_string(), "--list-models"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let rows: Vec<Vec<&str>> = stdout.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    assert_eq!(rows[0][..4], ["0", "fixed", "20.0", "1024"], "{stdout}");
+    assert_eq!(rows[1][..4], ["1", "resnet_a", "100.0", "any"], "{stdout}");
+    assert_eq!(rows[3][..3], ["3", "small", "50.0"], "{stdout}");
+    // A wrong-size input for a model that declares its size is MALFORMED, at the front door.
+    let mut client = serve.client();
+    let reply = client
+        .call(&symphony_core::wire::ModelRef::Name("fixed".into()), None, &[0; 10])
+        .unwrap();
+    assert_eq!(reply.status, symphony_core::wire::Status::Malformed);
+    let reply = client
+        .call(&symphony_core::wire::ModelRef::Id(0), None, &[0; 1024])
+        .unwrap();
+    assert_eq!(reply.status, symphony_core::wire::Status::Ok);
 }

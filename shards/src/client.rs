@@ -26,15 +26,18 @@
 //! one read). [`Client::recv`] allocates the reply's output; [`Client::recv_with`] and
 //! [`Receiver::recv_batch_with`] do not.
 //!
-//! What it is not: no reconnection, no retries, no connection pool, no model registry lookup.
+//! [`Client::list_models`] asks the service for its models (LIST_MODELS).
+//!
+//! What it is not: no reconnection, no retries, no connection pool.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use symphony_core::wire::{
-    access_error, access_reply, encode_error, encode_request, ArchivedReply, Decoded, ErrorCode, FrameDecoder, Kind,
-    ModelRef, Reply, RequestRef, Timings, WireError, FRAME_HEADER_SIZE, FRAME_PAYLOAD_LIMIT,
+    access_error, access_reply, decode_models, encode_error, encode_list_models, encode_request, ArchivedReply,
+    Decoded, ErrorCode, FrameDecoder, Kind, ModelRef, Models, Reply, RequestRef, Timings, WireError, FRAME_HEADER_SIZE,
+    FRAME_PAYLOAD_LIMIT,
 };
 
 /// Initial size of the receive buffer, and the least free space a read is given.
@@ -358,6 +361,50 @@ impl Receiver {
         error
     }
 
+    /// The next frame, which must be a MODELS answer (no reply may come before it).
+    fn recv_models(&mut self) -> Result<Models, ClientError> {
+        loop {
+            if self.failed {
+                return Err(ClientError::Failed);
+            }
+            let frame = match self.decoder.decode(&self.buffer[self.start..self.end]) {
+                Ok(Decoded::Frame(frame)) => frame,
+                Ok(Decoded::Incomplete { missing_min }) => {
+                    self.fill(missing_min)?;
+                    continue;
+                }
+                Err(error) => {
+                    let code = error.error_code();
+                    return Err(self.fail(code, ClientError::Protocol(error)));
+                }
+            };
+            let frame_size = frame.size();
+            let outcome = match frame.kind {
+                Kind::Models => {
+                    decode_models(frame.payload).map_err(|e| (Some(ErrorCode::Malformed), ClientError::Protocol(e)))
+                }
+                Kind::Error => Err(match access_error(frame.payload) {
+                    Ok(error) => (
+                        None,
+                        ClientError::Server {
+                            code: error.code,
+                            message: error.message.as_str().to_owned(),
+                        },
+                    ),
+                    Err(error) => (Some(ErrorCode::Malformed), ClientError::Protocol(error)),
+                }),
+                kind => Err((Some(ErrorCode::UnexpectedKind), ClientError::UnexpectedKind { kind })),
+            };
+            return match outcome {
+                Ok(models) => {
+                    self.start += frame_size;
+                    Ok(models)
+                }
+                Err((code, error)) => Err(self.fail(code, error)),
+            };
+        }
+    }
+
     /// Reads once, after making room for at least `missing_min` more bytes.
     fn fill(&mut self, missing_min: usize) -> Result<(), ClientError> {
         assert!(missing_min > 0);
@@ -496,6 +543,27 @@ impl Client {
             });
         }
         Ok(reply)
+    }
+
+    /// The models the service serves (LIST_MODELS): names, ids, SLOs, input sizes. Needs no
+    /// request in flight (else [`ClientError::Busy`]).
+    pub fn list_models(&mut self) -> Result<Models, ClientError> {
+        if self.in_flight > 0 {
+            return Err(ClientError::Busy {
+                in_flight: self.in_flight,
+            });
+        }
+        let id = self.call_id_next;
+        self.call_id_next = self.call_id_next.wrapping_add(1);
+        encode_list_models(&mut self.sender.buffer, id).map_err(ClientError::Encode)?;
+        self.sender.flush()?;
+        let models = self.receiver.recv_models()?;
+        if models.client_request_id != id {
+            return Err(ClientError::UnexpectedReply {
+                client_request_id: models.client_request_id,
+            });
+        }
+        Ok(models)
     }
 
     /// The two halves, for a writing thread and a reading thread. Buffered requests stay in
