@@ -483,6 +483,13 @@ fn run_loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     use symphony_shards::config::ServeConfig;
+    // Buffers of 128 KiB and more (receive buffers, write queues) come straight from mmap and
+    // go back to the system when freed: a burst of large connections does not leave the
+    // process holding their memory (glibc would otherwise raise this threshold as they free).
+    // SAFETY: mallopt changes a glibc tunable; no allocation is in progress on another thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
     let mut config = match (&args.config, &args.workload) {
         (Some(path), _) => ServeConfig::load(path)?,
         (None, Some(path)) => ServeConfig::from_workload(&Workload::load(path)?),

@@ -166,14 +166,14 @@ impl Default for Limits {
         Limits {
             connections_per_shard: 1024,
             links_per_shard: 256,
-            requests_per_shard: 1 << 20,
+            requests_per_shard: 1 << 16,
             requests_per_connection: 16_384,
             request_bytes_per_connection: 64 << 20,
             request_bytes_per_shard: 1 << 30,
-            write_buffer_bytes: 4 << 20,
+            write_buffer_bytes: 1 << 20,
             link_write_buffer_bytes: 64 << 20,
             routed_batch: 1024,
-            mesh_channel: 1024,
+            mesh_channel: 32,
         }
     }
 }

@@ -609,4 +609,335 @@ mod tests {
             .to_profile()
             .is_err());
     }
+
+    // A second encoder of the executor messages, written from `docs/protocol.md` alone (its
+    // "Executor messages, byte by byte"): it must produce rkyv's bytes exactly.
+
+    /// A payload being written: out-of-line data first, in field order, then the root.
+    #[derive(Default)]
+    struct Doc {
+        out: Vec<u8>,
+    }
+
+    impl Doc {
+        /// Writes `bytes` out of line; returns where they start.
+        fn data(&mut self, bytes: &[u8]) -> usize {
+            let at = self.out.len();
+            self.out.extend_from_slice(bytes);
+            at
+        }
+
+        /// A string's out-of-line bytes if it has any (more than 8 bytes).
+        fn string_data(&mut self, text: &str) -> usize {
+            if text.len() > 8 {
+                self.data(text.as_bytes())
+            } else {
+                self.out.len()
+            }
+        }
+    }
+
+    /// The 8-byte string field at `field_pos`, its bytes (if out of line) at `data_pos`.
+    fn string_field(text: &str, field_pos: usize, data_pos: usize) -> Vec<u8> {
+        let mut field = Vec::new();
+        if text.len() <= 8 {
+            field.extend_from_slice(text.as_bytes());
+            field.resize(8, 0xff);
+        } else {
+            let len = text.len() as u32;
+            field.extend_from_slice(&(0x80 | (len & 0x3f) | ((len >> 6) << 8)).to_le_bytes());
+            field.extend_from_slice(&(data_pos as i32 - field_pos as i32).to_le_bytes());
+        }
+        field
+    }
+
+    /// The 8-byte vector field at `field_pos`: its array of `len` elements at `data_pos`.
+    fn vec_field(len: usize, field_pos: usize, data_pos: usize) -> Vec<u8> {
+        let mut field = (data_pos as i32 - field_pos as i32).to_le_bytes().to_vec();
+        field.extend_from_slice(&(len as u32).to_le_bytes());
+        field
+    }
+
+    /// A vector of strings: each string's bytes (those over 8 bytes), then the array of
+    /// 8-byte fields. Returns the array's position.
+    fn doc_strings(doc: &mut Doc, strings: &[String]) -> usize {
+        let data: Vec<usize> = strings.iter().map(|s| doc.string_data(s)).collect();
+        let array = doc.out.len();
+        for (i, (s, at)) in strings.iter().zip(data).enumerate() {
+            let field = string_field(s, array + 8 * i, at);
+            doc.out.extend_from_slice(&field);
+        }
+        array
+    }
+
+    /// `ProfileWire` as a 24-byte root or element at `pos`, its array already at `array`.
+    fn profile_bytes(p: &ProfileWire, pos: usize, array: usize) -> Vec<u8> {
+        let mut b = vec_field(p.latency_ns.len(), pos, array);
+        b.extend_from_slice(&p.pre_ns.to_le_bytes());
+        b.extend_from_slice(&p.post_ns.to_le_bytes());
+        b
+    }
+
+    fn doc_u64s(doc: &mut Doc, values: &[u64]) -> usize {
+        let at = doc.out.len();
+        for v in values {
+            doc.out.extend_from_slice(&v.to_le_bytes());
+        }
+        at
+    }
+
+    fn doc_welcome(w: &Welcome) -> Vec<u8> {
+        let mut doc = Doc::default();
+        // Field order: links (strings, then their array), then models (each model's name
+        // and latency array, then the array of 44-byte models).
+        let links = doc_strings(&mut doc, &w.links);
+        let mut model_data = Vec::new();
+        for m in &w.models {
+            let name = doc.string_data(&m.name);
+            let latencies = doc_u64s(&mut doc, &m.profile.latency_ns);
+            model_data.push((name, latencies));
+        }
+        let models = doc.out.len();
+        for (i, (m, (name, latencies))) in w.models.iter().zip(model_data).enumerate() {
+            let at = models + 44 * i;
+            doc.out.extend_from_slice(&m.id.to_le_bytes());
+            doc.out.extend_from_slice(&string_field(&m.name, at + 4, name));
+            doc.out.extend_from_slice(&m.slo_us.to_le_bytes());
+            let profile = profile_bytes(&m.profile, at + 20, latencies);
+            doc.out.extend_from_slice(&profile);
+        }
+        let root = doc.out.len();
+        doc.out.extend_from_slice(&w.executor_id.to_le_bytes());
+        doc.out.extend_from_slice(&w.secret);
+        doc.out.extend_from_slice(&vec_field(w.links.len(), root + 20, links));
+        doc.out.extend_from_slice(&vec_field(w.models.len(), root + 28, models));
+        assert_eq!(doc.out.len() - root, 36);
+        doc.out
+    }
+
+    fn doc_hello(h: &Hello) -> Vec<u8> {
+        let mut doc = Doc::default();
+        let token = doc.string_data(&h.token);
+        let name = doc.string_data(&h.name);
+        let backend = doc.string_data(&h.backend);
+        let gpu_names: Vec<usize> = h.gpus.iter().map(|g| doc.string_data(&g.name)).collect();
+        let gpus = doc.out.len();
+        for (i, (g, at)) in h.gpus.iter().zip(gpu_names).enumerate() {
+            let pos = gpus + 20 * i;
+            doc.out.extend_from_slice(&g.index.to_le_bytes());
+            doc.out.extend_from_slice(&string_field(&g.name, pos + 4, at));
+            doc.out.extend_from_slice(&g.memory_bytes.to_le_bytes());
+        }
+        let root = doc.out.len();
+        for (k, (text, at)) in [(&h.token, token), (&h.name, name), (&h.backend, backend)]
+            .into_iter()
+            .enumerate()
+        {
+            doc.out.extend_from_slice(&string_field(text, root + 8 * k, at));
+        }
+        doc.out.extend_from_slice(&vec_field(h.gpus.len(), root + 24, gpus));
+        doc.out
+    }
+
+    fn doc_register(r: &Register) -> Vec<u8> {
+        let mut doc = Doc::default();
+        let latencies: Vec<usize> = r
+            .models
+            .iter()
+            .map(|m| doc_u64s(&mut doc, &m.profile.latency_ns))
+            .collect();
+        let models = doc.out.len();
+        for (i, (m, at)) in r.models.iter().zip(latencies).enumerate() {
+            let pos = models + 28 * i;
+            doc.out.extend_from_slice(&m.model.to_le_bytes());
+            let profile = profile_bytes(&m.profile, pos + 4, at);
+            doc.out.extend_from_slice(&profile);
+        }
+        let root = doc.out.len();
+        doc.out.extend_from_slice(&r.offset_ns.to_le_bytes());
+        doc.out.extend_from_slice(&r.offset_error_ns.to_le_bytes());
+        doc.out.extend_from_slice(&vec_field(r.models.len(), root + 16, models));
+        doc.out
+    }
+
+    fn doc_join(j: &Join) -> Vec<u8> {
+        let mut doc = Doc::default();
+        let token = doc.string_data(&j.token);
+        let root = doc.out.len();
+        doc.out.extend_from_slice(&string_field(&j.token, root, token));
+        doc.out.extend_from_slice(&j.executor_id.to_le_bytes());
+        doc.out.extend_from_slice(&j.secret);
+        doc.out.extend_from_slice(&j.shard.to_le_bytes());
+        doc.out
+    }
+
+    fn doc_result(r: &ResultMsg) -> Vec<u8> {
+        let mut doc = Doc::default();
+        let lens = doc.out.len();
+        for l in &r.output_lens {
+            doc.out.extend_from_slice(&l.to_le_bytes());
+        }
+        let refused = doc.out.len();
+        for i in &r.refused {
+            doc.out.extend_from_slice(&i.to_le_bytes());
+        }
+        let message = doc.string_data(&r.message);
+        let root = doc.out.len();
+        doc.out.extend_from_slice(&r.plan_id.to_le_bytes());
+        doc.out.push(r.status as u8);
+        doc.out.extend_from_slice(&r.started_ns.to_le_bytes());
+        doc.out.extend_from_slice(&r.finished_ns.to_le_bytes());
+        doc.out
+            .extend_from_slice(&vec_field(r.output_lens.len(), root + 25, lens));
+        doc.out
+            .extend_from_slice(&vec_field(r.refused.len(), root + 33, refused));
+        doc.out.extend_from_slice(&string_field(&r.message, root + 41, message));
+        assert_eq!(doc.out.len() - root, 49);
+        doc.out
+    }
+
+    fn doc_plan(p: &PlanMsg) -> Vec<u8> {
+        let mut doc = Doc::default();
+        let requests = doc.out.len();
+        for r in &p.requests {
+            doc.out.extend_from_slice(&r.request_id.to_le_bytes());
+            doc.out.extend_from_slice(&r.input_len.to_le_bytes());
+        }
+        let root = doc.out.len();
+        doc.out.extend_from_slice(&p.plan_id.to_le_bytes());
+        doc.out.extend_from_slice(&p.gpu.to_le_bytes());
+        doc.out.extend_from_slice(&p.model.to_le_bytes());
+        doc.out.extend_from_slice(&p.exec_at_ns.to_le_bytes());
+        doc.out.extend_from_slice(&p.finish_ns.to_le_bytes());
+        doc.out
+            .extend_from_slice(&vec_field(p.requests.len(), root + 32, requests));
+        doc.out
+    }
+
+    fn rkyv_bytes<T>(value: &T) -> Vec<u8>
+    where
+        T: for<'a, 'b> Serialize<HighSerializer<'a, 'b>>,
+    {
+        let mut frame = Vec::new();
+        encode(&mut frame, Kind::ExecJoin, value).unwrap();
+        frame[FRAME_HEADER_SIZE..].to_vec()
+    }
+
+    #[test]
+    fn protocol_md_describes_the_executor_messages_exactly() {
+        let profile = |n: usize| ProfileWire {
+            latency_ns: (1..=n as u64).map(|b| b * 1_000 + 7).collect(),
+            pre_ns: 11,
+            post_ns: 13,
+        };
+        let welcome = Welcome {
+            executor_id: 7,
+            secret: *b"0123456789abcdef",
+            links: vec!["127.0.0.1:40001".to_string(), "[::1]:9".to_string(), String::new()],
+            models: vec![
+                ModelInfo {
+                    id: 0,
+                    name: "resnet50_v1".to_string(),
+                    slo_us: 100_000,
+                    profile: profile(3),
+                },
+                ModelInfo {
+                    id: 1,
+                    name: "bert".to_string(),
+                    slo_us: 25_000,
+                    profile: profile(1),
+                },
+            ],
+        };
+        assert_eq!(doc_welcome(&welcome), rkyv_bytes(&welcome));
+        let hello = Hello {
+            token: "a-long-executor-token".to_string(),
+            name: "gpu-box".to_string(),
+            backend: "cuda".to_string(),
+            gpus: (0..3)
+                .map(|index| GpuInfo {
+                    index,
+                    name: format!("NVIDIA H200 #{index}"),
+                    memory_bytes: 141 << 30,
+                })
+                .collect(),
+        };
+        assert_eq!(doc_hello(&hello), rkyv_bytes(&hello));
+        let register = Register {
+            offset_ns: -123_456_789,
+            offset_error_ns: 40_000,
+            models: vec![
+                ModelProfile {
+                    model: 0,
+                    profile: profile(4),
+                },
+                ModelProfile {
+                    model: 1,
+                    profile: profile(2),
+                },
+            ],
+        };
+        assert_eq!(doc_register(&register), rkyv_bytes(&register));
+        for token in ["t", "a-token-of-more-than-eight-bytes"] {
+            let join = Join {
+                token: token.to_string(),
+                executor_id: 3,
+                secret: [0xa5; SECRET_BYTES],
+                shard: 1,
+            };
+            assert_eq!(doc_join(&join), rkyv_bytes(&join));
+        }
+        for message in ["", "refused: 12288 bytes, expected 1024"] {
+            let result = ResultMsg {
+                plan_id: 99,
+                status: PlanStatus::Ok,
+                started_ns: 5,
+                finished_ns: 9,
+                output_lens: vec![40, 0, 40],
+                refused: vec![1],
+                message: message.to_string(),
+            };
+            assert_eq!(doc_result(&result), rkyv_bytes(&result));
+        }
+        let plan = PlanMsg {
+            plan_id: 1,
+            gpu: 2,
+            model: 3,
+            exec_at_ns: 4,
+            finish_ns: 5,
+            requests: vec![
+                PlanRequest {
+                    request_id: 6,
+                    input_len: 7,
+                },
+                PlanRequest {
+                    request_id: 8,
+                    input_len: 9,
+                },
+            ],
+        };
+        assert_eq!(doc_plan(&plan), rkyv_bytes(&plan));
+        // The fixed-size messages: their fields, back to back.
+        let beat = Heartbeat { sent_ns: 1, echo_ns: 2 };
+        assert_eq!(rkyv_bytes(&beat), [1u64.to_le_bytes(), 2u64.to_le_bytes()].concat());
+        let probe = Probe {
+            sequence: 3,
+            sent_local_ns: 4,
+        };
+        assert_eq!(
+            rkyv_bytes(&probe),
+            [&3u32.to_le_bytes()[..], &4u64.to_le_bytes()].concat()
+        );
+        let reply = ProbeReply {
+            sequence: 3,
+            sent_local_ns: 4,
+            scheduler_ns: 5,
+        };
+        assert_eq!(
+            rkyv_bytes(&reply),
+            [&3u32.to_le_bytes()[..], &4u64.to_le_bytes(), &5u64.to_le_bytes()].concat()
+        );
+        assert_eq!(rkyv_bytes(&Registered { executor_id: 9 }), 9u32.to_le_bytes());
+        assert_eq!(rkyv_bytes(&Joined { shard: 2 }), 2u32.to_le_bytes());
+    }
 }

@@ -1574,6 +1574,77 @@ mod tests {
         doc_frame(3, out)
     }
 
+    fn doc_models(models: &Models) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Each model's name (if over 8 bytes), then the array of 29-byte entries, the root.
+        let names: Vec<usize> = models
+            .models
+            .iter()
+            .map(|m| {
+                let at = out.len();
+                if m.name.len() > 8 {
+                    out.extend_from_slice(m.name.as_bytes());
+                }
+                at
+            })
+            .collect();
+        let array = out.len();
+        for (i, (m, at)) in models.models.iter().zip(names).enumerate() {
+            let pos = array + 29 * i;
+            out.extend_from_slice(&m.id.to_le_bytes());
+            doc_string(&mut out, pos + 4, &m.name, at);
+            out.extend_from_slice(&m.slo_us.to_le_bytes());
+            match m.input_bytes {
+                None => out.extend_from_slice(&[0; 5]),
+                Some(bytes) => {
+                    out.push(1);
+                    out.extend_from_slice(&bytes.to_le_bytes());
+                }
+            }
+            out.extend_from_slice(&m.batch_size_max.to_le_bytes());
+        }
+        let root = out.len();
+        out.extend_from_slice(&models.client_request_id.to_le_bytes());
+        doc_vec(&mut out, root + 8, array, models.models.len());
+        doc_frame(5, out)
+    }
+
+    #[test]
+    fn the_model_list_is_as_protocol_md_says() {
+        let models = Models {
+            client_request_id: 77,
+            models: vec![
+                ModelEntry {
+                    id: 0,
+                    name: "resnet50_v1".into(),
+                    slo_us: 100_000,
+                    input_bytes: Some(12_288),
+                    batch_size_max: 75,
+                },
+                ModelEntry {
+                    id: 1,
+                    name: "bert".into(),
+                    slo_us: 25_000,
+                    input_bytes: None,
+                    batch_size_max: 8,
+                },
+            ],
+        };
+        let mut bytes = Vec::new();
+        encode_models(&mut bytes, &models).unwrap();
+        assert_eq!(doc_models(&models), bytes);
+        let frame = single_frame(&bytes);
+        assert_eq!(decode_models(frame.payload).unwrap(), models);
+        let mut ask = Vec::new();
+        encode_list_models(&mut ask, 77).unwrap();
+        assert_eq!(ask, doc_frame(4, 77u64.to_le_bytes().to_vec()));
+        let frame = single_frame(&ask);
+        assert_eq!(
+            access_list_models(frame.payload).unwrap().client_request_id.to_native(),
+            77
+        );
+    }
+
     #[test]
     fn protocol_md_describes_the_bytes_exactly() {
         let mut requests = sample_requests();

@@ -36,6 +36,9 @@ const WRITE_BUFFER_KEEP_BYTES: usize = 256 << 10;
 pub(super) const EVICTING_LIMIT: usize = 8;
 /// Refusals being written at once (each holds a descriptor for at most a moment).
 pub(super) const REFUSING_LIMIT: usize = 8;
+/// Frames one connection handles before it lets the shard's other tasks run (a flood on a
+/// few connections does not hold up a new client, its accept, timers or the mesh).
+const FRAMES_PER_TURN: usize = 256;
 /// How long a refused connection's ERROR frame may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Accept errors back off from the first to the last of these.
@@ -441,12 +444,19 @@ async fn serve_client(
         // The frames read so far, as far as the limits allow (the rest wait in the buffer).
         let mut frames = decoder.frames(buffer.filled());
         let mut at_limit = false;
+        let mut handled = 0;
+        let mut turn_over = false;
         loop {
             if over_limits(&shard, &connection) {
                 at_limit = true;
                 break;
             }
+            if handled == FRAMES_PER_TURN {
+                turn_over = true;
+                break;
+            }
             let Some(frame) = frames.next() else { break };
+            handled += 1;
             let outcome = match frame {
                 Ok(frame) if frame.kind == Kind::Request => {
                     shard.on_request(&connection, key, frame.payload, &buffer);
@@ -477,6 +487,10 @@ async fn serve_client(
         buffer.consume(consumed);
         shard.flush_outbox();
         if at_limit {
+            continue;
+        }
+        if turn_over {
+            futures_lite::future::yield_now().await;
             continue;
         }
         if eof {
@@ -567,15 +581,12 @@ pub(super) async fn write_loop(
         if written.is_err() {
             break;
         }
+        // A buffer much larger than what it carried is given back (a burst is over); one in
+        // steady use keeps its capacity.
+        let carried = spare.len();
         spare.clear();
-        if spare.capacity() > WRITE_BUFFER_KEEP_BYTES {
+        if spare.capacity() > WRITE_BUFFER_KEEP_BYTES && carried < spare.capacity() / 8 {
             spare = Vec::new();
-        }
-        {
-            let mut out = connection.out.borrow_mut();
-            if out.is_empty() && out.capacity() > WRITE_BUFFER_KEEP_BYTES {
-                *out = Vec::new();
-            }
         }
         connection.wake_waiting_reader();
         if connection.closing.get() && connection.out.borrow().is_empty() && connection.sections.borrow().is_empty() {

@@ -6,8 +6,6 @@
 //! their slots, so a connection that closes finds its requests without a scan of the table
 //! (connection churn is not CPU load on every shard).
 
-use std::collections::HashMap;
-
 use super::buffers::Slice;
 use super::{ConnectionKey, Origin};
 
@@ -55,8 +53,9 @@ pub(super) struct PendingTable {
     generations: Vec<u32>,
     free: Vec<u32>,
     limit: usize,
-    /// Per client connection with requests here: the first slot of its list.
-    by_connection: HashMap<(u32, ConnectionKey), u32>,
+    /// Per origin shard, per connection slot: the generation of the connection whose
+    /// requests are listed and the first slot of its list (`NONE`: no request).
+    heads: Vec<Vec<(u32, u32)>>,
 }
 
 impl PendingTable {
@@ -66,7 +65,38 @@ impl PendingTable {
             generations: Vec::new(),
             free: Vec::new(),
             limit,
-            by_connection: HashMap::new(),
+            heads: Vec::new(),
+        }
+    }
+
+    /// The list head of a connection, created empty if needed.
+    fn head_mut(&mut self, shard: u32, connection: ConnectionKey) -> &mut (u32, u32) {
+        let shard = shard as usize;
+        if self.heads.len() <= shard {
+            self.heads.resize_with(shard + 1, Vec::new);
+        }
+        let slots = &mut self.heads[shard];
+        let slot = connection.slot() as usize;
+        if slots.len() <= slot {
+            slots.resize(slot + 1, (0, NONE));
+        }
+        let head = &mut slots[slot];
+        if head.0 != connection.generation() {
+            // A newer connection in this slot: the older one has no request left here.
+            *head = (connection.generation(), NONE);
+        }
+        head
+    }
+
+    /// The first slot of a connection's list, `NONE` if it has no request here.
+    fn head(&self, shard: u32, connection: ConnectionKey) -> u32 {
+        match self
+            .heads
+            .get(shard as usize)
+            .and_then(|slots| slots.get(connection.slot() as usize))
+        {
+            Some(&(generation, head)) if generation == connection.generation() => head,
+            _ => NONE,
         }
     }
 
@@ -88,10 +118,8 @@ impl PendingTable {
             None => return None,
         };
         let generation = self.generations[slot as usize];
-        let head = self
-            .by_connection
-            .insert((origin.shard, origin.connection), slot)
-            .unwrap_or(NONE);
+        let list = self.head_mut(origin.shard, origin.connection);
+        let head = std::mem::replace(&mut list.1, slot);
         if head != NONE {
             self.slots[head as usize]
                 .as_mut()
@@ -121,7 +149,7 @@ impl PendingTable {
     /// The held requests of one client connection: `(key, model)`.
     pub(super) fn of_connection(&self, shard: u32, connection: ConnectionKey) -> Vec<(RequestKey, u32)> {
         let mut held = Vec::new();
-        let mut slot = self.by_connection.get(&(shard, connection)).copied().unwrap_or(NONE);
+        let mut slot = self.head(shard, connection);
         while slot != NONE {
             let pending = self.slots[slot as usize].as_ref().expect("a list links held slots");
             held.push((
@@ -150,7 +178,7 @@ impl PendingTable {
                 self.free.push(slot as u32);
             }
         }
-        self.by_connection.clear();
+        self.heads.clear();
         origins
     }
 
@@ -166,13 +194,10 @@ impl PendingTable {
         // Unlink it from its connection's list.
         if pending.prev != NONE {
             self.slots[pending.prev as usize].as_mut().expect("linked").next = pending.next;
-        } else {
-            let list = (pending.origin.shard, pending.origin.connection);
-            if pending.next == NONE {
-                self.by_connection.remove(&list);
-            } else {
-                self.by_connection.insert(list, pending.next);
-            }
+        } else if self.head(pending.origin.shard, pending.origin.connection) == key.slot {
+            // The head of its connection's list (a list whose connection slot was reused since
+            // is left as it is: the newer connection has a list of its own).
+            self.head_mut(pending.origin.shard, pending.origin.connection).1 = pending.next;
         }
         if pending.next != NONE {
             self.slots[pending.next as usize].as_mut().expect("linked").prev = pending.prev;
@@ -210,7 +235,7 @@ mod tests {
             assert!(table.remove(key).is_none(), "once");
             assert_eq!(table.of_connection(0, ConnectionKey(1)).len(), 2 - step);
         }
-        assert!(table.by_connection.len() == 1);
+        assert_eq!(table.head(0, ConnectionKey(1)), NONE);
         // A reused slot has a new generation: the old key finds nothing.
         let c = table.insert(origin(0, 2, 1), 0, 0, None).unwrap();
         assert_eq!(c.slot, a[0].slot);
@@ -220,6 +245,34 @@ mod tests {
         assert_eq!(table.held(), 2);
         assert_eq!(table.drain().len(), 2);
         assert!(table.of_connection(1, ConnectionKey(1)).is_empty());
+    }
+
+    #[test]
+    fn a_reused_connection_slot_keeps_the_lists_apart() {
+        let mut table = PendingTable::new(8);
+        let old = ConnectionKey::new(3, 5);
+        let new = ConnectionKey::new(3, 6);
+        let a = table.insert(origin_key(0, old, 1), 0, 0, None).unwrap();
+        let b = table.insert(origin_key(0, old, 2), 0, 0, None).unwrap();
+        // The slot serves a newer connection while the old one's requests are still held.
+        let c = table.insert(origin_key(0, new, 1), 0, 0, None).unwrap();
+        assert_eq!(table.of_connection(0, new), vec![(c, 0)]);
+        assert!(table.of_connection(0, old).is_empty());
+        // The old requests leave without disturbing the new list.
+        assert!(table.remove(b).is_some());
+        assert!(table.remove(a).is_some());
+        assert_eq!(table.of_connection(0, new), vec![(c, 0)]);
+        let d = table.insert(origin_key(0, new, 2), 0, 0, None).unwrap();
+        assert_eq!(table.of_connection(0, new).len(), 2);
+        assert!(table.remove(c).is_some() && table.remove(d).is_some());
+        assert!(table.of_connection(0, new).is_empty());
+    }
+
+    fn origin_key(shard: u32, connection: ConnectionKey, id: u64) -> Origin {
+        Origin {
+            connection,
+            ..origin(shard, 0, id)
+        }
     }
 
     #[test]
