@@ -1,11 +1,12 @@
-//! symphony-shards: the scheduler service (being built).
+//! symphony-shards: the scheduler service.
 //!
-//! Today this crate holds [`sync`], the lock-free structures the shards will share: the GPU
-//! table that lets every shard claim and release GPUs without a lock or a central thread,
-//! checked with loom in `symphony-verify`; and [`shared_gpus`], which lets the core's deferred
-//! scheduler plan on that table unchanged. The glommio thread-per-core shards, the io_uring
-//! front door, routing to each model's owning shard and the executor links are not built yet
-//! (see ARCHITECTURE.md and the issue "The scheduler service").
+//! [`server`] runs `symphony serve`: glommio thread-per-core shards, each a TCP front door
+//! and the owner of some models, routing requests over a channel mesh, planning with the
+//! core's deferred scheduler on the shared lock-free GPU table ([`sync`], checked with loom in
+//! `symphony-verify`) through [`shared_gpus`], and linked to external executors
+//! ([`executors`] is their registry). [`runtime`] is the thin layer over glommio; [`config`]
+//! the validated configuration with every limit; [`client`] a blocking client. See
+//! ARCHITECTURE.md for the map and `docs/protocol.md` for the bytes.
 
 pub mod client;
 pub mod config;

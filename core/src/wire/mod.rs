@@ -3,13 +3,14 @@
 //! What it is: the bytes that clients and the scheduler exchange over TCP (`docs/protocol.md`
 //! is the specification; this module is its reference implementation). A frame is a fixed
 //! 16-byte header written by hand, little-endian, followed by a payload that is an rkyv 0.8
-//! archive of one message ([`Request`], [`Reply`] or [`ErrorFrame`]).
+//! archive of one message ([`Request`], [`Reply`], [`ErrorFrame`], [`ListModels`], [`Models`],
+//! or one of the executor protocol's, [`executor`]).
 //!
 //! What it is not: there are no sockets, buffers of connections, threads or clocks here.
 //! [`FrameDecoder`] cuts complete frames out of a byte slice the caller filled (a receive
 //! buffer may hold many frames and a partial one at its end); the `encode_*` functions append
-//! frames to a `Vec<u8>` the caller owns and reuses. The service (`symphony-shards`, not built
-//! yet) moves the bytes.
+//! frames to a `Vec<u8>` the caller owns and reuses. The service (`symphony-shards`) moves the
+//! bytes.
 //!
 //! # Format features
 //!
