@@ -81,6 +81,10 @@ pub(super) struct Connection {
     pub(super) owed_bytes: Cell<usize>,
     /// The reader waits for room or for its replies (replies wake it).
     reader_waits: Cell<bool>,
+    /// In the mesh's line of connections waiting for room.
+    pub(super) mesh_waiting: Cell<bool>,
+    /// Its turn came in that line: it handles one round of frames whatever the backlog.
+    pub(super) mesh_turn: Cell<bool>,
     /// Shards (bit `shard % 64`) this connection sent requests to.
     pub(super) routed: Cell<u64>,
     /// Accept order.
@@ -114,6 +118,8 @@ impl Connection {
             owed: Cell::new(0),
             owed_bytes: Cell::new(0),
             reader_waits: Cell::new(false),
+            mesh_waiting: Cell::new(false),
+            mesh_turn: Cell::new(false),
             routed: Cell::new(0),
             serial,
         });
@@ -423,17 +429,17 @@ async fn serve_client(
                 break 'read ReadEnd::Closed;
             }
             shard.stats.backpressure_waits.fetch_add(1, Ordering::Relaxed);
-            let poll = if shard.mesh.backlogged() {
-                Duration::from_millis(1)
-            } else {
-                STOP_POLL
-            };
+            if !connection.mesh_turn.get() && shard.mesh.backlogged() {
+                // In line for room: when the backlog clears, connections get a turn each in
+                // the order they started waiting (none starves behind busier ones).
+                shard.mesh.wait_for_room(&connection);
+            }
             connection.reader_waits.set(true);
             futures_lite::future::or(
                 async {
                     let _ = wake.recv().await;
                 },
-                glommio::timer::sleep(poll),
+                glommio::timer::sleep(STOP_POLL),
             )
             .await;
             connection.reader_waits.set(false);
@@ -486,6 +492,8 @@ async fn serve_client(
         let consumed = frames.consumed();
         buffer.consume(consumed);
         shard.flush_outbox();
+        // A turn given while the mesh was backlogged lasts one round of frames.
+        connection.mesh_turn.set(false);
         if at_limit {
             continue;
         }
@@ -548,7 +556,8 @@ fn over_limits(shard: &Shard, connection: &Connection) -> bool {
         || owed_bytes >= shard.limits.request_bytes_per_connection
         // Past the shard's budget, only a connection owed nothing is read (one request).
         || (owed_bytes > 0 && shard.owed_bytes.get() >= shard.limits.request_bytes_per_shard)
-        || shard.mesh.backlogged()
+        // A connection given its turn (`Mesh::wait_for_room`) takes it despite a new backlog.
+        || (shard.mesh.backlogged() && !connection.mesh_turn.get())
 }
 
 /// Writes what is queued on `connection`, many frames per write, until it closes. A link

@@ -17,6 +17,7 @@ use std::rc::Rc;
 
 use glommio::channels::channel_mesh::Senders;
 
+use super::connection::Connection;
 use super::ShardMsg;
 
 /// The sending side of one shard's mesh.
@@ -30,6 +31,8 @@ pub(super) struct Mesh {
     queued: Cell<usize>,
     /// Flushing tasks running (each may hold one message it waits to send).
     flushers: Cell<usize>,
+    /// Client connections waiting for the backlog to clear, in the order they started.
+    waiting: RefCell<VecDeque<Rc<Connection>>>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -47,11 +50,20 @@ impl Mesh {
             flushing: RefCell::new(vec![false; shards]),
             queued: Cell::new(0),
             flushers: Cell::new(0),
+            waiting: RefCell::new(VecDeque::new()),
         }
     }
 
     pub(super) fn shard_count(&self) -> usize {
         self.senders.nr_consumers()
+    }
+
+    /// Puts `connection` in line for room (once); when the backlog clears every connection in
+    /// line gets one turn, in order.
+    pub(super) fn wait_for_room(&self, connection: &Rc<Connection>) {
+        if !connection.mesh_waiting.replace(true) {
+            self.waiting.borrow_mut().push_back(Rc::clone(connection));
+        }
     }
 
     /// Whether messages wait for room (client connections do not read meanwhile).
@@ -102,5 +114,13 @@ impl Mesh {
         }
         self.flushing.borrow_mut()[dest] = false;
         self.flushers.set(self.flushers.get() - 1);
+        if !self.backlogged() {
+            let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+            for connection in waiting {
+                connection.mesh_waiting.set(false);
+                connection.mesh_turn.set(true);
+                connection.wake_reader();
+            }
+        }
     }
 }
