@@ -187,7 +187,7 @@ fn profile_writes_a_table_the_service_reads() {
 fn client_lists_the_models_a_service_serves() {
     let _serial = support::serial();
     let config = support::example_config(
-        "gpus = 1\nshards = 1\n[[models]]\nname = \"fixed\"\nprofile = \"sleep#10,100,0,0\"\nslo_ms = 20\ninput_bytes = 1024",
+        "gpus = 1\nshards = 1\n[[models]]\nname = \"fixed\"\nprofile = \"sleep#10,100,0,0\"\nslo_ms = 500\ninput_bytes = 1024",
     );
     let serve = support::Serve::start(&config, &[]);
     let output = symphony(&["client", "--target", &serve.addr.to_string(), "--list-models"]);
@@ -195,7 +195,7 @@ fn client_lists_the_models_a_service_serves() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let rows: Vec<Vec<&str>> = stdout.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), 4, "{stdout}");
-    assert_eq!(rows[0][..4], ["0", "fixed", "20.0", "1024"], "{stdout}");
+    assert_eq!(rows[0][..4], ["0", "fixed", "500.0", "1024"], "{stdout}");
     assert_eq!(rows[1][..4], ["1", "resnet_a", "100.0", "any"], "{stdout}");
     assert_eq!(rows[3][..3], ["3", "small", "50.0"], "{stdout}");
     // A wrong-size input for a model that declares its size is MALFORMED, at the front door.
