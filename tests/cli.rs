@@ -186,9 +186,11 @@ fn profile_writes_a_table_the_service_reads() {
 #[test]
 fn client_lists_the_models_a_service_serves() {
     let _serial = support::serial();
+    // Eager dispatch: the cli tests share the CPUs with sweeps, and a deferred batch whose
+    // timer fires late is dropped; this test is about the list and the input check.
     let config = support::example_config(
         "gpus = 1\nshards = 1\n[[models]]\nname = \"fixed\"\nprofile = \"sleep#10,100,0,0\"\nslo_ms = 500\ninput_bytes = 1024",
-    );
+    ) + "[policy]\nkind = \"eager\"\n";
     let serve = support::Serve::start(&config, &[]);
     let output = symphony(&["client", "--target", &serve.addr.to_string(), "--list-models"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

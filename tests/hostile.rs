@@ -873,3 +873,21 @@ fn a_client_owed_its_input_budget_is_not_read_until_it_gets_replies() {
         );
     }
 }
+
+#[test]
+fn serve_raises_its_descriptor_limit_and_fits_its_caps_under_it() {
+    let _serial = serial();
+    let serve = Serve::start_with_nofile(&example_config("gpus = 1\nshards = 2"), &[], Some((256, 4096)));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let soft: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(soft[3], "4096", "the soft limit was raised to the hard one: {line}");
+    // With 256 and no raise, 2 shards could not have their 1024 connections each: the caps
+    // are lowered to fit, and it is said.
+    let low = Serve::start_limited(&example_config("gpus = 1\nshards = 2"), &[], Some(256));
+    assert!(
+        low.wait_log("RLIMIT_NOFILE is 256", Duration::from_secs(2)),
+        "{}",
+        low.log_text()
+    );
+}

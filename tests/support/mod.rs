@@ -81,13 +81,18 @@ impl Serve {
 
     /// As `start`, with the soft and hard RLIMIT_NOFILE of the child set to `nofile`.
     pub fn start_limited(config: &str, args: &[&str], nofile: Option<u64>) -> Serve {
+        Serve::start_with_nofile(config, args, nofile.map(|n| (n, n)))
+    }
+
+    /// As `start`, with the child's RLIMIT_NOFILE set to `(soft, hard)`.
+    pub fn start_with_nofile(config: &str, args: &[&str], nofile: Option<(u64, u64)>) -> Serve {
         let dir = scratch(&format!("serve-{}", unique()));
         let config_path = dir.join("serve.toml");
         std::fs::write(&config_path, config).unwrap();
         Serve::spawn(config_path, args, nofile)
     }
 
-    fn spawn(config_path: PathBuf, args: &[&str], nofile: Option<u64>) -> Serve {
+    fn spawn(config_path: PathBuf, args: &[&str], nofile: Option<(u64, u64)>) -> Serve {
         let mut command = Command::new(env!("CARGO_BIN_EXE_symphony"));
         command
             .arg("serve")
@@ -97,14 +102,14 @@ impl Serve {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(nofile) = nofile {
+        if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
             unsafe {
                 command.pre_exec(move || {
                     let limit = libc::rlimit {
-                        rlim_cur: nofile,
-                        rlim_max: nofile,
+                        rlim_cur: soft,
+                        rlim_max: hard,
                     };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                         return Err(std::io::Error::last_os_error());
