@@ -32,7 +32,7 @@ low=$(python3 -c "print($goodput * 0.75 / 8)")
   done
 } > "$dir/overload.yaml"
 echo "overload: goodput $goodput req/s for $warm_s s, then ${overload}x ($((goodput * overload)) req/s) for $bench_s s, then 0.75x for $cool_s s;"
-echo "  8 models (l(b) = 1.082 ms * b + 5.204 ms, SLO 100 ms), 8 embedded GPUs, 1 shard on CPU 0, loadgen on CPU 1, 4 connections; commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "  8 models (l(b) = 1.082 ms * b + 5.204 ms, SLO 100 ms), 8 embedded GPUs, 1 shard on CPU 0, loadgen on CPU 1, 4 connections; binary $bin (checkout $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 $bin serve --workload "$dir/overload.yaml" --listen 127.0.0.1:7693 --shards 1 --cpus 0 > "$dir/serve.log" 2>&1 &
 serve=$!
 trap 'kill -INT $serve 2>/dev/null || true' EXIT

@@ -32,7 +32,7 @@ online() {  # waits until both executors are online in serve log $1; prints the 
   done
   printf "%.2f" "$(echo "$(date +%s.%N) - $start" | bc)"
 }
-echo "restart under load: $workload at rate scale $scale, 2 sim executors of 4 GPUs, serve killed $kill_at s into a run, $rounds rounds; commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "restart under load: $workload at rate scale $scale, 2 sim executors of 4 GPUs, serve killed $kill_at s into a run, $rounds rounds; binary $bin (checkout $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 pid=$(serve 0)
 sleep 0.5
 for e in 1 2; do
