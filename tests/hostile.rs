@@ -674,35 +674,34 @@ fn a_full_request_table_answers_overloaded_at_once() {
     }
 }
 
+/// Sends `count` patient requests with `input` and then a LIST_MODELS to a service with
+/// `limits`; whether the LIST_MODELS behind them is answered (the connection still read).
+fn list_models_answered_behind(limits: &str, count: u64, input: &[u8]) -> bool {
+    let serve = Serve::start(
+        &format!(
+            "{}{PATIENT_MODEL}",
+            example_config(&format!("gpus = 1\nshards = 1\n[limits]\n{limits}"))
+        ),
+        &[],
+    );
+    let mut stream = TcpStream::connect(serve.addr).unwrap();
+    let mut frames = Vec::new();
+    for id in 0..count {
+        request_frame(&mut frames, id, "patient", input);
+    }
+    wire::encode_list_models(&mut frames, 99).unwrap();
+    stream.write_all(&frames).unwrap();
+    // The requests wait seconds to batch: none is answered meanwhile.
+    let got = read_frames(&mut stream, 1, Duration::from_millis(700));
+    got.first().map(|f| f.0) == Some(Kind::Models)
+}
+
 #[test]
 fn a_client_owed_too_many_replies_is_not_read_until_it_gets_them() {
     let _serial = serial();
-    for (limit, answered) in [(5, false), (6, true)] {
-        let serve = Serve::start(
-            &format!(
-                "{}{PATIENT_MODEL}",
-                example_config(&format!(
-                    "gpus = 1\nshards = 1\n[limits]\nrequests_per_connection = {limit}"
-                ))
-            ),
-            &[],
-        );
-        let mut stream = TcpStream::connect(serve.addr).unwrap();
-        let mut frames = Vec::new();
-        for id in 0..5u64 {
-            request_frame(&mut frames, id, "patient", b"");
-        }
-        wire::encode_list_models(&mut frames, 99).unwrap();
-        stream.write_all(&frames).unwrap();
-        // Five requests owed (their batch waits seconds): at a limit of 5 the LIST_MODELS
-        // behind them is not read.
-        let got = read_frames(&mut stream, 1, Duration::from_millis(700));
-        assert_eq!(
-            got.first().map(|f| f.0) == Some(Kind::Models),
-            answered,
-            "limit {limit}: {got:?}"
-        );
-    }
+    // Five requests owed: at a limit of 5 the LIST_MODELS behind them is not read.
+    assert!(!list_models_answered_behind("requests_per_connection = 5", 5, b""));
+    assert!(list_models_answered_behind("requests_per_connection = 6", 5, b""));
 }
 
 #[test]
@@ -845,35 +844,19 @@ fn serve_runs_on_the_cpus_it_may_run_on() {
 #[test]
 fn a_client_owed_its_input_budget_is_not_read_until_it_gets_replies() {
     let _serial = serial();
-    for (budget_mib, answered) in [(8, false), (16, true)] {
-        let limits = format!("[limits]\nrequest_bytes_per_connection = {}", budget_mib << 20);
-        let serve = Serve::start(
-            &format!(
-                "{}{PATIENT_MODEL}",
-                example_config(&format!("gpus = 1\nshards = 1\n{limits}"))
-            ),
-            &[],
-        );
-        let mut stream = TcpStream::connect(serve.addr).unwrap();
-        let mut frames = Vec::new();
-        let input = vec![0u8; 5 << 20];
-        for id in 0..2u64 {
-            request_frame(&mut frames, id, "patient", &input);
-        }
-        wire::encode_list_models(&mut frames, 99).unwrap();
-        stream.write_all(&frames).unwrap();
-        // 10 MiB of inputs owed (their batch waits seconds): over an 8 MiB budget the
-        // LIST_MODELS behind them is not read.
-        let got = read_frames(&mut stream, 1, Duration::from_millis(700));
-        assert_eq!(
-            got.first().map(|f| f.0) == Some(Kind::Models),
-            answered,
-            "budget {budget_mib} MiB: {:?}",
-            got.first().map(|f| f.0)
-        );
-    }
+    // 10 MiB of inputs owed: over an 8 MiB budget the LIST_MODELS behind them is not read.
+    let input = vec![0u8; 5 << 20];
+    assert!(!list_models_answered_behind(
+        &format!("request_bytes_per_connection = {}", 8 << 20),
+        2,
+        &input
+    ));
+    assert!(list_models_answered_behind(
+        &format!("request_bytes_per_connection = {}", 16 << 20),
+        2,
+        &input
+    ));
 }
-
 #[test]
 fn serve_raises_its_descriptor_limit_and_fits_its_caps_under_it() {
     let _serial = serial();

@@ -18,6 +18,24 @@ fn start(shards: usize) -> ServerHandle {
     server::start(&config).expect("the service starts")
 }
 
+/// SO_LINGER 0: closing the socket sends a reset, not a FIN (which is a half-close).
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads one valid `linger` for this open socket.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 fn request(buffer: &mut Vec<u8>, id: u64, model: ModelRef, input: &[u8]) {
     wire::encode_request(
         buffer,
@@ -163,20 +181,7 @@ fn a_client_that_disconnects_does_not_disturb_others() {
         while server.stats().requests.load(Ordering::Relaxed) < 100 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads one valid `linger` for this open socket.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&gone),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &linger as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-        }
+        reset_on_close(&gone);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     while server.stats().cancelled.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
@@ -281,20 +286,7 @@ fn a_full_mesh_keeps_messages_in_order() {
             std::thread::sleep(Duration::from_millis(1));
         }
         // Reset at once, while requests are still on their way to the other shard.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads one valid `linger` for this open socket.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&gone),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                &linger as *const libc::linger as *const libc::c_void,
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-        }
+        reset_on_close(&gone);
         drop(gone);
         // Every one of them is cancelled (they wait 30 s to batch, so none ran).
         let deadline = Instant::now() + Duration::from_secs(5);

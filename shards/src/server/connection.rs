@@ -434,15 +434,7 @@ async fn serve_client(
                 // the order they started waiting (none starves behind busier ones).
                 shard.mesh.wait_for_room(&connection);
             }
-            connection.reader_waits.set(true);
-            futures_lite::future::or(
-                async {
-                    let _ = wake.recv().await;
-                },
-                glommio::timer::sleep(STOP_POLL),
-            )
-            .await;
-            connection.reader_waits.set(false);
+            wait_woken(&connection, &wake).await;
         }
         if connection.is_dead() || connection.evicted.get() {
             break ReadEnd::Closed;
@@ -525,14 +517,7 @@ async fn serve_client(
     if end == ReadEnd::HalfClosed {
         // Every reply it is owed is written before the close (each request gets one).
         while connection.owed.get() > 0 && !connection.is_dead() {
-            connection.reader_waits.set(true);
-            futures_lite::future::or(
-                async {
-                    let _ = wake.recv().await;
-                },
-                glommio::timer::sleep(STOP_POLL),
-            )
-            .await;
+            wait_woken(&connection, &wake).await;
         }
     }
     shard.control_closed(&control);
@@ -545,6 +530,20 @@ async fn serve_client(
     // they use a GPU.
     shard.disconnected(&connection, key);
     connection.close_after_writing();
+}
+
+/// Waits until the connection's reader is woken (a reply, the writer's progress, its turn for
+/// the mesh), or for at most [`STOP_POLL`].
+async fn wait_woken(connection: &Connection, wake: &LocalReceiver<()>) {
+    connection.reader_waits.set(true);
+    futures_lite::future::or(
+        async {
+            let _ = wake.recv().await;
+        },
+        glommio::timer::sleep(STOP_POLL),
+    )
+    .await;
+    connection.reader_waits.set(false);
 }
 
 /// Whether a client connection must not be handled further now: its replies wait to be
