@@ -221,6 +221,56 @@ impl<G: GpuSource> Deferred<G> {
         true
     }
 
+    /// Removes every queued request of `model` whose id `cancelled` says, in one pass (a
+    /// client that went away with many requests); returns the ids removed. The model's
+    /// candidate is formed again without them.
+    pub fn cancel_all(
+        &mut self,
+        now_ns: u64,
+        model: u32,
+        cancelled: impl Fn(u64) -> bool,
+        out: &mut Output,
+    ) -> Vec<u64> {
+        let index = model as usize;
+        let state = &mut self.models[index];
+        let mut removed = Vec::new();
+        let mut position = 0;
+        let prefix_len = state.prefix_len;
+        let mut prefix_removed = 0;
+        state.queue.retain(|r| {
+            let keep = !cancelled(r.id);
+            if !keep {
+                removed.push(r.id);
+                prefix_removed += usize::from(position < prefix_len);
+            }
+            position += 1;
+            keep
+        });
+        state.prefix_len -= prefix_removed;
+        self.queued_count -= removed.len();
+        if !removed.is_empty() {
+            self.update(index, now_ns, out);
+        }
+        removed
+    }
+
+    /// Whether model `model` holds, while the GPUs are saturated, twice the requests its
+    /// share of the GPUs (all of them over the models that hold requests) could serve within
+    /// its SLO at its largest batch: a new request of it then has no chance, and a front door
+    /// may refuse it at once (`OVERLOADED`) instead of queueing it to be dropped later.
+    pub fn is_swamped(&self, model: u32) -> bool {
+        if !self.saturated {
+            return false;
+        }
+        let state = &self.models[model as usize];
+        let batch_size_max = state.profile.batch_size_max();
+        let exec_ns = state.profile.exec_ns(batch_size_max).max(1);
+        let rounds = (state.slo_ns / exec_ns).max(1);
+        let share = f64::from(self.pool.gpu_count()) / f64::from(self.active_count.max(1));
+        let servable = share.max(1.0) * (rounds * u64::from(batch_size_max)) as f64;
+        state.queue.len() as f64 >= 2.0 * servable
+    }
+
     /// The smallest `invalid_after` of the candidates waiting for a GPU, if any (what a shard
     /// posts to the shared GPU table so other shards' releases hand it a GPU).
     pub fn waiting_invalid_after_ns(&mut self) -> Option<u64> {
@@ -717,6 +767,39 @@ mod tests {
         assert_eq!(out.plans.len(), 1);
         assert_eq!(out.plan_requests(&out.plans[0])[0].id, 1);
         assert_eq!(out.plans[0].exec_at_ns, 90_850 * US);
+    }
+
+    #[test]
+    fn cancel_all_removes_in_one_pass_what_cancel_would() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 1);
+        let mut out = Output::new();
+        for id in 0..6 {
+            d.on_arrival(0, request(id, 98 * MS), &mut out);
+        }
+        let removed = d.cancel_all(MS, 0, |id| id % 2 == 0, &mut out);
+        assert_eq!(removed, vec![0, 2, 4]);
+        assert_eq!(d.queued_count(), 3);
+        assert!(d.cancel_all(MS, 0, |id| id % 2 == 0, &mut out).is_empty(), "only once");
+        assert!(!d.cancel(MS, 0, 2, &mut out));
+        assert!(d.cancel(MS, 0, 3, &mut out));
+    }
+
+    #[test]
+    fn only_a_saturated_model_holding_twice_its_share_is_swamped() {
+        let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 1);
+        let b_max = d.models[0].profile.batch_size_max();
+        let rounds = (d.models[0].slo_ns / d.models[0].profile.exec_ns(b_max)).max(1);
+        // One GPU, one active model: it can serve `rounds * b_max` within its SLO.
+        let twice = 2 * rounds * u64::from(b_max);
+        for id in 0..twice {
+            d.models[0].queue.push_back(request(id, 98 * MS));
+        }
+        d.set_active(0, true);
+        assert!(!d.is_swamped(0), "not saturated: every request is kept");
+        d.saturated = true;
+        assert!(d.is_swamped(0));
+        d.models[0].queue.pop_back();
+        assert!(!d.is_swamped(0), "below twice what it can serve");
     }
 
     #[test]

@@ -306,10 +306,18 @@ impl Shard {
         self.timeouts.write_stall
     }
 
-    /// A request for a model this shard owns enters its scheduler.
+    /// A request for a model this shard owns enters its scheduler, unless the shard holds its
+    /// limit of requests or the model is swamped (saturated GPUs, and twice what its share of
+    /// them can serve within its SLO queued already): then it is answered `overloaded` at
+    /// once rather than queued to be dropped later.
     fn admit(self: &Rc<Self>, routed: Routed) {
         let now_ns = self.now_ns();
         let local = self.catalog.models[routed.model as usize].local;
+        if self.scheduler.borrow().is_swamped(local) {
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            self.reply(routed.origin, Status::Overloaded, self.timings(routed.origin, None));
+            return;
+        }
         let inserted = self
             .pending
             .borrow_mut()
@@ -574,15 +582,20 @@ impl Shard {
             return;
         }
         let now_ns = self.now_ns();
-        for (key, model) in held {
+        // One pass over each model's queue (a client may go with thousands of requests).
+        let mut models: Vec<u32> = held.iter().map(|&(_, model)| model).collect();
+        models.sort_unstable();
+        models.dedup();
+        let ids: std::collections::HashSet<u64> = held.iter().map(|(key, _)| key.id()).collect();
+        for model in models {
             let cancelled = {
                 let mut scheduler = self.scheduler.borrow_mut();
                 let mut output = self.output.borrow_mut();
-                scheduler.cancel(now_ns, model, key.id(), &mut output)
+                scheduler.cancel_all(now_ns, model, |id| ids.contains(&id), &mut output)
             };
-            if cancelled {
+            for id in cancelled {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                if let Some(pending) = self.pending.borrow_mut().remove(key) {
+                if let Some(pending) = self.pending.borrow_mut().remove(RequestKey::of_id(id)) {
                     if shard != self.id {
                         // No reply will come: the origin shard stops waiting for one (its
                         // connection is gone, so nothing is written).
