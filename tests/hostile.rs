@@ -874,3 +874,78 @@ fn serve_raises_its_descriptor_limit_and_fits_its_caps_under_it() {
         low.log_text()
     );
 }
+
+#[test]
+fn ten_times_the_capacity_gets_one_reply_each_mostly_at_once() {
+    let _serial = serial();
+    // 2 ResNet-like models on 2 GPUs (about 1,600 req/s of goodput), offered 16,000 req/s
+    // for 3 s after 1 s at goodput, then 2 s at 75 % of it.
+    let dir = support::scratch("overload");
+    let path = dir.join("overload.yaml");
+    let mut yaml = String::from("seed: 3\ngpus: 2\nmodels:\n");
+    for m in 0..2 {
+        yaml.push_str(&format!(
+            "- {{framework: \"sleep#1082,5204,0,0\", model: m{m}, slo: 100, gap: exp, \
+             warmup: [{{duration: 1, rps: 800}}], bench: [{{duration: 3, rps: 8000}}], \
+             cooldown: [{{duration: 2, rps: 600}}]}}\n"
+        ));
+    }
+    std::fs::write(&path, &yaml).unwrap();
+    let serve = Serve::start(
+        "listen = \"127.0.0.1:0\"\nshards = 1\ngpus = 2\n\
+         [[models]]\nname = \"m0\"\nprofile = \"sleep#1082,5204,0,0\"\nslo_ms = 100\n\
+         [[models]]\nname = \"m1\"\nprofile = \"sleep#1082,5204,0,0\"\nslo_ms = 100\n",
+        &[],
+    );
+    let base = serve.rss_bytes();
+    let workload = symphony_core::workload::Workload::load(&path).unwrap();
+    let spec = symphony_perf::loadgen::LoadSpec {
+        target: serve.addr.to_string(),
+        seed: workload.seed,
+        workload,
+        rate_scale: 1.0,
+        connections: 2,
+        input_bytes: 0,
+        model_input_bytes: None,
+        progress: false,
+    };
+    let report = symphony_perf::loadgen::run(&spec).unwrap();
+    let peak = serve.status_bytes("VmHWM");
+    // Every request answered exactly once.
+    assert_eq!(report.noreply, 0, "{report:?}");
+    assert_eq!(report.duplicate_replies, 0);
+    assert_eq!(
+        report.received, report.requests,
+        "{} of {} answered",
+        report.received, report.requests
+    );
+    // The GPUs keep serving about their goodput; most of the rest is told at once.
+    assert!(
+        report.success_rps > 1_000.0,
+        "goodput under overload {:.0} req/s",
+        report.success_rps
+    );
+    let s = &report.statuses;
+    assert!(s.overloaded + s.dropped > report.bench_requests * 3 / 4, "{s:?}");
+    assert!(
+        report.not_ok_latency_us_p50 < 10_000,
+        "half the refusals took over {} us",
+        report.not_ok_latency_us_p50
+    );
+    assert!(
+        report.not_ok_latency_us_p99 < 100_000,
+        "refusals after the SLO: {report:?}"
+    );
+    // Back to normal in the cool-down's second second.
+    let after = &report.timeline[5];
+    assert!(
+        after.offered > 0 && after.success * 100 >= after.offered * 98,
+        "{after:?}"
+    );
+    assert!(
+        peak <= base + (64 << 20),
+        "resident memory grew from {} to {} MiB",
+        base >> 20,
+        peak >> 20
+    );
+}
