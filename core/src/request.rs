@@ -15,6 +15,14 @@ pub struct Request {
     pub deadline_ns: u64,
 }
 
+/// A request's deadline `D_r = arrival + slo - d_resp`: when its batch must finish for the
+/// reply to reach the client within its SLO. The one place it is computed (the simulator,
+/// the service and the audits all call it).
+#[inline]
+pub fn deadline_ns(arrival_ns: u64, slo_ns: u64, d_resp_ns: u64) -> u64 {
+    arrival_ns.saturating_add(slo_ns).saturating_sub(d_resp_ns)
+}
+
 impl Request {
     /// The queue order: earliest deadline first, FIFO (by id) on ties.
     #[inline]

@@ -305,7 +305,7 @@ impl<'a> Engine<'a> {
                     id: next_arrival as u64,
                     model: arrival.model_index,
                     arrival_ns: arrival.arrival_ns,
-                    deadline_ns: (arrival.arrival_ns + model.slo_ns).saturating_sub(self.knobs.d_resp_ns),
+                    deadline_ns: crate::request::deadline_ns(arrival.arrival_ns, model.slo_ns, self.knobs.d_resp_ns),
                 };
                 self.requests.push(RequestRecord {
                     model: arrival.model_index,

@@ -98,7 +98,7 @@ fn allocations_in_steady_state(kind: PolicyKind) -> u64 {
                 id: next as u64,
                 model: a.model_index,
                 arrival_ns: a.arrival_ns,
-                deadline_ns: a.arrival_ns + slo_ns - knobs.d_resp_ns,
+                deadline_ns: symphony_core::request::deadline_ns(a.arrival_ns, slo_ns, knobs.d_resp_ns),
             };
             policy.on_arrival(t, request, &mut out);
         } else {

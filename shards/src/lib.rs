@@ -1,5 +1,7 @@
 //! symphony-shards: the scheduler service.
 //!
+//! [`shard`] is a shard's logic as a state machine with no I/O (inputs in, effects out),
+//! which both the glommio driver and the seeded simulation in `symphony-verify` run.
 //! [`server`] runs `symphony serve`: glommio thread-per-core shards, each a TCP front door
 //! and the owner of some models, routing requests over a channel mesh, planning with the
 //! core's deferred scheduler on the shared lock-free GPU table ([`sync`], checked with loom in
@@ -8,6 +10,7 @@
 //! the validated configuration with every limit; [`client`] a blocking client. See
 //! ARCHITECTURE.md for the map and `docs/protocol.md` for the bytes.
 
+pub mod buffers;
 pub mod client;
 pub mod config;
 pub mod executors;
@@ -15,5 +18,7 @@ pub mod executors;
 pub mod runtime;
 #[cfg(feature = "runtime")]
 pub mod server;
+pub mod shard;
 pub mod shared_gpus;
+pub mod stats;
 pub mod sync;

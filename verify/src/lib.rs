@@ -85,7 +85,7 @@ pub fn audit(report: &SimReport, workload: &Workload, knobs: &Knobs) -> Result<(
             ));
         }
         previous_arrival_ns = r.arrival_ns;
-        let deadline_ns = (r.arrival_ns + model.slo_ns).saturating_sub(knobs.d_resp_ns);
+        let deadline_ns = symphony_core::request::deadline_ns(r.arrival_ns, model.slo_ns, knobs.d_resp_ns);
         if r.deadline_ns != deadline_ns {
             return Err(format!(
                 "request {id} ({}): deadline {} ns, expected arrival {} + slo {} - d_resp {} = {} ns",

@@ -434,7 +434,7 @@ mod tests {
             id,
             model,
             arrival_ns,
-            deadline_ns: arrival_ns + slo_ns - knobs.d_resp_ns,
+            deadline_ns: crate::request::deadline_ns(arrival_ns, slo_ns, knobs.d_resp_ns),
         }
     }
 

@@ -23,10 +23,11 @@ use std::time::Duration;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
-use symphony_core::wire::{self, ErrorCode, FrameDecoder, Kind};
+use symphony_core::wire::{self, ErrorCode, FrameDecoder};
 
-use super::buffers::{ReadBuffer, Slice, READ_BUFFER_INITIAL_BYTES};
-use super::{links, zerocopy, ConnectionKey, Shard, STOP_POLL};
+use super::{zerocopy, Shard, STOP_POLL};
+use crate::buffers::{ReadBuffer, Slice, READ_BUFFER_INITIAL_BYTES};
+use crate::shard::{ConnectionKey, Input, Peer};
 
 /// A writer's buffer larger than this is given back once written (idle connections stay
 /// small).
@@ -76,17 +77,12 @@ pub(super) struct Connection {
     evicted: Cell<bool>,
     /// A frame was read from it (a connection that never sent one is evicted first).
     pub(super) active: Cell<bool>,
-    /// Requests read and not answered yet (client connections), and their input bytes.
-    pub(super) owed: Cell<u32>,
-    pub(super) owed_bytes: Cell<usize>,
     /// The reader waits for room or for its replies (replies wake it).
     reader_waits: Cell<bool>,
     /// In the mesh's line of connections waiting for room.
     pub(super) mesh_waiting: Cell<bool>,
     /// Its turn came in that line: it handles one round of frames whatever the backlog.
     pub(super) mesh_turn: Cell<bool>,
-    /// Shards (bit `shard % 64`) this connection sent requests to.
-    pub(super) routed: Cell<u64>,
     /// Accept order.
     serial: u64,
 }
@@ -115,12 +111,9 @@ impl Connection {
             dead: Cell::new(false),
             evicted: Cell::new(false),
             active: Cell::new(false),
-            owed: Cell::new(0),
-            owed_bytes: Cell::new(0),
             reader_waits: Cell::new(false),
             mesh_waiting: Cell::new(false),
             mesh_turn: Cell::new(false),
-            routed: Cell::new(0),
             serial,
         });
         let receivers = Receivers {
@@ -170,11 +163,16 @@ impl Connection {
         self.wake_writer();
     }
 
+    /// Stops the reader (it ends its connection).
+    pub(super) fn stop_reader(&self) {
+        let _ = self.stop_reading.try_send(());
+    }
+
     /// Queues an ERROR frame and closes after it; the reader stops.
-    pub(super) fn fail(&self, code: ErrorCode, message: &str) {
+    fn fail(&self, code: ErrorCode, message: &str) {
         let _ = wire::encode_error(&mut self.out.borrow_mut(), code, message);
         self.close_after_writing();
-        let _ = self.stop_reading.try_send(());
+        self.stop_reader();
     }
 
     /// Takes the connection out to make room: an ERROR `OVERLOADED`, then the close.
@@ -338,16 +336,58 @@ pub(super) async fn refuse(stream: TcpStream, message: String) {
     .await;
 }
 
-/// Accepts clients until the service stops.
-pub(super) async fn accept_clients(shard: Rc<Shard>, listener: TcpListener) {
-    while let Some(stream) = accept_until_stop(&shard, &listener, "client").await {
-        let why = "closed to make room for a new connection: this one sent nothing";
-        let admission = shard.clients.borrow_mut().admit(why);
+/// A shard's two ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Port {
+    /// The front door: clients, and executors' control connections.
+    Clients,
+    /// Executor links.
+    Links,
+}
+
+impl Port {
+    fn name(self) -> &'static str {
+        match self {
+            Port::Clients => "client",
+            Port::Links => "executor link",
+        }
+    }
+
+    fn peer(self, key: ConnectionKey) -> Peer {
+        match self {
+            Port::Clients => Peer::Client(key),
+            Port::Links => Peer::Link(key),
+        }
+    }
+
+    fn slots(self, shard: &Shard) -> &RefCell<Slots> {
+        match self {
+            Port::Clients => &shard.clients,
+            Port::Links => &shard.link_conns,
+        }
+    }
+
+    fn limit(self, shard: &Shard) -> usize {
+        match self {
+            Port::Clients => shard.limits.connections_per_shard,
+            Port::Links => shard.limits.links_per_shard,
+        }
+    }
+}
+
+/// Accepts connections on `port` until the service stops.
+pub(super) async fn accept(shard: Rc<Shard>, listener: TcpListener, port: Port) {
+    while let Some(stream) = accept_until_stop(&shard, &listener, port.name()).await {
+        let why = match port {
+            Port::Clients => "closed to make room for a new connection: this one sent nothing",
+            Port::Links => "closed to make room for a new link: this one never joined",
+        };
+        let admission = port.slots(&shard).borrow_mut().admit(why);
         match admission {
             Admission::Serve(key, connection, receivers) => {
-                glommio::spawn_local(serve_client(Rc::clone(&shard), key, stream, connection, *receivers)).detach();
+                glommio::spawn_local(serve(Rc::clone(&shard), port, key, stream, connection, *receivers)).detach();
             }
-            Admission::Refuse => refuse_later(&shard, stream, false),
+            Admission::Refuse => refuse_later(&shard, stream, port),
             Admission::Drop => {
                 shard.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
                 drop(stream);
@@ -359,27 +399,23 @@ pub(super) async fn accept_clients(shard: Rc<Shard>, listener: TcpListener) {
 
 /// Refuses a connection over its port's limit, in a task of its own (a slow peer must not
 /// hold up the accept loop). Past [`REFUSING_LIMIT`] refusals at once it is just closed.
-pub(super) fn refuse_later(shard: &Rc<Shard>, stream: TcpStream, link: bool) {
+fn refuse_later(shard: &Rc<Shard>, stream: TcpStream, port: Port) {
     shard.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-    let (limit, slots) = if link {
-        (shard.limits.links_per_shard, &shard.link_conns)
-    } else {
-        (shard.limits.connections_per_shard, &shard.clients)
-    };
+    let slots = port.slots(shard);
     if slots.borrow().refusing >= REFUSING_LIMIT {
         return;
     }
     slots.borrow_mut().refusing += 1;
     let message = format!(
-        "shard {} has {limit} {} connections, its limit; retry later or elsewhere",
+        "shard {} has {} {} connections, its limit; retry later or elsewhere",
         shard.id,
-        if link { "executor link" } else { "client" }
+        port.limit(shard),
+        port.name()
     );
     let shard = Rc::clone(shard);
     glommio::spawn_local(async move {
         refuse(stream, message).await;
-        let slots = if link { &shard.link_conns } else { &shard.clients };
-        slots.borrow_mut().refusing -= 1;
+        port.slots(&shard).borrow_mut().refusing -= 1;
     })
     .detach();
 }
@@ -393,38 +429,49 @@ enum ReadEnd {
     Closed,
 }
 
-/// Serves one client connection: reads frames until it closes or breaks the protocol, then
-/// (after a half-close) waits for the replies it is owed.
-async fn serve_client(
+/// Serves one connection, client or link: hands every frame it sends to the shard's core
+/// until it closes or the core ends it, then (after a client's half-close) waits for the
+/// replies it is owed.
+async fn serve(
     shard: Rc<Shard>,
+    port: Port,
     key: ConnectionKey,
     stream: TcpStream,
     connection: Rc<Connection>,
     receivers: Receivers,
 ) {
+    let peer = port.peer(key);
     let _ = stream.set_nodelay(true);
+    // The socket stays open while the writer holds its half.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (mut reader, writer) = futures_lite::io::split(stream);
-    let stall = shard.write_stall_timeout();
+    let link = (port == Port::Links).then(|| (fd, Rc::clone(&shard)));
     glommio::spawn_local(write_loop(
         writer,
         Rc::clone(&connection),
         receivers.notify,
-        None,
-        stall,
+        link,
+        shard.write_stall_timeout(),
     ))
     .detach();
+    shard.handle(Input::Opened(peer));
     let wake = receivers.wake;
     let stop_reading = receivers.stop_reading;
     let decoder = FrameDecoder::default();
     let mut buffer = ReadBuffer::new(READ_BUFFER_INITIAL_BYTES, frame_limit());
-    // Set when this connection is an executor's control connection (it sent HELLO).
-    let mut control = links::Control::default();
     // Set once the read side reached EOF: what is buffered is still handled.
     let mut eof = false;
+    let ended = |shard: &Shard| {
+        let core = shard.core.borrow();
+        match peer {
+            Peer::Client(key) => core.client_failed(key),
+            Peer::Link(key) => core.link_failed(key),
+        }
+    };
     let end = 'read: loop {
         // Backpressure: handle and read nothing while the client does not take its replies,
         // owes too many, or messages to other shards wait for room.
-        while over_limits(&shard, &connection) {
+        while over_limits(&shard, peer, &connection) {
             if connection.is_dead() || connection.evicted.get() {
                 break 'read ReadEnd::Closed;
             }
@@ -444,8 +491,9 @@ async fn serve_client(
         let mut at_limit = false;
         let mut handled = 0;
         let mut turn_over = false;
+        let mut failed = false;
         loop {
-            if over_limits(&shard, &connection) {
+            if over_limits(&shard, peer, &connection) {
                 at_limit = true;
                 break;
             }
@@ -455,35 +503,23 @@ async fn serve_client(
             }
             let Some(frame) = frames.next() else { break };
             handled += 1;
-            let outcome = match frame {
-                Ok(frame) if frame.kind == Kind::Request => {
-                    shard.on_request(&connection, key, frame.payload, &buffer);
-                    Ok(())
-                }
-                Ok(frame) if frame.kind == Kind::ListModels => shard.on_list_models(&connection, frame.payload),
-                Ok(frame) if links::is_control_kind(frame.kind) => {
-                    shard.on_control(&mut control, &connection, frame.kind, frame.payload)
-                }
-                // The client is closing: no answer to an ERROR frame.
-                Ok(frame) if frame.kind == Kind::Error => {
-                    connection.close_after_writing();
-                    break 'read ReadEnd::Closed;
-                }
-                Ok(frame) => Err((
-                    ErrorCode::UnexpectedKind,
-                    format!("a client sends REQUEST and LIST_MODELS frames, not {}", frame.kind),
-                )),
-                Err(e) => Err((e.error_code().unwrap_or(ErrorCode::Malformed), e.to_string())),
-            };
-            if let Err((code, message)) = outcome {
-                connection.fail(code, &message);
-                shard.flush_outbox();
-                break 'read ReadEnd::Closed;
+            let framing_error = frame.is_err();
+            shard.handle(Input::Frame {
+                from: peer,
+                frame,
+                buffer: &buffer,
+            });
+            if framing_error || ended(&shard) {
+                failed = true;
+                break;
             }
         }
         let consumed = frames.consumed();
         buffer.consume(consumed);
-        shard.flush_outbox();
+        shard.handle(Input::ReadDone);
+        if failed {
+            break ReadEnd::Closed;
+        }
         // A turn given while the mesh was backlogged lasts one round of frames.
         connection.mesh_turn.set(false);
         if at_limit {
@@ -516,19 +552,17 @@ async fn serve_client(
     drop(buffer);
     if end == ReadEnd::HalfClosed {
         // Every reply it is owed is written before the close (each request gets one).
-        while connection.owed.get() > 0 && !connection.is_dead() {
+        while shard.core.borrow().client_owed(key).0 > 0 && !connection.is_dead() {
             wait_woken(&connection, &wake).await;
         }
     }
-    shard.control_closed(&control);
-    shard.clients.borrow_mut().remove(key);
-    // Its replies will find no connection: its bytes leave the shard's budget now.
-    shard
-        .owed_bytes
-        .set(shard.owed_bytes.get().saturating_sub(connection.owed_bytes.get()));
     // Replies still owed go nowhere now; its queued requests leave the schedulers before
-    // they use a GPU.
-    shard.disconnected(&connection, key);
+    // they use a GPU (the core sees to it).
+    shard.handle(Input::Closed {
+        peer,
+        writer_died: connection.is_dead(),
+    });
+    port.slots(&shard).borrow_mut().remove(key);
     connection.close_after_writing();
 }
 
@@ -547,14 +581,18 @@ async fn wait_woken(connection: &Connection, wake: &LocalReceiver<()>) {
 }
 
 /// Whether a client connection must not be handled further now: its replies wait to be
-/// written, it owes its limit of replies, or the mesh has a backlog.
-fn over_limits(shard: &Shard, connection: &Connection) -> bool {
-    let owed_bytes = connection.owed_bytes.get();
+/// written, it owes its limit of replies, or the mesh has a backlog. Links are always read.
+fn over_limits(shard: &Shard, peer: Peer, connection: &Connection) -> bool {
+    let Peer::Client(key) = peer else {
+        return false;
+    };
+    let core = shard.core.borrow();
+    let (owed, owed_bytes) = core.client_owed(key);
     connection.queued_bytes() >= shard.limits.write_buffer_bytes
-        || connection.owed.get() as usize >= shard.limits.requests_per_connection
+        || owed as usize >= shard.limits.requests_per_connection
         || owed_bytes >= shard.limits.request_bytes_per_connection
         // Past the shard's budget, only a connection owed nothing is read (one request).
-        || (owed_bytes > 0 && shard.owed_bytes.get() >= shard.limits.request_bytes_per_shard)
+        || (owed_bytes > 0 && core.owed_bytes() >= shard.limits.request_bytes_per_shard)
         // A connection given its turn (`Mesh::wait_for_room`) takes it despite a new backlog.
         || (shard.mesh.backlogged() && !connection.mesh_turn.get())
 }

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use glommio::channels::channel_mesh::Senders;
 
 use super::connection::Connection;
-use super::ShardMsg;
+use crate::shard::ShardMsg;
 
 /// The sending side of one shard's mesh.
 pub(super) struct Mesh {
@@ -52,10 +52,6 @@ impl Mesh {
             flushers: Cell::new(0),
             waiting: RefCell::new(VecDeque::new()),
         }
-    }
-
-    pub(super) fn shard_count(&self) -> usize {
-        self.senders.nr_consumers()
     }
 
     /// Puts `connection` in line for room (once); when the backlog clears every connection in

@@ -1,7 +1,7 @@
 //! Zero-copy sends for executor links: io_uring `SENDMSG_ZC` on a small ring of the shard's
 //! own, beside glommio's (glommio 0.9 sends with a plain copying `send`).
 //!
-//! A plan whose inputs come to [`ZERO_COPY_MIN_BYTES`] or more is queued on its link as the
+//! A plan whose inputs come to [`ZERO_COPY_MIN_BYTES`](crate::shard::ZERO_COPY_MIN_BYTES) or more is queued on its link as the
 //! frame's header and archive (in the link's byte queue) plus the inputs as [`Slice`]s of the
 //! clients' receive buffers. The link's writer hands the whole queue to [`ZeroCopy::send`]
 //! as one `sendmsg` of many iovecs: the kernel reads the input bytes where the front door
@@ -16,7 +16,7 @@
 //!
 //! Where the ring cannot be set up, or the kernel refuses a zero-copy send (an old kernel,
 //! `ENOMEM` when pinned pages exceed RLIMIT_MEMLOCK for a non-root user), the writer copies
-//! the queue into one buffer and sends that instead; [`Stats`](super::Stats) counts both.
+//! the queue into one buffer and sends that instead; [`Stats`](crate::stats::Stats) counts both.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -26,10 +26,7 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, types, IoUring};
 
-use super::buffers::Slice;
-
-/// Plans whose inputs come to this many bytes or more go out with zero-copy sends.
-pub(super) const ZERO_COPY_MIN_BYTES: usize = 16 << 10;
+use crate::buffers::Slice;
 
 /// Submission queue entries of the ring (completions: twice that, and the kernel keeps any
 /// overflow); more sends in flight than this wait for room.
@@ -340,7 +337,7 @@ impl ZeroCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::buffers::ReadBuffer;
+    use crate::buffers::ReadBuffer;
     use futures_lite::io::AsyncReadExt;
     use glommio::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;

@@ -6,40 +6,21 @@
 //! their slots, so a connection that closes finds its requests without a scan of the table
 //! (connection churn is not CPU load on every shard).
 
-use super::buffers::Slice;
-use super::{ConnectionKey, Origin};
-
-/// A request's key in the table: its scheduler request id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) struct RequestKey {
-    pub(super) slot: u32,
-    pub(super) generation: u32,
-}
-
-impl RequestKey {
-    pub(super) fn id(self) -> u64 {
-        u64::from(self.generation) << 32 | u64::from(self.slot)
-    }
-
-    pub(super) fn of_id(id: u64) -> RequestKey {
-        RequestKey {
-            slot: id as u32,
-            generation: (id >> 32) as u32,
-        }
-    }
-}
+use super::keys::{ConnectionKey, RequestKey, SlotKey};
+use super::messages::Origin;
+use crate::buffers::Slice;
 
 /// No slot (the end of a connection's list).
 const NONE: u32 = u32::MAX;
 
 /// A request the owner holds until it is answered.
 #[derive(Debug)]
-pub(super) struct Pending {
-    pub(super) origin: Origin,
+pub(crate) struct Pending {
+    pub(crate) origin: Origin,
     /// The model's index in this shard's scheduler.
-    pub(super) model: u32,
-    pub(super) deadline_ns: u64,
-    pub(super) input: Option<Slice>,
+    pub(crate) model: u32,
+    pub(crate) deadline_ns: u64,
+    pub(crate) input: Option<Slice>,
     generation: u32,
     /// Neighbours in its connection's list.
     prev: u32,
@@ -48,7 +29,7 @@ pub(super) struct Pending {
 
 /// Requests a shard holds.
 #[derive(Debug)]
-pub(super) struct PendingTable {
+pub(crate) struct PendingTable {
     slots: Vec<Option<Pending>>,
     generations: Vec<u32>,
     free: Vec<u32>,
@@ -59,7 +40,7 @@ pub(super) struct PendingTable {
 }
 
 impl PendingTable {
-    pub(super) fn new(limit: usize) -> PendingTable {
+    pub(crate) fn new(limit: usize) -> PendingTable {
         PendingTable {
             slots: Vec::new(),
             generations: Vec::new(),
@@ -101,7 +82,7 @@ impl PendingTable {
     }
 
     /// Holds a request; `None` when the table is at its limit.
-    pub(super) fn insert(
+    pub(crate) fn insert(
         &mut self,
         origin: Origin,
         model: u32,
@@ -135,28 +116,28 @@ impl PendingTable {
             prev: NONE,
             next: head,
         });
-        Some(RequestKey { slot, generation })
+        Some(RequestKey(SlotKey { slot, generation }))
     }
 
     /// The request with key `key`, if it is still held.
-    pub(super) fn get(&self, key: RequestKey) -> Option<&Pending> {
+    pub(crate) fn get(&self, key: RequestKey) -> Option<&Pending> {
         self.slots
-            .get(key.slot as usize)?
+            .get(key.slot() as usize)?
             .as_ref()
-            .filter(|pending| pending.generation == key.generation)
+            .filter(|pending| pending.generation == key.generation())
     }
 
     /// The held requests of one client connection: `(key, model)`.
-    pub(super) fn of_connection(&self, shard: u32, connection: ConnectionKey) -> Vec<(RequestKey, u32)> {
+    pub(crate) fn of_connection(&self, shard: u32, connection: ConnectionKey) -> Vec<(RequestKey, u32)> {
         let mut held = Vec::new();
         let mut slot = self.head(shard, connection);
         while slot != NONE {
             let pending = self.slots[slot as usize].as_ref().expect("a list links held slots");
             held.push((
-                RequestKey {
+                RequestKey(SlotKey {
                     slot,
                     generation: pending.generation,
-                },
+                }),
                 pending.model,
             ));
             slot = pending.next;
@@ -164,12 +145,12 @@ impl PendingTable {
         held
     }
 
-    pub(super) fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 
     /// Takes every held request (shutdown).
-    pub(super) fn drain(&mut self) -> Vec<Origin> {
+    pub(crate) fn drain(&mut self) -> Vec<Origin> {
         let mut origins = Vec::new();
         for slot in 0..self.slots.len() {
             if let Some(pending) = self.slots[slot].take() {
@@ -183,18 +164,19 @@ impl PendingTable {
     }
 
     /// Takes the request with key `key` out, if it is still held.
-    pub(super) fn remove(&mut self, key: RequestKey) -> Option<Pending> {
-        let held = self.slots.get(key.slot as usize)?.as_ref()?;
-        if held.generation != key.generation {
+    pub(crate) fn remove(&mut self, key: RequestKey) -> Option<Pending> {
+        let held = self.slots.get(key.slot() as usize)?.as_ref()?;
+        if held.generation != key.generation() {
             return None;
         }
-        let pending = self.slots[key.slot as usize].take().expect("checked");
-        self.generations[key.slot as usize] = key.generation.wrapping_add(1);
-        self.free.push(key.slot);
+        let slot = key.slot();
+        let pending = self.slots[slot as usize].take().expect("checked");
+        self.generations[slot as usize] = key.generation().wrapping_add(1);
+        self.free.push(slot);
         // Unlink it from its connection's list.
         if pending.prev != NONE {
             self.slots[pending.prev as usize].as_mut().expect("linked").next = pending.next;
-        } else if self.head(pending.origin.shard, pending.origin.connection) == key.slot {
+        } else if self.head(pending.origin.shard, pending.origin.connection) == slot {
             // The head of its connection's list (a list whose connection slot was reused since
             // is left as it is: the newer connection has a list of its own).
             self.head_mut(pending.origin.shard, pending.origin.connection).1 = pending.next;
@@ -213,7 +195,7 @@ mod tests {
     fn origin(shard: u32, connection: u64, id: u64) -> Origin {
         Origin {
             shard,
-            connection: ConnectionKey(connection),
+            connection: ConnectionKey(SlotKey::from_bits(connection)),
             client_request_id: id,
             received_ns: 0,
             input_len: 0,
@@ -227,24 +209,24 @@ mod tests {
             .map(|i| table.insert(origin(0, 1, i), 0, 0, None).unwrap())
             .collect();
         let b = table.insert(origin(1, 1, 9), 0, 0, None).unwrap();
-        assert_eq!(table.of_connection(0, ConnectionKey(1)).len(), 3);
-        assert_eq!(table.of_connection(1, ConnectionKey(1)), vec![(b, 0)]);
+        assert_eq!(table.of_connection(0, ConnectionKey::new(1, 0)).len(), 3);
+        assert_eq!(table.of_connection(1, ConnectionKey::new(1, 0)), vec![(b, 0)]);
         // Removing from the middle, the head and the tail keeps the list whole.
         for (step, key) in [a[1], a[2], a[0]].into_iter().enumerate() {
             assert!(table.remove(key).is_some());
             assert!(table.remove(key).is_none(), "once");
-            assert_eq!(table.of_connection(0, ConnectionKey(1)).len(), 2 - step);
+            assert_eq!(table.of_connection(0, ConnectionKey::new(1, 0)).len(), 2 - step);
         }
-        assert_eq!(table.head(0, ConnectionKey(1)), NONE);
+        assert_eq!(table.head(0, ConnectionKey::new(1, 0)), NONE);
         // A reused slot has a new generation: the old key finds nothing.
         let c = table.insert(origin(0, 2, 1), 0, 0, None).unwrap();
-        assert_eq!(c.slot, a[0].slot);
+        assert_eq!(c.slot(), a[0].slot());
         assert!(table.get(a[0]).is_none());
         assert!(table.get(c).is_some());
         assert_eq!(RequestKey::of_id(c.id()), c);
         assert_eq!(table.held(), 2);
         assert_eq!(table.drain().len(), 2);
-        assert!(table.of_connection(1, ConnectionKey(1)).is_empty());
+        assert!(table.of_connection(1, ConnectionKey::new(1, 0)).is_empty());
     }
 
     #[test]

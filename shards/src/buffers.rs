@@ -19,35 +19,35 @@ use std::sync::Arc;
 
 /// Bytes of a receive buffer, shared.
 #[derive(Debug, Clone)]
-pub(super) struct Slice {
+pub struct Slice {
     buffer: Arc<Vec<u8>>,
     start: u32,
     len: u32,
 }
 
 /// A new connection's receive buffer.
-pub(super) const READ_BUFFER_INITIAL_BYTES: usize = 4 << 10;
+pub const READ_BUFFER_INITIAL_BYTES: usize = 4 << 10;
 /// The most a buffer grows to for throughput (many frames per read); only a single frame
 /// larger than this grows it further, and it shrinks back once that frame is consumed.
-pub(super) const READ_BUFFER_STEADY_BYTES: usize = 256 << 10;
+pub const READ_BUFFER_STEADY_BYTES: usize = 256 << 10;
 /// A slice shares its receive buffer only if it is at least `1 / SHARE_FRACTION` of it.
 const SHARE_FRACTION: usize = 4;
 
 impl Slice {
-    pub(super) fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         &self.buffer[self.start as usize..(self.start + self.len) as usize]
     }
 
     /// Bytes of memory this slice keeps alive (its whole buffer, shared or not).
     #[cfg(test)]
-    pub(super) fn held_bytes(&self) -> usize {
+    pub fn held_bytes(&self) -> usize {
         self.buffer.capacity()
     }
 }
 
 /// A connection's receive buffer: `filled` bytes read, not yet consumed.
 #[derive(Debug)]
-pub(super) struct ReadBuffer {
+pub struct ReadBuffer {
     buffer: Arc<Vec<u8>>,
     filled: usize,
     limit: usize,
@@ -55,7 +55,7 @@ pub(super) struct ReadBuffer {
 
 impl ReadBuffer {
     /// `size` bytes to start with, growing up to `limit` for one large frame.
-    pub(super) fn new(size: usize, limit: usize) -> ReadBuffer {
+    pub fn new(size: usize, limit: usize) -> ReadBuffer {
         assert!(size > 0 && size <= limit);
         ReadBuffer {
             buffer: Arc::new(vec![0; size]),
@@ -65,12 +65,12 @@ impl ReadBuffer {
     }
 
     /// The bytes read and not consumed.
-    pub(super) fn filled(&self) -> &[u8] {
+    pub fn filled(&self) -> &[u8] {
         &self.buffer[..self.filled]
     }
 
     /// Room to read into; `None` when a frame fills the buffer at its limit.
-    pub(super) fn spare(&mut self) -> Option<&mut [u8]> {
+    pub fn spare(&mut self) -> Option<&mut [u8]> {
         let len = self.buffer.len();
         if self.filled == len {
             if len >= self.limit {
@@ -86,13 +86,13 @@ impl ReadBuffer {
         Arc::get_mut(&mut self.buffer).map(|buffer| &mut buffer[filled..])
     }
 
-    pub(super) fn advance(&mut self, read: usize) {
+    pub fn advance(&mut self, read: usize) {
         self.filled = (self.filled + read).min(self.buffer.len());
     }
 
     /// Drops the first `consumed` bytes (whole frames handled). A buffer grown past the
     /// steady size for a large frame shrinks back once what is left fits.
-    pub(super) fn consume(&mut self, consumed: usize) {
+    pub fn consume(&mut self, consumed: usize) {
         let consumed = consumed.min(self.filled);
         let left = self.filled - consumed;
         let shrink = self.buffer.len() > READ_BUFFER_STEADY_BYTES && left <= READ_BUFFER_STEADY_BYTES / 2;
@@ -116,7 +116,7 @@ impl ReadBuffer {
     /// `bytes` (which must lie in this buffer's filled part) kept beyond this read: a shared
     /// reference when it is a large part of the buffer, else a copy of its own size, so that
     /// what a held slice keeps alive stays within a small multiple of its own length.
-    pub(super) fn hold(&self, bytes: &[u8]) -> Slice {
+    pub fn hold(&self, bytes: &[u8]) -> Slice {
         if bytes.len() * SHARE_FRACTION >= self.buffer.len() {
             return self.slice_of(bytes);
         }
@@ -128,7 +128,7 @@ impl ReadBuffer {
     }
 
     /// A shared reference to `bytes`, which must lie in this buffer's filled part.
-    pub(super) fn slice_of(&self, bytes: &[u8]) -> Slice {
+    pub(crate) fn slice_of(&self, bytes: &[u8]) -> Slice {
         let base = self.buffer.as_ptr() as usize;
         let start = (bytes.as_ptr() as usize).wrapping_sub(base);
         assert!(

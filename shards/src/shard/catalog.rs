@@ -1,0 +1,84 @@
+//! The models every shard knows: by id and name, who owns each, and the MODELS answer.
+
+use std::collections::HashMap;
+
+use symphony_core::policy::ModelConfig;
+use symphony_core::wire;
+
+/// One model as every shard knows it.
+#[derive(Debug)]
+pub struct CatalogEntry {
+    pub slo_ns: u64,
+    pub owner: usize,
+    /// Index in the owner's scheduler.
+    pub local: u32,
+    /// The size every input must have, if the model declares one.
+    pub input_bytes: Option<u32>,
+}
+
+/// Read-only after start-up: the models by id and name, and who owns each.
+#[derive(Debug)]
+pub struct Catalog {
+    pub models: Vec<CatalogEntry>,
+    by_name: HashMap<String, u32>,
+    /// Per shard: the global ids of the models it owns, in local order.
+    pub owned: Vec<Vec<u32>>,
+    /// The models as configured (what executors are told at the handshake).
+    pub configs: Vec<ModelConfig>,
+}
+
+impl Catalog {
+    pub fn new(models: &[ModelConfig], input_bytes: &[Option<u32>], shards: usize) -> Catalog {
+        let mut owned = vec![Vec::new(); shards];
+        let mut by_name = HashMap::with_capacity(models.len());
+        let mut entries = Vec::with_capacity(models.len());
+        for (index, m) in models.iter().enumerate() {
+            // A stable placement: model i on shard i mod n.
+            let owner = index % shards;
+            owned[owner].push(index as u32);
+            by_name.insert(m.name.clone(), index as u32);
+            entries.push(CatalogEntry {
+                slo_ns: m.slo_ns,
+                owner,
+                local: owned[owner].len() as u32 - 1,
+                input_bytes: input_bytes.get(index).copied().flatten(),
+            });
+        }
+        Catalog {
+            models: entries,
+            by_name,
+            owned,
+            configs: models.to_vec(),
+        }
+    }
+
+    pub fn lookup(&self, model: &wire::ArchivedModelRef) -> Option<u32> {
+        match model {
+            wire::ArchivedModelRef::Id(id) => {
+                let id = id.to_native();
+                ((id as usize) < self.models.len()).then_some(id)
+            }
+            wire::ArchivedModelRef::Name(name) => self.by_name.get(name.as_str()).copied(),
+        }
+    }
+
+    /// The MODELS answer.
+    pub fn models_answer(&self, client_request_id: u64) -> wire::Models {
+        wire::Models {
+            client_request_id,
+            models: self
+                .configs
+                .iter()
+                .zip(&self.models)
+                .enumerate()
+                .map(|(id, (config, entry))| wire::ModelEntry {
+                    id: id as u32,
+                    name: config.name.clone(),
+                    slo_us: config.slo_ns / 1000,
+                    input_bytes: entry.input_bytes,
+                    batch_size_max: config.profile.batch_size_max(),
+                })
+                .collect(),
+        }
+    }
+}
