@@ -323,8 +323,9 @@ impl Executors {
     }
 
     /// A hung plan on slot `gpu` reported after all: when it was the last one, the GPU is
-    /// planned on again (free from `now_ns`) unless its executor is lost. Returns the shard
-    /// the table handed the GPU to, if any.
+    /// planned on again unless its executor is lost, free from `now_ns` or from the end of
+    /// what was planned on it before it hung, whichever is later (those plans may still be
+    /// queued on it). Returns the shard the table handed the GPU to, if any.
     pub fn gpu_recovered(&self, gpu: u32, now_ns: u64) -> (bool, Option<u16>) {
         let Some(index) = gpu.checked_sub(self.first_slot) else {
             return (false, None);
@@ -344,7 +345,8 @@ impl Executors {
         let Some(life) = self.entries.get(&owner.executor).map(|e| Arc::clone(&e.life)) else {
             return (false, None);
         };
-        life.bring_slot_online(&self.table, gpu, now_ns)
+        let free_at_ns = now_ns.max(self.table.free_at_ns(gpu));
+        life.bring_slot_online(&self.table, gpu, free_at_ns)
     }
 
     /// A shard let go of its link to lost executor `id` (or never had one). When every shard

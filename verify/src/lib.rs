@@ -1,7 +1,11 @@
 //! symphony-verify: checks over whole runs.
 //!
-//! The tests live in `tests/`; this library holds the auditor they share: it checks a
-//! simulation's plans and request outcomes against the rules every policy must keep.
+//! The tests live in `tests/`; this library holds the auditor they share (it checks a
+//! simulation's plans and request outcomes against the rules every policy must keep) and
+//! [`vopr`], the seeded whole-service simulation with faults (`cargo run --release -p
+//! symphony-verify --bin vopr -- --help`).
+
+pub mod vopr;
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;

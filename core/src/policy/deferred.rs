@@ -129,6 +129,10 @@ pub struct Deferred<G: GpuSource = GpuPool> {
     active_count: u32,
     recent_exec_ns: u64,
     queued_count: usize,
+    /// A hand-off claim failed (shared GPUs: every GPU free in time is claimed by or
+    /// reserved for another shard): the waiting head waits for the next event (a hand-off,
+    /// a timer, an arrival) instead of a hand-off time that has passed, which would spin.
+    handoff_blocked: bool,
     /// Sum of the models' demands, GPU-seconds per second.
     demand_total: f64,
     /// Demand at or past `saturation_threshold` of the GPUs: deferral is switched off.
@@ -176,6 +180,7 @@ impl<G: GpuSource> Deferred<G> {
             models,
             pool,
             queued_count: 0,
+            handoff_blocked: false,
             demand_total: 0.0,
             saturated: false,
         }
@@ -544,6 +549,9 @@ impl<G: GpuSource> Deferred<G> {
 
     /// When the next GPU frees early enough for the waiting head to be granted it.
     fn hand_off_at_ns(&mut self) -> Option<u64> {
+        if self.handoff_blocked {
+            return None;
+        }
         let (head, window) = self.waiting_head()?;
         // Arrivals behind the head join without re-forming the candidate: the batch granted
         // may be as large as the queue, so hand off early enough for all its inputs.
@@ -601,10 +609,15 @@ impl<G: GpuSource> Policy for Deferred<G> {
             self.on_rate_sample(index);
         }
         let model = &mut self.models[index];
-        // EDF insertion into the suffix: almost always an append.
+        // EDF insertion: almost always an append. A request due before some of the prefix
+        // (a tighter SLO, a re-planned request) joins the prefix, so the queue stays in
+        // deadline order and a batch's first request is its earliest deadline.
         let mut position = model.queue.len();
-        while position > model.prefix_len && model.queue[position - 1].order_key() > request.order_key() {
+        while position > 0 && model.queue[position - 1].order_key() > request.order_key() {
             position -= 1;
+        }
+        if position < model.prefix_len {
+            model.prefix_len += 1;
         }
         model.queue.insert(position, request);
         // A waiting candidate is re-formed at its hand-off or when it goes stale; an arrival
@@ -620,6 +633,7 @@ impl<G: GpuSource> Policy for Deferred<G> {
     }
 
     fn on_timer(&mut self, now_ns: u64, out: &mut Output) {
+        self.handoff_blocked = false;
         while let Some(key) = self.timers.pop_due(now_ns) {
             self.update(key as usize, now_ns, out);
         }
@@ -639,6 +653,7 @@ impl<G: GpuSource> Policy for Deferred<G> {
                 // Shared GPUs: taken since the snapshot. The head waits on; its next chance
                 // is a later event (a single-owner pool never gets here).
                 self.set_waiting(head as usize, Some(window));
+                self.handoff_blocked = true;
                 break;
             };
             self.grant(head as usize, claim, now_ns, out);

@@ -12,8 +12,10 @@
 //! re-plans the requests of its unfinished plans on that executor whose deadline still
 //! allows one batch, and answers the others `executor lost`. A plan not reported by its
 //! finish plus `plan_timeout_ms` is lost alone: its requests are re-planned or answered, and
-//! its GPU leaves planning until that plan's RESULT comes after all. A link that has not
-//! joined within the handshake timeout is closed.
+//! its GPU leaves planning until that plan's RESULT comes after all; still unreported a
+//! second plan timeout later, it loses its executor (which reconnects with a fresh session,
+//! so a dropped RESULT does not take a GPU out for good). A link that has not joined within
+//! the handshake timeout is closed.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -84,8 +86,8 @@ pub(super) struct LinkState {
     why: Option<String>,
     inflight: HashMap<u64, InFlight>,
     /// Plans that passed their timeout, by id: their GPU (it is out of planning until the
-    /// RESULT comes after all).
-    overdue: HashMap<u64, u32>,
+    /// RESULT comes after all) and when, still unreported, they lose the executor.
+    overdue: HashMap<u64, (u32, u64)>,
     last_seen_ns: u64,
 }
 
@@ -404,7 +406,7 @@ impl ShardCore {
     /// plan id breaks the protocol.
     fn on_overdue_result(&mut self, key: ConnectionKey, plan_id: u64, fx: &mut Effects) -> Result<(), Refusal> {
         let link = self.links.get_mut(&key).expect("checked by the caller");
-        let Some(gpu) = link.overdue.remove(&plan_id) else {
+        let Some((gpu, _)) = link.overdue.remove(&plan_id) else {
             return Err((
                 ErrorCode::Malformed,
                 format!("a RESULT for plan {plan_id}, which is not in flight"),
@@ -437,7 +439,13 @@ impl ShardCore {
             }
             match link.executor {
                 Some(executor) if now_ns.saturating_sub(link.last_seen_ns) > self.timeouts.heartbeat_ns => {
-                    silent.push(executor);
+                    silent.push((executor, "missed its heartbeats"));
+                }
+                // A plan still unreported a second plan timeout later: the executor has lost
+                // it, or its GPU is stuck. Its session ends (it reconnects afresh), so the GPU
+                // is not out of planning for good.
+                Some(executor) if link.overdue.values().any(|&(_, lose_at_ns)| lose_at_ns < now_ns) => {
+                    silent.push((executor, "a plan went unreported for twice the plan timeout"));
                 }
                 Some(_) => overdue.extend(
                     link.inflight
@@ -455,8 +463,8 @@ impl ShardCore {
         silent.sort_unstable();
         unjoined.sort_unstable();
         overdue.sort_unstable();
-        for executor in silent {
-            self.executor_lost(executor, true, "missed its heartbeats", fx);
+        for (executor, why) in silent {
+            self.executor_lost(executor, true, why, fx);
         }
         for key in unjoined {
             self.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -485,7 +493,8 @@ impl ShardCore {
         let Some(flight) = link.inflight.remove(&plan_id) else {
             return;
         };
-        link.overdue.insert(plan_id, flight.gpu);
+        link.overdue
+            .insert(plan_id, (flight.gpu, self.now_ns.saturating_add(self.timeouts.plan_ns)));
         let executor = link.executor.unwrap_or_default();
         self.inflight_requests -= flight.ids.len();
         self.stats.plans_timed_out.fetch_add(1, Ordering::Relaxed);
@@ -540,7 +549,9 @@ impl ShardCore {
         if let Some(key) = self.link_of.remove(&executor) {
             let link = self.links.get_mut(&key).expect("link_of names open links");
             link.executor = None;
-            let flights: Vec<InFlight> = link.inflight.drain().map(|(_, f)| f).collect();
+            // In plan order: the same re-plans on every run.
+            let mut flights: Vec<(u64, InFlight)> = link.inflight.drain().collect();
+            flights.sort_unstable_by_key(|&(plan_id, _)| plan_id);
             link.overdue.clear();
             if !link.failed {
                 link.failed = true;
@@ -551,7 +562,7 @@ impl ShardCore {
                     &format!("executor {executor} was lost: {why}"),
                 );
             }
-            for flight in flights {
+            for (_, flight) in flights {
                 self.inflight_requests -= flight.ids.len();
                 for &id in &flight.ids {
                     self.replan_or_lose(RequestKey::of_id(id), fx);

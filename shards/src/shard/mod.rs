@@ -406,6 +406,16 @@ impl ShardCore {
         self.scheduler.queued_count()
     }
 
+    /// The deadline of a request this shard holds (by its scheduler id).
+    pub fn request_deadline_ns(&self, id: u64) -> Option<u64> {
+        self.pending.get(RequestKey::of_id(id)).map(|p| p.deadline_ns)
+    }
+
+    /// The requests of a plan running on an embedded executor.
+    pub fn embedded_requests(&self, plan_id: u64) -> Option<&[u64]> {
+        self.embedded.get(&plan_id).map(|f| f.ids.as_slice())
+    }
+
     /// Plans in flight on this shard's embedded executors and links.
     pub fn plans_in_flight(&self) -> usize {
         self.embedded.len() + self.links.values().map(LinkState::inflight_count).sum::<usize>()
