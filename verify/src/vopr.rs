@@ -403,6 +403,9 @@ struct World<'a> {
     /// `[exec_at, finish)` of its plans, by start.
     lanes: HashMap<Lane, BTreeMap<u64, (u64, u64)>>,
     outcome: Outcome,
+    /// Per owner shard: client connections (origin shard, key) whose queued requests it
+    /// cancelled; none of their requests may be planned after.
+    gone: std::collections::HashSet<(usize, u32, ConnectionKey)>,
     /// The first check that failed inside an effect (reported at the next step).
     failure: Option<String>,
     log: Vec<String>,
@@ -479,6 +482,7 @@ impl<'a> World<'a> {
             fx: Effects::default(),
             lanes: HashMap::new(),
             outcome: Outcome::default(),
+            gone: std::collections::HashSet::new(),
             failure: None,
             log: Vec::new(),
             verbose,
@@ -627,6 +631,21 @@ impl<'a> World<'a> {
     fn handle(&mut self, shard: usize, input: Input<'_>) {
         let mut fx = std::mem::take(&mut self.fx);
         fx.clear();
+        match &input {
+            Input::Shard(ShardMsg::Disconnected {
+                shard: origin,
+                connection,
+            }) => {
+                self.gone.insert((shard, *origin, *connection));
+            }
+            Input::Closed {
+                peer: Peer::Client(key),
+                ..
+            } => {
+                self.gone.insert((shard, shard as u32, *key));
+            }
+            _ => {}
+        }
         if self.verbose && self.probes_sent && std::env::var("VOPR_TRACE").is_ok() {
             let text = format!("{input:?}");
             eprintln!(
@@ -679,9 +698,16 @@ impl<'a> World<'a> {
                         overflowed.push(to);
                         continue;
                     }
+                    let start = c.to_peer.len();
                     c.to_peer.extend_from_slice(bytes);
                     for s in sections {
                         c.to_peer.extend_from_slice(s.bytes());
+                    }
+                    if let (Peer::Link(_), Owner::Link(e, _)) = (to, c.owner) {
+                        let written = c.to_peer[start..].to_vec();
+                        if let Err(message) = self.check_link_plans(shard, e, &written) {
+                            self.fail_later(message);
+                        }
                     }
                     self.schedule_peer_read(conn);
                 }
@@ -715,15 +741,32 @@ impl<'a> World<'a> {
         }
     }
 
-    /// Checks a plan against its lane and its requests' deadlines.
+    /// Checks a plan of `shard` as it is sent: against its lane, its requests' deadlines,
+    /// and the clients that went away.
     fn check_plan(
         &mut self,
+        shard: usize,
         lane: Lane,
         plan_id: u64,
         exec_at: u64,
         finish: u64,
-        deadlines: &[u64],
+        ids: &[u64],
     ) -> Result<(), String> {
+        let mut deadlines = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let Some((origin, deadline)) = self.cores[shard].request(id) else {
+                return Err(format!(
+                    "plan {plan_id} of shard {shard} has request {id}, which the shard does not hold"
+                ));
+            };
+            if self.gone.contains(&(shard, origin.shard, origin.connection)) {
+                return Err(format!(
+                    "plan {plan_id} of shard {shard} has request {} of a client (shard {}'s connection {:?}) that went away before",
+                    origin.client_request_id, origin.shard, origin.connection
+                ));
+            }
+            deadlines.push(deadline);
+        }
         self.outcome.plans += 1;
         if self.verbose && self.probes_sent {
             eprintln!(
@@ -757,20 +800,35 @@ impl<'a> World<'a> {
         Ok(())
     }
 
+    /// The plans among frames `bytes` that shard `shard` sends to executor `e`, checked.
+    fn check_link_plans(&mut self, shard: usize, e: usize, bytes: &[u8]) -> Result<(), String> {
+        let decoder = FrameDecoder::default();
+        for frame in decoder.frames(bytes) {
+            let frame = frame.map_err(|err| format!("shard {shard} wrote a bad frame to a link: {err}"))?;
+            if frame.kind != Kind::ExecPlan {
+                continue;
+            }
+            let (plan, _) =
+                exec::access_plan(frame.payload).map_err(|err| format!("a PLAN that does not decode: {err}"))?;
+            let ids: Vec<u64> = plan.requests.iter().map(|r| r.request_id.to_native()).collect();
+            let lane = (1 + e as u32, self.executors[e].incarnation, plan.gpu.to_native());
+            let (plan_id, exec_at, finish) = (
+                plan.plan_id.to_native(),
+                plan.exec_at_ns.to_native(),
+                plan.finish_ns.to_native(),
+            );
+            self.check_plan(shard, lane, plan_id, exec_at, finish, &ids)?;
+        }
+        Ok(())
+    }
+
     fn run_embedded(&mut self, shard: usize, plan: Plan) {
-        let deadlines: Vec<u64> = self.cores[shard]
+        let ids: Vec<u64> = self.cores[shard]
             .embedded_requests(plan.plan_id)
             .unwrap_or_default()
-            .iter()
-            .filter_map(|&id| self.cores[shard].request_deadline_ns(id))
-            .collect();
-        if let Err(e) = self.check_plan(
-            (0, 0, plan.gpu),
-            plan.plan_id,
-            plan.exec_at_ns,
-            plan.finish_ns,
-            &deadlines,
-        ) {
+            .to_vec();
+        let lane = (0, 0, plan.gpu);
+        if let Err(e) = self.check_plan(shard, lane, plan.plan_id, plan.exec_at_ns, plan.finish_ns, &ids) {
             self.fail_later(e);
         }
         let late = if self.faulty() {
@@ -1467,15 +1525,8 @@ impl<'a> World<'a> {
         let gpu = plan.gpu.to_native() as usize;
         let model = plan.model.to_native() as usize;
         let exec_at = plan.exec_at_ns.to_native();
-        let finish = plan.finish_ns.to_native();
         let ids: Vec<u64> = plan.requests.iter().map(|r| r.request_id.to_native()).collect();
-        let deadlines: Vec<u64> = ids
-            .iter()
-            .filter_map(|&id| self.cores[shard].request_deadline_ns(id))
-            .collect();
         let incarnation = self.executors[e].incarnation;
-        let lane = (1 + e as u32, incarnation, gpu as u32);
-        self.check_plan(lane, plan_id, exec_at, finish, &deadlines)?;
         let ex = &self.executors[e];
         if gpu >= ex.gpu_free.len() || model >= ex.profiles.len() {
             return Err(format!(

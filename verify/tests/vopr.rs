@@ -35,9 +35,11 @@ fn the_service_keeps_its_promises_over_seeded_faults() {
     );
 }
 
+/// Seed 895 found a GPU brought back after a hung plan planned over what other shards had
+/// queued on it (the lane check); seed 0 finds a missing cancel on disconnect at once.
 #[test]
 fn a_seed_replays_exactly() {
-    for seed in [3, 895] {
+    for seed in [0, 895] {
         let scenario = Scenario::sample(seed);
         let first = vopr::run(&scenario, false).expect("the seed passes");
         let again = vopr::run(&scenario, false).expect("the seed passes");

@@ -768,6 +768,71 @@ mod tests {
     }
 
     #[test]
+    fn a_request_due_before_the_prefix_goes_first() {
+        let mut d = deferred(DropPolicy::DropTimeout, Condition::Latest, 1);
+        load_queue(&mut d);
+        let mut out = Output::new();
+        // r0 (due 10 ms) cannot ride a whole-queue batch: it is the prefix.
+        d.form_batch(0, 0, 0, &mut out).unwrap();
+        assert_eq!(d.models[0].prefix_len, 1);
+        // A tighter SLO: due at 8 ms, before the prefix's head.
+        d.on_arrival(0, request(10, 8 * MS), &mut out);
+        let queued: Vec<u64> = d.models[0].queue.iter().map(|r| r.deadline_ns).collect();
+        let mut sorted = queued.clone();
+        sorted.sort_unstable();
+        assert_eq!(queued, sorted, "the queue stays in deadline order");
+        assert_eq!(d.models[0].queue[0].id, 10);
+        assert_eq!(d.models[0].prefix_len, 2);
+        // Every plan finishes by the deadline of each of its requests.
+        d.on_timer(100 * MS, &mut out);
+        for plan in &out.plans {
+            for r in out.plan_requests(plan) {
+                assert!(plan.finish_ns <= r.deadline_ns, "{plan:?} misses request {}", r.id);
+            }
+        }
+    }
+
+    /// A shared source whose claims always lose the race.
+    #[derive(Debug)]
+    struct AlwaysTaken;
+
+    impl GpuSource for AlwaysTaken {
+        fn gpu_count(&self) -> u32 {
+            1
+        }
+        fn min_free_at_ns(&self) -> u64 {
+            0
+        }
+        fn claim(&mut self, _exec_at_ns: u64, _policy: GrantPolicy) -> Option<crate::gpu_pool::GpuClaim> {
+            None
+        }
+        fn release(&mut self, _claim: crate::gpu_pool::GpuClaim, _finish_ns: u64) {}
+        fn cancel(&mut self, _claim: crate::gpu_pool::GpuClaim) {}
+    }
+
+    #[test]
+    fn a_hand_off_that_loses_its_claim_waits_for_the_next_event() {
+        let config = Config {
+            drop: DropPolicy::WindowDrop,
+            condition: Condition::Immediately,
+            grant: GrantPolicy::LowestIndex,
+            saturation_threshold: None,
+            saturated_drop: DropPolicy::WindowDrop,
+            contention_margin: false,
+        };
+        let mut d = Deferred::with_source(config, &[model()], AlwaysTaken, &Knobs::default());
+        let mut out = Output::new();
+        d.on_arrival(0, request(0, 60 * MS), &mut out);
+        let now_ns = MS;
+        d.on_timer(now_ns, &mut out);
+        assert!(out.plans.is_empty());
+        // The GPU looked free but the claim failed: the next wake-up is a later event, not
+        // a time already past (which would spin the service's timer loop).
+        let next = d.next_timer_ns().expect("the waiting candidate's own timer");
+        assert!(next > now_ns, "next timer {next} ns, now {now_ns} ns");
+    }
+
+    #[test]
     fn cancel_removes_a_queued_request_and_reforms_the_batch() {
         let mut d = deferred(DropPolicy::WindowDrop, Condition::Frontrun, 1);
         let mut out = Output::new();

@@ -259,7 +259,7 @@ impl ShardCore {
         if client.owed == 0 {
             return;
         }
-        self.cancel_connection(self.id, key, fx);
+        self.cancel_connection(self.id, key);
         for dest in 0..self.shard_count {
             if dest == self.id as usize || client.routed & (1 << (dest % 64)) == 0 {
                 continue;

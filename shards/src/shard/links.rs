@@ -515,9 +515,17 @@ impl ShardCore {
     /// before its deadline, else answered `executor lost`.
     pub(super) fn replan_or_lose(&mut self, key: RequestKey, fx: &mut Effects) {
         let now_ns = self.now_ns;
-        let Some((model, deadline_ns)) = self.pending.get(key).map(|p| (p.model, p.deadline_ns)) else {
+        let Some((model, deadline_ns, orphaned)) = self.pending.get(key).map(|p| (p.model, p.deadline_ns, p.orphaned))
+        else {
             return;
         };
+        if orphaned {
+            // Its client went away: it leaves now, and uses no GPU again.
+            let pending = self.pending.remove(key).expect("held");
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.forget(pending.origin);
+            return;
+        }
         let fits = now_ns + self.scheduler.profile(model).exec_ns(1) <= deadline_ns;
         if fits && !self.stopping {
             self.stats.replanned.fetch_add(1, Ordering::Relaxed);

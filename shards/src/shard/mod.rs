@@ -406,9 +406,11 @@ impl ShardCore {
         self.scheduler.queued_count()
     }
 
-    /// The deadline of a request this shard holds (by its scheduler id).
-    pub fn request_deadline_ns(&self, id: u64) -> Option<u64> {
-        self.pending.get(RequestKey::of_id(id)).map(|p| p.deadline_ns)
+    /// Where a request this shard holds (by its scheduler id) came from, and its deadline.
+    pub fn request(&self, id: u64) -> Option<(Origin, u64)> {
+        self.pending
+            .get(RequestKey::of_id(id))
+            .map(|p| (p.origin, p.deadline_ns))
     }
 
     /// The requests of a plan running on an embedded executor.
@@ -687,7 +689,7 @@ impl ShardCore {
                     self.write_reply(r.origin, r.status, r.timings, output, fx);
                 }
             }
-            ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection, fx),
+            ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection),
             ShardMsg::HandOff => {
                 self.scheduler.gpus_mut().note_handoff();
                 self.run_timers();
@@ -697,8 +699,9 @@ impl ShardCore {
     }
 
     /// A client went away: its requests still queued here leave the scheduler before they
-    /// use a GPU (those already planned run; their replies are discarded).
-    fn cancel_connection(&mut self, shard: u32, connection: ConnectionKey, fx: &mut Effects) {
+    /// use a GPU; those in plans in flight run (their replies are discarded) and are not
+    /// planned again if their executor is lost.
+    fn cancel_connection(&mut self, shard: u32, connection: ConnectionKey) {
         let held = self.pending.of_connection(shard, connection);
         if held.is_empty() {
             return;
@@ -715,21 +718,30 @@ impl ShardCore {
             for id in cancelled {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 if let Some(pending) = self.pending.remove(RequestKey::of_id(id)) {
-                    if shard != self.id {
-                        // No reply will come: the origin shard stops waiting for one (its
-                        // connection is gone, so nothing is written).
-                        self.outbox_replies[shard as usize].push(RoutedReply {
-                            origin: pending.origin,
-                            status: Status::ShuttingDown,
-                            timings: Timings::default(),
-                            output: None,
-                        });
-                    }
+                    self.forget(pending.origin);
                 }
             }
         }
+        // The rest are in plans in flight: they run, but are not planned again.
+        for (key, _) in held {
+            if let Some(pending) = self.pending.get_mut(key) {
+                pending.orphaned = true;
+            }
+        }
         self.touched = true;
-        let _ = fx;
+    }
+
+    /// A request of a client that went away leaves without a reply: its connection's shard
+    /// stops waiting for one (nothing is written).
+    fn forget(&mut self, origin: Origin) {
+        if origin.shard != self.id {
+            self.outbox_replies[origin.shard as usize].push(RoutedReply {
+                origin,
+                status: Status::ShuttingDown,
+                timings: Timings::default(),
+                output: None,
+            });
+        }
     }
 
     /// Runs the scheduler's timers that are due.

@@ -21,6 +21,8 @@ pub(crate) struct Pending {
     pub(crate) model: u32,
     pub(crate) deadline_ns: u64,
     pub(crate) input: Option<Slice>,
+    /// Its client went away while it was in a plan in flight: it is not planned again.
+    pub(crate) orphaned: bool,
     generation: u32,
     /// Neighbours in its connection's list.
     prev: u32,
@@ -112,6 +114,7 @@ impl PendingTable {
             model,
             deadline_ns,
             input,
+            orphaned: false,
             generation,
             prev: NONE,
             next: head,
@@ -124,6 +127,14 @@ impl PendingTable {
         self.slots
             .get(key.slot() as usize)?
             .as_ref()
+            .filter(|pending| pending.generation == key.generation())
+    }
+
+    /// The request with key `key`, to change, if it is still held.
+    pub(crate) fn get_mut(&mut self, key: RequestKey) -> Option<&mut Pending> {
+        self.slots
+            .get_mut(key.slot() as usize)?
+            .as_mut()
             .filter(|pending| pending.generation == key.generation())
     }
 
