@@ -48,8 +48,8 @@ const FRAMES_PER_TURN: usize = 256;
 /// How often a waiting reader looks again (the real one is woken; the simulation polls).
 const POLL_NS: u64 = MS;
 
-/// Per-mille rates of the faults, and how far they go.
-#[derive(Debug, Clone)]
+/// Per-mille rates of the faults, and how far they go (`default()`: none).
+#[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Per client: it disconnects abruptly partway.
     pub disconnect: u32,
@@ -251,6 +251,11 @@ pub struct Outcome {
     pub requests: u64,
     pub replies: u64,
     pub ok: u64,
+    /// Requests and OK replies per model (probes included).
+    pub requests_by_model: Vec<u64>,
+    pub ok_by_model: Vec<u64>,
+    /// GPUs a release reserved for another shard's waiting candidate.
+    pub handoffs: u64,
     pub plans: u64,
     pub executor_losses: u64,
     pub events: u64,
@@ -303,8 +308,8 @@ enum Fate {
 struct Client {
     conn: usize,
     next_id: u64,
-    /// Requests without a reply: whether the client will insist on one.
-    outstanding: HashMap<u64, u32>,
+    /// Requests without a reply, with their model.
+    outstanding: HashMap<u64, usize>,
     replied: std::collections::HashSet<u64>,
     to_send: u32,
     sent: u32,
@@ -403,6 +408,7 @@ struct World<'a> {
     /// `[exec_at, finish)` of its plans, by start.
     lanes: HashMap<Lane, BTreeMap<u64, (u64, u64)>>,
     outcome: Outcome,
+    stats: Arc<Stats>,
     /// Per owner shard: client connections (origin shard, key) whose queued requests it
     /// cancelled; none of their requests may be planned after.
     gone: std::collections::HashSet<(usize, u32, ConnectionKey)>,
@@ -481,7 +487,12 @@ impl<'a> World<'a> {
                 .collect(),
             fx: Effects::default(),
             lanes: HashMap::new(),
-            outcome: Outcome::default(),
+            outcome: Outcome {
+                ok_by_model: vec![0; scenario.models.len()],
+                requests_by_model: vec![0; scenario.models.len()],
+                ..Outcome::default()
+            },
+            stats,
             gone: std::collections::HashSet::new(),
             failure: None,
             log: Vec::new(),
@@ -1203,8 +1214,9 @@ impl<'a> World<'a> {
                 input: &input,
             };
             wire::encode_request(&mut frames, &request).expect("a small request encodes");
-            self.clients[index].outstanding.insert(id, 0);
+            self.clients[index].outstanding.insert(id, model_index);
             self.outcome.requests += 1;
+            self.outcome.requests_by_model[model_index] += 1;
         }
         self.peer_send(conn, &frames);
         match break_off {
@@ -1251,7 +1263,7 @@ impl<'a> World<'a> {
                 Kind::Reply => {
                     let reply = wire::decode_reply(frame.payload).map_err(|e| format!("client {index}: {e}"))?;
                     let id = reply.client_request_id;
-                    if client.outstanding.remove(&id).is_none() {
+                    let Some(model) = client.outstanding.remove(&id) else {
                         return Err(format!(
                             "client {index} got a reply to request {id}, which {}",
                             if client.replied.contains(&id) {
@@ -1260,7 +1272,7 @@ impl<'a> World<'a> {
                                 "it never sent"
                             }
                         ));
-                    }
+                    };
                     client.replied.insert(id);
                     if client.probe && self.verbose {
                         eprintln!(
@@ -1272,6 +1284,7 @@ impl<'a> World<'a> {
                     self.outcome.replies += 1;
                     if reply.status == Status::Ok {
                         self.outcome.ok += 1;
+                        self.outcome.ok_by_model[model] += 1;
                     } else if client.probe {
                         return Err(format!(
                             "probe request {id} (model m{}) after the faults stopped was answered {:?}",
@@ -1638,6 +1651,7 @@ impl<'a> World<'a> {
                 ));
             }
         }
+        self.outcome.handoffs = self.stats.handoffs.load(std::sync::atomic::Ordering::Relaxed);
         self.outcome.executor_losses = self.log.iter().filter(|l| l.contains(") lost (")).count() as u64;
         Ok(())
     }
