@@ -57,14 +57,19 @@ fn release_hands_off_to_the_earliest_invalid_after() {
     assert_eq!(table.release(claim, 350), None);
 }
 
+/// A plan that ends before the GPU's previous one is a planner bug: the table's assert
+/// (on in release) stops it, and says which GPU and times.
 #[test]
-#[should_panic(expected = "before the previous one")]
 fn overlapping_release_is_a_bug() {
     let table = GpuTable::new(1, 1);
     let claim = table.try_claim(0, 0, 0).unwrap();
-    let _ = table.release(claim, 100);
+    assert_eq!(table.release(claim, 100), None);
+    assert_eq!(table.free_at_ns(0), 100);
     let claim = table.try_claim(0, 0, 100).unwrap();
-    let _ = table.release(claim, 50);
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| table.release(claim, 50)))
+        .expect_err("a release before the previous plan's end panics");
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert_eq!(message, "a plan on GPU 0 ends at 50, before the previous one (100)");
 }
 
 #[test]

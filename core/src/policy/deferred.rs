@@ -1014,14 +1014,19 @@ mod tests {
         assert_eq!(d.target_batch_size(0), 59);
         assert!(d.is_saturated());
         assert_eq!(d.condition(), Condition::Immediately);
-        // Once saturated, window drop keeps ceil(0.6 * 59) = 36 of the target.
-        for id in 0..100 {
+        // Once saturated, window drop keeps ceil(0.6 * 59) = 36 of the target. The head is due
+        // at 2043 ms: fin(36) = 2000 + 0.1 + 0.05 * 36 + 5 + 36 = 2042.9 ms fits, fin(37) =
+        // 2043.95 ms does not, so the free lunch stops at 36; the full target of 59 would drop
+        // the head instead (fin(59) = 2067 ms) and grow on the later deadlines behind it.
+        d.models[0].queue.push_back(request(0, 2_043 * MS));
+        for id in 1..100 {
             d.models[0].queue.push_back(request(id, 2_200 * MS));
         }
         d.queued_count = 100;
         let mut out = Output::new();
-        let (b, _) = d.form_batch(0, 2_000 * MS, 2_000 * MS, &mut out).unwrap();
-        assert!(b >= 36, "at least the reduced target: {b}");
+        let (b, deadline_ns) = d.form_batch(0, 2_000 * MS, 2_000 * MS, &mut out).unwrap();
+        assert_eq!((b, deadline_ns), (36, 2_043 * MS), "the reduced target, head kept");
+        assert!(out.drops.is_empty());
     }
 
     #[test]
