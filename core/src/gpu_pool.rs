@@ -5,7 +5,23 @@
 //! shares the same facts across shards in a lock-free table (`symphony-shards::sync`), which
 //! implements [`GpuSource`] too, so the deferred scheduler runs unchanged over either.
 
-use crate::policy::GrantPolicy;
+use crate::names::knob_names;
+
+/// Which of the qualifying GPUs a grant takes (section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantPolicy {
+    LowestIndex,
+    EarliestFree,
+    BestFit,
+}
+
+knob_names!(
+    GrantPolicy,
+    "GPU grant policy",
+    LowestIndex = "lowest-index",
+    EarliestFree = "earliest-free",
+    BestFit = "best-fit"
+);
 
 /// A GPU claimed for one plan: the plan may start no earlier than `free_at_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,16 +86,26 @@ impl GpuPool {
     /// `free_at <= exec_at`, chosen by `policy`; `None` when no GPU qualifies.
     #[inline]
     pub fn pick(&self, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
-        let qualifying = self.free_at_ns.iter().enumerate().filter(|&(_, &f)| f <= exec_at_ns);
-        let picked = match policy {
-            GrantPolicy::LowestIndex => qualifying.map(|(i, _)| i).next(),
-            GrantPolicy::EarliestFree => qualifying.min_by_key(|&(i, &f)| (f, i)).map(|(i, _)| i),
-            GrantPolicy::BestFit => qualifying
-                .max_by_key(|&(i, &f)| (f, std::cmp::Reverse(i)))
-                .map(|(i, _)| i),
-        };
-        picked.map(|i| i as u32)
+        pick(
+            self.free_at_ns.iter().enumerate().map(|(i, &f)| (i as u32, f)),
+            exec_at_ns,
+            policy,
+        )
     }
+}
+
+/// The grant selection (section 6), for the single-owner pool and the shared table alike:
+/// among `gpus` (`(index, free_at)`, in index order) free by `exec_at_ns`, the lowest index,
+/// the earliest free (ties: lowest index), or the best fit, the latest free (ties: lowest
+/// index).
+pub fn pick(gpus: impl Iterator<Item = (u32, u64)>, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
+    let mut qualifying = gpus.filter(|&(_, free_at_ns)| free_at_ns <= exec_at_ns);
+    let picked = match policy {
+        GrantPolicy::LowestIndex => qualifying.next(),
+        GrantPolicy::EarliestFree => qualifying.min_by_key(|&(i, f)| (f, i)),
+        GrantPolicy::BestFit => qualifying.max_by_key(|&(i, f)| (f, std::cmp::Reverse(i))),
+    };
+    picked.map(|(i, _)| i)
 }
 
 impl GpuSource for GpuPool {

@@ -6,6 +6,8 @@
 //! nanoseconds) and seeds are arguments. The service (`symphony-shards`) drives the same policies
 //! with real time.
 
+mod names;
+
 pub mod gpu_pool;
 pub mod policy;
 pub mod profile;
@@ -13,6 +15,7 @@ pub mod rate;
 pub mod request;
 pub mod sim;
 pub mod sweep;
+pub mod time;
 pub mod timers;
 pub mod wire;
 pub mod workload;

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 
-use super::{Completion, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, Output, Policy, PolicyKind};
+use super::{Completion, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, Output, Policy, PolicyKind, Serving};
 use crate::gpu_pool::{GpuClaim, GpuPool, GpuSource};
 use crate::profile::Profile;
 use crate::rate::RateMeter;
@@ -194,23 +194,10 @@ impl<G: GpuSource> Deferred<G> {
         self.models[model as usize].target_batch_size
     }
 
-    /// The profile model `model` is planned with.
-    pub fn profile(&self, model: u32) -> &Profile {
-        &self.models[model as usize].profile
-    }
-
-    /// Plans model `model` with `profile` from now on (an executor measured it). The target
-    /// batch size follows; queued requests are formed again at the next event.
-    pub fn set_profile(&mut self, model: u32, profile: Profile) {
-        let state = &mut self.models[model as usize];
-        let rate_rps = state.meter.rate_rps();
-        state.target_batch_size = target_batch_size(&profile, state.slo_ns, rate_rps, &self.knobs);
-        state.profile = profile;
-    }
-
     /// Removes a queued request (its client went away) before it uses a GPU; returns whether
     /// it was still queued. Planned requests are past recall. The model's candidate is formed
     /// again without it.
+    #[cfg(test)]
     pub fn cancel(&mut self, now_ns: u64, model: u32, request_id: u64, out: &mut Output) -> bool {
         let index = model as usize;
         let state = &mut self.models[index];
@@ -226,69 +213,9 @@ impl<G: GpuSource> Deferred<G> {
         true
     }
 
-    /// Removes every queued request of `model` whose id `cancelled` says, in one pass (a
-    /// client that went away with many requests); returns the ids removed. The model's
-    /// candidate is formed again without them.
-    pub fn cancel_all(
-        &mut self,
-        now_ns: u64,
-        model: u32,
-        cancelled: impl Fn(u64) -> bool,
-        out: &mut Output,
-    ) -> Vec<u64> {
-        let index = model as usize;
-        let state = &mut self.models[index];
-        let mut removed = Vec::new();
-        let mut position = 0;
-        let prefix_len = state.prefix_len;
-        let mut prefix_removed = 0;
-        state.queue.retain(|r| {
-            let keep = !cancelled(r.id);
-            if !keep {
-                removed.push(r.id);
-                prefix_removed += usize::from(position < prefix_len);
-            }
-            position += 1;
-            keep
-        });
-        state.prefix_len -= prefix_removed;
-        self.queued_count -= removed.len();
-        if !removed.is_empty() {
-            self.update(index, now_ns, out);
-        }
-        removed
-    }
-
-    /// Whether model `model` holds, while the GPUs are saturated, twice the requests its
-    /// share of the GPUs (all of them over the models that hold requests) could serve within
-    /// its SLO at its largest batch: a new request of it then has no chance, and a front door
-    /// may refuse it at once (`OVERLOADED`) instead of queueing it to be dropped later.
-    pub fn is_swamped(&self, model: u32) -> bool {
-        if !self.saturated {
-            return false;
-        }
-        let state = &self.models[model as usize];
-        let batch_size_max = state.profile.batch_size_max();
-        let exec_ns = state.profile.exec_ns(batch_size_max).max(1);
-        let rounds = (state.slo_ns / exec_ns).max(1);
-        let share = f64::from(self.pool.gpu_count()) / f64::from(self.active_count.max(1));
-        let servable = share.max(1.0) * (rounds * u64::from(batch_size_max)) as f64;
-        state.queue.len() as f64 >= 2.0 * servable
-    }
-
-    /// The smallest `invalid_after` of the candidates waiting for a GPU, if any (what a shard
-    /// posts to the shared GPU table so other shards' releases hand it a GPU).
-    pub fn waiting_invalid_after_ns(&mut self) -> Option<u64> {
-        self.waiting.peek().map(|(invalid_after_ns, _)| invalid_after_ns)
-    }
-
     /// The GPU source (for a shard: its view of the shared table).
     pub fn gpus(&self) -> &G {
         &self.pool
-    }
-
-    pub fn gpus_mut(&mut self) -> &mut G {
-        &mut self.pool
     }
 
     /// Whether deferral is switched off because the GPUs are saturated (ours).
@@ -599,6 +526,78 @@ pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, 
         }
     }
     target
+}
+
+impl<G: GpuSource> Serving for Deferred<G> {
+    type Gpus = G;
+
+    /// The profile model `model` is planned with.
+    fn profile(&self, model: u32) -> &Profile {
+        &self.models[model as usize].profile
+    }
+
+    /// Plans model `model` with `profile` from now on (an executor measured it). The target
+    /// batch size follows; queued requests are formed again at the next event.
+    fn set_profile(&mut self, model: u32, profile: Profile) {
+        let state = &mut self.models[model as usize];
+        let rate_rps = state.meter.rate_rps();
+        state.target_batch_size = target_batch_size(&profile, state.slo_ns, rate_rps, &self.knobs);
+        state.profile = profile;
+    }
+
+    /// Removes every queued request of `model` whose id `cancelled` says, in one pass (a
+    /// client that went away with many requests); returns the ids removed. The model's
+    /// candidate is formed again without them.
+    fn cancel_all(&mut self, now_ns: u64, model: u32, cancelled: impl Fn(u64) -> bool, out: &mut Output) -> Vec<u64> {
+        let index = model as usize;
+        let state = &mut self.models[index];
+        let mut removed = Vec::new();
+        let mut position = 0;
+        let prefix_len = state.prefix_len;
+        let mut prefix_removed = 0;
+        state.queue.retain(|r| {
+            let keep = !cancelled(r.id);
+            if !keep {
+                removed.push(r.id);
+                prefix_removed += usize::from(position < prefix_len);
+            }
+            position += 1;
+            keep
+        });
+        state.prefix_len -= prefix_removed;
+        self.queued_count -= removed.len();
+        if !removed.is_empty() {
+            self.update(index, now_ns, out);
+        }
+        removed
+    }
+
+    /// Whether model `model` holds, while the GPUs are saturated, twice the requests its
+    /// share of the GPUs (all of them over the models that hold requests) could serve within
+    /// its SLO at its largest batch: a new request of it then has no chance, and a front door
+    /// may refuse it at once (`OVERLOADED`) instead of queueing it to be dropped later.
+    fn is_swamped(&self, model: u32) -> bool {
+        if !self.saturated {
+            return false;
+        }
+        let state = &self.models[model as usize];
+        let batch_size_max = state.profile.batch_size_max();
+        let exec_ns = state.profile.exec_ns(batch_size_max).max(1);
+        let rounds = (state.slo_ns / exec_ns).max(1);
+        let share = f64::from(self.pool.gpu_count()) / f64::from(self.active_count.max(1));
+        let servable = share.max(1.0) * (rounds * u64::from(batch_size_max)) as f64;
+        state.queue.len() as f64 >= 2.0 * servable
+    }
+
+    /// The smallest `invalid_after` of the candidates waiting for a GPU, if any (what a shard
+    /// posts to the shared GPU table so other shards' releases hand it a GPU).
+    fn waiting_invalid_after_ns(&mut self) -> Option<u64> {
+        self.waiting.peek().map(|(invalid_after_ns, _)| invalid_after_ns)
+    }
+
+    fn gpus_mut(&mut self) -> &mut G {
+        &mut self.pool
+    }
 }
 
 impl<G: GpuSource> Policy for Deferred<G> {

@@ -9,9 +9,7 @@
 //! `docs/internals/scheduling.md` (its `immediately` condition is the eager baseline in the
 //! same system); [`clockwork`], [`nexus`], [`shepherd`] and [`triton`] are the peers.
 
-use std::fmt;
-use std::str::FromStr;
-
+use crate::names::knob_names;
 use crate::profile::Profile;
 use crate::request::Request;
 
@@ -21,8 +19,8 @@ pub mod nexus;
 pub mod shepherd;
 pub mod triton;
 
-pub const MS: u64 = 1_000_000;
-pub const US: u64 = 1_000;
+pub use crate::gpu_pool::GrantPolicy;
+pub use crate::time::{MS, US};
 
 /// A model as the scheduler knows it.
 #[derive(Debug, Clone)]
@@ -168,43 +166,6 @@ pub enum Condition {
     Immediately,
 }
 
-/// Which of the qualifying GPUs a grant takes (section 6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GrantPolicy {
-    LowestIndex,
-    EarliestFree,
-    BestFit,
-}
-
-macro_rules! knob_names {
-    ($ty:ident, $what:literal, $($variant:ident = $name:literal),+ $(,)?) => {
-        impl $ty {
-            pub const NAMES: &'static [&'static str] = &[$($name),+];
-            pub fn name(self) -> &'static str {
-                match self { $($ty::$variant => $name),+ }
-            }
-        }
-        impl FromStr for $ty {
-            type Err = String;
-            fn from_str(text: &str) -> Result<$ty, String> {
-                match text {
-                    $($name => Ok($ty::$variant),)+
-                    _ => Err(format!(
-                        concat!("unknown ", $what, " `{}`: expected one of {}"),
-                        text,
-                        $ty::NAMES.join(", ")
-                    )),
-                }
-            }
-        }
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-    };
-}
-
 knob_names!(
     DropPolicy,
     "drop policy",
@@ -221,13 +182,29 @@ knob_names!(
     TargetQueuingDelay = "target-queuing-delay",
     Immediately = "immediately",
 );
-knob_names!(
-    GrantPolicy,
-    "GPU grant policy",
-    LowestIndex = "lowest-index",
-    EarliestFree = "earliest-free",
-    BestFit = "best-fit"
-);
+
+/// What the service asks of a policy beyond the events of [`Policy`]: when a client goes
+/// away (`cancel_all`), when executors register the profiles they measured (`profile`,
+/// `set_profile`), when a front door decides whether to refuse a request at once
+/// (`is_swamped`), and when GPUs are shared with other shards (`waiting_invalid_after_ns`,
+/// `gpus_mut`). The deferred family implements it. The service calls nothing else of a
+/// policy; the VOPR (`symphony-verify`) drives the same calls through the shard's core.
+pub trait Serving: Policy {
+    /// Where its GPUs come from (for a shard: its view of the shared table).
+    type Gpus: crate::gpu_pool::GpuSource;
+    /// The profile model `model` is planned with.
+    fn profile(&self, model: u32) -> &Profile;
+    /// Plans model `model` with `profile` from now on.
+    fn set_profile(&mut self, model: u32, profile: Profile);
+    /// Removes every queued request of `model` that `cancelled` names, in one pass; returns
+    /// the ids removed. Planned requests are past recall.
+    fn cancel_all(&mut self, now_ns: u64, model: u32, cancelled: impl Fn(u64) -> bool, out: &mut Output) -> Vec<u64>;
+    /// Whether a new request of `model` has no chance (refuse it at once).
+    fn is_swamped(&self, model: u32) -> bool;
+    /// The smallest `invalid_after` of the candidates waiting for a GPU.
+    fn waiting_invalid_after_ns(&mut self) -> Option<u64>;
+    fn gpus_mut(&mut self) -> &mut Self::Gpus;
+}
 
 /// The policies one run can compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,6 +5,7 @@
 //! Trust: HELLO and JOIN need the token, a JOIN the secret its executor got in WELCOME, and
 //! a shard takes one link per executor.
 
+use symphony_core::policy::Serving;
 use symphony_core::profile::Profile;
 use symphony_core::wire::executor::{
     self as exec, Hello, Join, Joined, ModelInfo, Probe, ProbeReply, ProfileWire, Register, Registered, Welcome,

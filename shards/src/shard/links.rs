@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use symphony_core::policy::{Completion, Plan, Policy};
+use symphony_core::policy::{Completion, Plan, Policy, Serving};
 use symphony_core::request::Request;
 use symphony_core::wire::executor::{self as exec, Heartbeat, PlanRequest, PlanStatus};
 use symphony_core::wire::{self, ErrorCode, Frame, Kind, Status, WireError};

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use symphony_core::policy::deferred::{Config, Deferred};
-use symphony_core::policy::{Knobs, Output, Plan, Policy};
+use symphony_core::policy::{Knobs, Output, Plan, Policy, Serving};
 use symphony_core::request::Request;
 use symphony_core::wire::{self, ErrorCode, Frame, ReplyRef, Status, Timings, WireError};
 

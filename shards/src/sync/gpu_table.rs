@@ -284,18 +284,13 @@ impl GpuTable {
     }
 
     fn pick_by_free_at(&self, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
-        let qualifying = self.gpus.iter().enumerate().filter_map(|(index, gpu)| {
+        let open = self.gpus.iter().enumerate().filter_map(|(index, gpu)| {
             let state = State::unpack(gpu.state.load(Ordering::Acquire));
             let open = state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard);
-            let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
-            (open && free_at_ns <= exec_at_ns).then_some((index as u32, free_at_ns))
+            open.then(|| (index as u32, gpu.free_at_ns.load(Ordering::Relaxed)))
         });
-        let picked = if policy == GrantPolicy::EarliestFree {
-            qualifying.min_by_key(|&(index, free_at_ns)| (free_at_ns, index))
-        } else {
-            qualifying.max_by_key(|&(index, free_at_ns)| (free_at_ns, std::cmp::Reverse(index)))
-        };
-        picked.map(|(index, _)| index)
+        // The one grant selection, the single-owner pool's too.
+        symphony_core::gpu_pool::pick(open, exec_at_ns, policy)
     }
 
     /// Claims `gpu` for `shard` if it is free (or reserved for `shard`) and frees by
