@@ -41,18 +41,20 @@ fn earliest_free_and_best_fit_pick_by_free_at() {
 fn release_hands_off_to_the_earliest_invalid_after() {
     let table = GpuTable::new(1, 3);
     let held = table.claim(0, 0, GrantPolicy::LowestIndex).unwrap();
-    assert!(table.post_and_claim(1, 900).is_none());
-    assert!(table.post_and_claim(2, 400).is_none());
+    table.post_waiter(1, 900);
+    table.post_waiter(2, 400);
     assert_eq!(table.release(held, 300), Some(2));
     assert!(
         table.claim(1, 1_000, GrantPolicy::LowestIndex).is_none(),
         "reserved for 2"
     );
     assert_eq!(table.reservation_of(2), Some(0));
-    // Shard 2 declines: the GPU goes on to shard 1, which claims it as a waiter.
+    // Shard 2 declines: the GPU goes on to shard 1, which claims it when told.
     table.clear_waiter(2);
     assert_eq!(table.decline(2, 0), Some(1));
-    let claim = table.post_and_claim(1, 900).unwrap();
+    assert_eq!(table.min_free_at_ns(1), 300);
+    let claim = table.claim(1, 300, GrantPolicy::LowestIndex).unwrap();
+    table.clear_waiter(1);
     assert_eq!(claim.free_at_ns(), 300);
     assert_eq!(table.release(claim, 350), None);
 }
@@ -73,17 +75,21 @@ fn overlapping_release_is_a_bug() {
 }
 
 #[test]
-fn a_waiter_takes_a_free_gpu_whatever_its_free_at() {
+fn a_waiter_plans_from_the_earliest_free_at() {
     let table = GpuTable::new(2, 2);
     for gpu in 0..2 {
         let claim = table.try_claim(0, gpu, 0).unwrap();
         let _ = table.release(claim, 1_000 * u64::from(gpu + 1));
     }
-    // Nothing frees by 10, so a plain claim fails; the waiter takes the earliest free GPU.
+    // Nothing frees by 10, so a claim for 10 fails; the waiter posts, and its next look
+    // plans from the earliest free_at, which its claim then takes.
     assert!(table.claim(1, 10, GrantPolicy::LowestIndex).is_none());
-    let claim = table.post_and_claim(1, 5_000).unwrap();
+    table.post_waiter(1, 5_000);
+    assert_eq!(table.min_free_at_ns(1), 1_000);
+    let claim = table.claim(1, 1_000, GrantPolicy::EarliestFree).unwrap();
     assert_eq!((claim.gpu(), claim.free_at_ns()), (0, 1_000));
-    let _ = table.cancel(claim);
+    table.clear_waiter(1);
+    assert_eq!(table.cancel(claim), None, "no waiter left to hand it to");
 }
 
 #[test]

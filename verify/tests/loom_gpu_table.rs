@@ -1,12 +1,17 @@
-//! Loom models of the shards' GPU table (`shards/src/sync/gpu_table.rs`): claim, release and
-//! hand-off under every interleaving loom explores, with two and three threads.
+//! Loom models of the shards' GPU table (`shards/src/sync/gpu_table.rs`) on the path the
+//! service takes: a shard posts its waiting candidate (`post_waiter`), looks at the GPUs
+//! (`min_free_at_ns`) and claims by its grant policy (`claim`, pick then claim); a release
+//! reserves the GPU it frees for the earliest waiter and tells that shard, which claims it or
+//! declines it on to the next (`decline`), under every interleaving loom explores, with two
+//! and three threads.
 //!
 //! The table's source file is compiled here with its `super::atomic` facade mapped to loom's
 //! atomics (the `atomic` module below), so the checked code is the shipped code. Each model
 //! checks the two promises of the protocol: no GPU ever holds two overlapping plans, and no
-//! waiting candidate is forgotten (once the threads are done, a posted waiter never sits
-//! beside a free GPU nobody reserved for it). A third model takes a GPU offline while another
-//! shard plans on it: no plan starts on it once `set_offline` has returned.
+//! waiting candidate is forgotten (once the threads are done and the shards told of their
+//! hand-offs have acted, every waiter was served). Another model takes a GPU offline while a
+//! shard plans on it: no plan starts on it once `set_offline` has returned. (Bringing an
+//! executor's GPUs online racing its loss is `loom_lifecycle.rs`.)
 
 mod atomic {
     pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
@@ -43,6 +48,44 @@ fn plan_and_release(table: &GpuTable, log: &Log, claim: gpu_table::Claim, exec_a
     let start = exec_at_ns.max(claim.free_at_ns());
     log.lock().unwrap().push((claim.gpu(), start, start + EXEC_NS));
     table.release(claim, start + EXEC_NS)
+}
+
+/// What a shard with a waiting candidate does (`Deferred` over `SharedGpus`): post it, then
+/// at its next look take the earliest `free_at` it may claim and claim from there by its
+/// grant policy; with a GPU it withdraws the post.
+fn post_then_claim(
+    table: &GpuTable,
+    shard: u16,
+    invalid_after_ns: u64,
+    policy: GrantPolicy,
+) -> Option<gpu_table::Claim> {
+    table.post_waiter(shard, invalid_after_ns);
+    claim_as_told(table, shard, policy)
+}
+
+/// A shard's claim after a hand-off message (or its own timer): from the earliest `free_at`
+/// it may claim (free GPUs, and those reserved for it).
+fn claim_as_told(table: &GpuTable, shard: u16, policy: GrantPolicy) -> Option<gpu_table::Claim> {
+    let free_at_ns = table.min_free_at_ns(shard);
+    if free_at_ns == u64::MAX {
+        return None;
+    }
+    let claim = table.claim(shard, free_at_ns, policy)?;
+    table.clear_waiter(shard);
+    Some(claim)
+}
+
+/// A shard that no longer waits and was told of a hand-off gives back what is reserved for
+/// it (`SharedGpus::decline_unwanted`); returns the shards the GPUs went on to.
+fn decline_all(table: &GpuTable, shard: u16) -> Vec<u16> {
+    let mut told = Vec::new();
+    while let Some(gpu) = table.reservation_of(shard) {
+        match table.decline(shard, gpu) {
+            Some(next) => told.push(next),
+            None => break,
+        }
+    }
+    told
 }
 
 fn assert_no_overlap(log: &Log) {
@@ -85,6 +128,35 @@ fn concurrent_claims_never_overlap() {
 }
 
 #[test]
+fn pick_then_claim_over_two_gpus_never_overlaps() {
+    for policy in [GrantPolicy::EarliestFree, GrantPolicy::BestFit] {
+        model(move || {
+            let table = Arc::new(GpuTable::new(2, 2));
+            let log: Log = Arc::new(Mutex::new(Vec::new()));
+            let threads: Vec<_> = (0..2u16)
+                .map(|shard| {
+                    let (table, log) = (table.clone(), log.clone());
+                    thread::spawn(move || {
+                        let mut planned = 0;
+                        for exec_at_ns in [0, 20] {
+                            if let Some(claim) = table.claim(shard, exec_at_ns, policy) {
+                                let _ = plan_and_release(&table, &log, claim, exec_at_ns);
+                                planned += 1;
+                            }
+                        }
+                        planned
+                    })
+                })
+                .collect();
+            let planned: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            // Two GPUs free at 0: each shard's first claim finds one.
+            assert!(planned >= 2, "{policy}: {planned} plans");
+            assert_no_overlap(&log);
+        });
+    }
+}
+
+#[test]
 fn a_waiter_is_never_forgotten_by_a_release() {
     model(|| {
         let table = Arc::new(GpuTable::new(1, 2));
@@ -96,19 +168,19 @@ fn a_waiter_is_never_forgotten_by_a_release() {
         };
         let waiter = {
             let table = table.clone();
-            thread::spawn(move || table.post_and_claim(1, 500))
+            thread::spawn(move || post_then_claim(&table, 1, 500, GrantPolicy::EarliestFree))
         };
         let handed_to = releaser.join().unwrap();
-        let claimed = waiter.join().unwrap();
-        match claimed {
+        match waiter.join().unwrap() {
             Some(claim) => {
                 assert_eq!(table.reservation_of(1), None);
                 let _ = plan_and_release(&table, &log, claim, 0);
             }
             None => {
+                // The waiter's look came too early: the release saw its post.
                 assert_eq!(handed_to, Some(1), "the release must hand the GPU to the waiter");
                 assert_eq!(table.reservation_of(1), Some(0));
-                let claim = table.claim_reserved(1, 0).unwrap();
+                let claim = claim_as_told(&table, 1, GrantPolicy::EarliestFree).expect("told, it claims");
                 let _ = plan_and_release(&table, &log, claim, 0);
             }
         }
@@ -130,40 +202,72 @@ fn hand_off_serves_waiters_and_forgets_none_with_three_threads() {
             .into_iter()
             .map(|(shard, invalid_after_ns)| {
                 let table = table.clone();
-                thread::spawn(move || table.post_and_claim(shard, invalid_after_ns))
+                thread::spawn(move || post_then_claim(&table, shard, invalid_after_ns, GrantPolicy::LowestIndex))
             })
             .collect();
-        let _ = releaser.join().unwrap();
+        let mut told: Vec<u16> = releaser.join().unwrap().into_iter().collect();
         let claims: Vec<_> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
         // One GPU: at most one waiter claimed it directly.
         assert!(claims.iter().filter(|c| c.is_some()).count() <= 1);
-        let reserved: Vec<u16> = [1u16, 2]
-            .into_iter()
-            .filter(|&s| table.reservation_of(s).is_some())
-            .collect();
-        let direct = claims.iter().flatten().count();
-        // Not forgotten: the GPU was claimed by a waiter or reserved for one.
-        assert_eq!(
-            direct + reserved.len(),
-            1,
-            "claims {claims:?}, reserved for {reserved:?}"
-        );
-        // Serve the rest in turn, as the shards would when told: every waiter gets the GPU.
-        let mut served = Vec::new();
-        for claim in claims.into_iter().flatten() {
-            served.push(claim.gpu());
-            let handed = plan_and_release(&table, &log, claim, 0);
-            assert!(handed.is_some(), "the other waiter is still posted");
+        let mut served: Vec<u16> = Vec::new();
+        for (shard, claim) in [1u16, 2].into_iter().zip(claims) {
+            if let Some(claim) = claim {
+                served.push(shard);
+                told.extend(plan_and_release(&table, &log, claim, 0));
+            }
         }
-        for _ in 0..2 {
-            let Some(shard) = [1u16, 2].into_iter().find(|&s| table.reservation_of(s).is_some()) else {
-                break;
-            };
-            let claim = table.claim_reserved(shard, 0).unwrap();
-            served.push(claim.gpu());
+        // The shards told of hand-offs act, in turn: every waiter gets the GPU.
+        while let Some(shard) = told.pop() {
+            if served.contains(&shard) {
+                told.extend(decline_all(&table, shard));
+                continue;
+            }
+            let claim = claim_as_told(&table, shard, GrantPolicy::LowestIndex).expect("told, it claims");
+            served.push(shard);
+            told.extend(plan_and_release(&table, &log, claim, 0));
+        }
+        served.sort_unstable();
+        assert_eq!(served, vec![1, 2], "both waiters were served");
+        assert_no_overlap(&log);
+    });
+}
+
+#[test]
+fn a_declined_reservation_goes_on_to_the_next_waiter() {
+    model(|| {
+        let table = Arc::new(GpuTable::new(1, 3));
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let held = table.claim(0, 0, GrantPolicy::LowestIndex).unwrap();
+        table.post_waiter(1, 100);
+        table.post_waiter(2, 200);
+        let releaser = {
+            let (table, log) = (table.clone(), log.clone());
+            thread::spawn(move || plan_and_release(&table, &log, held, 0))
+        };
+        // Shard 1's candidate goes (its requests were dropped): it withdraws its post and
+        // gives back anything already reserved for it.
+        let changes_its_mind = {
+            let table = table.clone();
+            thread::spawn(move || {
+                table.clear_waiter(1);
+                decline_all(&table, 1)
+            })
+        };
+        let mut told: Vec<u16> = releaser.join().unwrap().into_iter().collect();
+        told.extend(changes_its_mind.join().unwrap());
+        let mut served = None;
+        while let Some(shard) = told.pop() {
+            if shard == 1 {
+                // Not waiting any more: told of a hand-off, it declines it.
+                told.extend(decline_all(&table, 1));
+                continue;
+            }
+            let claim = claim_as_told(&table, shard, GrantPolicy::LowestIndex).expect("told, it claims");
+            served = Some(shard);
             let _ = plan_and_release(&table, &log, claim, 0);
         }
-        assert_eq!(served.len(), 2, "both waiters were served");
+        assert_eq!(served, Some(2), "the GPU went on to the next waiter");
+        assert_eq!(table.reservation_of(1), None);
         assert_no_overlap(&log);
     });
 }

@@ -23,7 +23,7 @@
 //! Each GPU has a state word and a `free_at_ns` word:
 //!
 //! ```text
-//! state = version (46 bits) | tag (2 bits: FREE, CLAIMED, RESERVED) | owner shard (16 bits)
+//! state = version (46 bits) | tag (2 bits: FREE, CLAIMED, RESERVED, OFFLINE) | owner shard (16 bits)
 //! ```
 //!
 //! Every transition increments `version`, so a CAS from a state value read earlier fails if
@@ -37,15 +37,15 @@
 //!    (Relaxed), then stores the state FREE (Release: a later claimer's Acquire load of this
 //!    state makes the new `free_at_ns` visible, and its CAS from exactly this state value
 //!    proves no newer `free_at_ns` was written since). Then it hands off (4).
-//! 3. **Post** (`post_and_claim`): a shard whose candidate finds no GPU stores its
-//!    `invalid_after` into its waiter slot, issues a SeqCst fence, then loads every GPU state
-//!    and claims a free one whatever its `free_at` (or one reserved for it); on success it
-//!    withdraws the post.
+//! 3. **Post** (`post_waiter`): a shard whose candidate finds no GPU stores its
+//!    `invalid_after` into its waiter slot and issues a SeqCst fence; its next look at the
+//!    GPUs (`min_free_at_ns`, then a claim, 1) loads every GPU state after the fence. With a
+//!    GPU it withdraws the post (`clear_waiter`).
 //! 4. **Hand-off** (`hand_off`, run by whoever frees a GPU): a SeqCst fence, then load every
 //!    waiter slot, take the smallest `invalid_after`, and CAS the freed GPU from FREE to
 //!    RESERVED for that shard. The caller then tells that shard (a message outside this
-//!    module); the shard claims it (`claim_reserved`) or declines (`decline`), which hands off
-//!    again.
+//!    module); the shard claims it (1: a GPU reserved for the claimer counts as free) or, no
+//!    longer waiting, declines it (`decline`), which hands off again.
 //!
 //! **No waiting candidate is forgotten.** Steps 2 to 4 are the two halves of a Dekker pair:
 //! the shard stores its waiter, fences, loads GPU states; the releaser stores a GPU state,
@@ -329,34 +329,6 @@ impl GpuTable {
         None
     }
 
-    /// Claims `gpu`, reserved for `shard` by a hand-off, whatever its `free_at` (the shard
-    /// plans its batch from `Claim::free_at_ns`), and withdraws `shard`'s post. `None` if it is
-    /// not reserved for `shard`.
-    pub fn claim_reserved(&self, shard: u16, gpu: u32) -> Option<Claim> {
-        let slot = &self.gpus[gpu as usize];
-        let word = slot.state.load(Ordering::Acquire);
-        let state = State::unpack(word);
-        if state.tag != TAG_RESERVED || state.owner != shard {
-            return None;
-        }
-        let free_at_ns = slot.free_at_ns.load(Ordering::Relaxed);
-        let claimed = state.next(TAG_CLAIMED, shard);
-        // Only this shard moves a GPU out of RESERVED-for-it, so the CAS cannot fail; it is a
-        // CAS anyway so a protocol bug shows as `None`, not as a stolen GPU.
-        slot.state
-            .compare_exchange(word, claimed, Ordering::AcqRel, Ordering::Acquire)
-            .ok()?;
-        // The waiter this reservation served has its GPU: withdraw the post (a shard with
-        // another waiting candidate posts again).
-        self.clear_waiter(shard);
-        Some(Claim {
-            gpu,
-            shard,
-            word: claimed,
-            free_at_ns,
-        })
-    }
-
     /// Ends `claim`: the GPU runs the claimer's plan until `finish_ns` and is free again for
     /// planning from then on. Returns the shard the GPU was handed off to, if any: the caller
     /// must tell it.
@@ -406,53 +378,13 @@ impl GpuTable {
         self.hand_off(gpu)
     }
 
-    /// Step 3 without the claim: posts `shard`'s most urgent waiting candidate and fences, so
-    /// that the caller's next look at the GPUs (`min_free_at_ns`, a claim) sees every GPU
-    /// freed before a release could have missed the post.
+    /// Step 3: posts `shard`'s most urgent waiting candidate and fences, so that the caller's
+    /// next look at the GPUs (`min_free_at_ns`, then a claim) sees every GPU freed before a
+    /// release could have missed the post.
     pub fn post_waiter(&self, shard: u16, invalid_after_ns: u64) {
         assert!(invalid_after_ns != NO_WAITER);
         self.waiters[shard as usize].store(invalid_after_ns, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-    }
-
-    /// Step 3: posts `shard`'s most urgent waiting candidate, then claims any GPU that is free
-    /// (whatever its `free_at`) or reserved for `shard`, earliest `free_at` first. On success
-    /// the post is withdrawn; otherwise it stays, and a release will reserve a GPU for it.
-    pub fn post_and_claim(&self, shard: u16, invalid_after_ns: u64) -> Option<Claim> {
-        assert!(invalid_after_ns != NO_WAITER);
-        self.waiters[shard as usize].store(invalid_after_ns, Ordering::Relaxed);
-        // The waiter's half of the Dekker pair with `free` (module doc): the post is ordered
-        // before the loads of the GPU states.
-        fence(Ordering::SeqCst);
-        let mut open: Option<(u64, u32, u64)> = None;
-        for (index, gpu) in self.gpus.iter().enumerate() {
-            let word = gpu.state.load(Ordering::Acquire);
-            let state = State::unpack(word);
-            if state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard) {
-                let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
-                if open.is_none_or(|(best, _, _)| free_at_ns < best) {
-                    open = Some((free_at_ns, index as u32, word));
-                }
-            }
-        }
-        let (free_at_ns, gpu, word) = open?;
-        let claimed = State::unpack(word).next(TAG_CLAIMED, shard);
-        let slot = &self.gpus[gpu as usize];
-        if slot
-            .state
-            .compare_exchange(word, claimed, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Another shard claimed it first: its release hands off to this post.
-            return None;
-        }
-        self.clear_waiter(shard);
-        Some(Claim {
-            gpu,
-            shard,
-            word: claimed,
-            free_at_ns,
-        })
     }
 
     /// Withdraws `shard`'s waiting candidate.
