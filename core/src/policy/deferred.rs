@@ -213,6 +213,31 @@ impl<G: GpuSource> Deferred<G> {
         true
     }
 
+    /// The scheduler's invariants in full (the VOPR checks them after every input): the
+    /// queued count is the sum of the queues, each queue is in deadline order with its prefix
+    /// inside it, the active and rated counts match the models, and a waiting model is posted.
+    pub fn check_invariants(&self) {
+        let queued: usize = self.models.iter().map(|m| m.queue.len()).sum();
+        assert_eq!(queued, self.queued_count, "queued_count against the queues");
+        for (index, m) in self.models.iter().enumerate() {
+            assert!(m.prefix_len <= m.queue.len(), "model {index}: prefix past its queue");
+            assert!(
+                m.queue
+                    .iter()
+                    .zip(m.queue.iter().skip(1))
+                    .all(|(a, b)| a.order_key() <= b.order_key()),
+                "model {index}: queue out of deadline order"
+            );
+        }
+        let active = self.models.iter().filter(|m| m.active).count() as u32;
+        let rated = self.models.iter().filter(|m| m.rated).count() as u32;
+        assert_eq!(
+            (active, rated),
+            (self.active_count, self.rated_count),
+            "active and rated counts"
+        );
+    }
+
     /// The GPU source (for a shard: its view of the shared table).
     pub fn gpus(&self) -> &G {
         &self.pool
@@ -384,6 +409,12 @@ impl<G: GpuSource> Deferred<G> {
     /// Recomputes model `index`'s candidate after any change, granting GPUs while its window
     /// is open, and re-arms its timer.
     fn update(&mut self, index: usize, now_ns: u64, out: &mut Output) {
+        // The control plane's cheap preconditions (on in release).
+        assert!(self.models[index].prefix_len <= self.models[index].queue.len());
+        assert!(
+            self.models[index].queue.len() <= self.queued_count,
+            "queued_count counts every queue"
+        );
         loop {
             let min_free_at_ns = self.pool.min_free_at_ns();
             let Some((b, deadline_ns)) = self.form_batch(index, now_ns, min_free_at_ns, out) else {

@@ -134,7 +134,7 @@ impl Shard {
     /// Carries out the core's effects, in order.
     fn apply(self: &Rc<Self>, fx: &mut Effects) {
         let mut overflowed: Vec<Peer> = Vec::new();
-        let list = std::mem::take(&mut fx.list);
+        let mut list = std::mem::take(&mut fx.list);
         for effect in &list {
             match effect {
                 Effect::Write { to, bytes, sections } => {
@@ -179,12 +179,13 @@ impl Shard {
                 Effect::Log(line) => self.log(line),
             }
         }
-        // The messages go last, in order (moved out of the list).
-        for effect in list {
+        // The messages go last, in order (moved out of the list, which keeps its capacity).
+        for effect in list.drain(..) {
             if let Effect::Send { shard, msg } = effect {
                 self.mesh.send(shard, msg);
             }
         }
+        fx.list = list;
         if fx.rearm {
             // The scheduler's next timer may have moved earlier: wake its loop.
             let _ = self.wake.try_send(());

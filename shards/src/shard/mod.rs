@@ -427,6 +427,7 @@ impl ShardCore {
     /// [`ShardCore::handle`] checks the counting ones every time).
     pub fn check_invariants(&self) {
         self.check_counts();
+        self.scheduler.check_invariants();
         let mut inflight = 0;
         for flight in self
             .embedded
