@@ -7,7 +7,7 @@
 //! simulated clients (pipelining, tighter SLOs, unknown models, wrong input sizes, slow
 //! readers, abrupt disconnects, half-closes, malformed frames, LIST_MODELS) and simulated
 //! executors speaking the link protocol (results late, lost or malformed, heartbeats missed,
-//! crashes and reconnects, clock skew). Everything is drawn from one seed, so a failure
+//! crashes and reconnects, clock skew and drift). Everything is drawn from one seed, so a failure
 //! replays exactly: [`Scenario::sample`] draws every knob, [`Scenario::describe`] prints them.
 //!
 //! Checked on every run: each request gets at most one reply, and exactly one on a
@@ -72,8 +72,10 @@ pub struct Faults {
     /// The most a timer fires late (a busy machine), and a mesh message takes.
     pub timer_late_ns: u64,
     pub mesh_delay_ns: u64,
-    /// The most an executor's reported times are off (clock skew).
+    /// The most an executor's reported times are off (clock skew), and the most its clock
+    /// drifts from there (parts per million of the time elapsed).
     pub skew_ns: u64,
+    pub drift_ppm: u32,
 }
 
 /// A simulated external executor.
@@ -173,6 +175,8 @@ impl Scenario {
             timer_late_ns: rng.random_range(0..=2 * MS),
             mesh_delay_ns: rng.random_range(0..=MS),
             skew_ns: rng.random_range(0..=MS),
+            // From a stream of its own: the knobs drawn before it stay those of earlier runs.
+            drift_ppm: Pcg64::seed_from_u64(seed ^ 0xd21f_7000).random_range(0..=500),
         };
         Scenario {
             seed,
@@ -349,6 +353,7 @@ struct SimExecutor {
     /// Heartbeats paused until.
     silent_until: u64,
     skew_ns: i64,
+    drift_ppm: i64,
     inbox: Vec<Vec<u8>>,
 }
 
@@ -538,6 +543,9 @@ impl<'a> World<'a> {
                 secret: [0; exec::SECRET_BYTES],
                 silent_until: 0,
                 skew_ns: if self.rng.random_bool(0.5) { skew } else { -skew },
+                drift_ppm: self
+                    .rng
+                    .random_range(-i64::from(s.faults.drift_ppm)..=i64::from(s.faults.drift_ppm)),
                 inbox: Vec::new(),
             });
             self.at(0, Event::ExecutorConnect(index, 0));
@@ -1550,7 +1558,8 @@ impl<'a> World<'a> {
         let start = exec_at.max(self.now).max(ex.gpu_free[gpu]);
         let end = start + run_ns;
         self.executors[e].gpu_free[gpu] = end;
-        let skew = self.executors[e].skew_ns;
+        // The executor's clock: off by its skew, and drifting.
+        let skew = self.executors[e].skew_ns + self.executors[e].drift_ppm * self.now as i64 / 1_000_000;
         let shift = |t: u64| t.saturating_add_signed(skew);
         if self.chance(self.scenario.faults.result_lost) {
             return Ok(());
