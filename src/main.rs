@@ -40,6 +40,33 @@ enum Command {
     Client(ClientArgs),
     /// Open-loop load from a workload file against a running service, with a final report.
     Loadgen(LoadgenArgs),
+    /// Arrivals injected straight into the sans-IO shards (no sockets) at rising rates:
+    /// prints each run and the knee, the largest rate the shards keep up with.
+    Stress(StressArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StressArgs {
+    /// Shard counts to sweep, comma-separated (one thread each).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    shards: Vec<usize>,
+    /// Model counts to sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    models: Vec<usize>,
+    /// GPU counts to sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    gpus: Vec<u32>,
+    /// The first rate tried, requests per second (doubled until a run fails, then bisected).
+    #[arg(long, default_value_t = 50_000.0)]
+    rate: f64,
+    /// Bisection steps after the first failing rate.
+    #[arg(long, default_value_t = 3)]
+    steps: u32,
+    /// Seconds of arrivals per run.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    #[arg(long, default_value = "symphony")]
+    policy: PolicyKind,
 }
 
 #[derive(clap::Args, Debug)]
@@ -328,7 +355,7 @@ fn main() -> std::process::ExitCode {
     // `serve` or `executor`, only fail a write with EPIPE.
     if matches!(
         cli.command,
-        Command::Sim(_) | Command::Sweep(_) | Command::PerfSim(_) | Command::Profile(_)
+        Command::Sim(_) | Command::Sweep(_) | Command::PerfSim(_) | Command::Profile(_) | Command::Stress(_)
     ) {
         // SAFETY: resetting SIGPIPE to its default action before any thread starts.
         unsafe {
@@ -355,7 +382,88 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(args) => run_profile(args),
         Command::Client(args) => run_client(args),
         Command::Loadgen(args) => run_loadgen(args),
+        Command::Stress(args) => run_stress(args),
     }
+}
+
+fn run_stress(args: StressArgs) -> anyhow::Result<()> {
+    use symphony_perf::stress::{self, StressConfig};
+    anyhow::ensure!(
+        args.rate.is_finite() && args.rate > 0.0,
+        "--rate must be a positive number"
+    );
+    anyhow::ensure!(
+        args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 600.0,
+        "--seconds must be in (0, 600]"
+    );
+    anyhow::ensure!(
+        args.shards.iter().all(|&s| (1..=256).contains(&s)),
+        "--shards: 1 to 256 each"
+    );
+    anyhow::ensure!(args.models.iter().all(|&m| m >= 1), "--models: at least 1 each");
+    for &g in &args.gpus {
+        check_gpus(g)?;
+    }
+    println!(
+        "stress: policy {} runs of {} s, a run holds with no injection over {} ms late, every request answered and at most {} % bad; commit {}",
+        args.policy,
+        args.seconds,
+        stress::LATE_LIMIT.as_millis(),
+        stress::BAD_RATE_LIMIT * 100.0,
+        option_env!("SYMPHONY_COMMIT").unwrap_or("unknown")
+    );
+    println!(
+        "reference (the authors' scheduler, one core here): {:.1} us per request, {:.0} req/s",
+        stress::REFERENCE_US_PER_REQUEST,
+        stress::REFERENCE_RPS
+    );
+    println!(
+        "{:>6} {:>6} {:>6} {:>10} {:>10} {:>8} {:>10} {:>8} {:>6}",
+        "shards", "models", "gpus", "rate", "injected", "bad %", "late max", "us/req", "holds"
+    );
+    let mut knees = Vec::new();
+    for &shards in &args.shards {
+        for &models in &args.models {
+            for &gpus in &args.gpus {
+                let base = StressConfig {
+                    shards,
+                    models,
+                    gpus,
+                    rate_rps: args.rate,
+                    duration: std::time::Duration::from_secs_f64(args.seconds),
+                    policy: args.policy,
+                    ..StressConfig::front_door(shards, args.rate)
+                };
+                let knee = stress::knee(&base, args.steps, |config, r| {
+                    println!(
+                        "{:>6} {:>6} {:>6} {:>10.0} {:>10} {:>8.3} {:>8.2}ms {:>8.3} {:>6}",
+                        config.shards,
+                        config.models,
+                        config.gpus,
+                        config.rate_rps,
+                        r.injected,
+                        r.bad_rate() * 100.0,
+                        r.late_max.as_secs_f64() * 1e3,
+                        r.us_per_request(),
+                        if r.holds() { "yes" } else { "no" }
+                    );
+                })
+                .map_err(anyhow::Error::msg)?;
+                knees.push((shards, models, gpus, knee.rate_rps));
+            }
+        }
+    }
+    for (shards, models, gpus, knee) in knees {
+        match knee {
+            Some(rate) => println!(
+                "knee: {shards} shards, {models} models, {gpus} GPUs: {rate:.0} req/s ({:.2} of the reference's {:.0})",
+                rate / stress::REFERENCE_RPS,
+                stress::REFERENCE_RPS
+            ),
+            None => println!("knee: {shards} shards, {models} models, {gpus} GPUs: not even the first rate held"),
+        }
+    }
+    Ok(())
 }
 
 fn run_client(args: ClientArgs) -> anyhow::Result<()> {

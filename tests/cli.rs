@@ -211,3 +211,38 @@ fn client_lists_the_models_a_service_serves() {
         .unwrap();
     assert_eq!(reply.status, symphony_core::wire::Status::Ok);
 }
+
+#[test]
+fn stress_prints_its_runs_and_a_knee_and_refuses_bad_rates() {
+    let output = symphony(&[
+        "stress",
+        "--shards",
+        "2",
+        "--models",
+        "10",
+        "--gpus",
+        "8",
+        "--rate",
+        "20000",
+        "--steps",
+        "0",
+        "--seconds",
+        "0.3",
+        "--policy",
+        "eager",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("reference") && stdout.contains("us/req"), "{stdout}");
+    // The first row is the first rate, on 2 shards; the last line names the knee.
+    assert!(stdout.contains("     2     10      8      20000"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("knee: 2 shards, 10 models, 8 GPUs")),
+        "{stdout}"
+    );
+    assert_clean_error(&symphony(&["stress", "--rate", "0"]), &["--rate"]);
+    assert_clean_error(&symphony(&["stress", "--shards", "0"]), &["--shards"]);
+}

@@ -2,10 +2,12 @@
 //!
 //! Goodput and GPU-count sweeps over workloads and policies ([`sweep`]), their SVG plots
 //! ([`plot`]), the simulator's own speed ([`throughput`]), and an open-loop load generator for
-//! a server speaking the wire protocol ([`loadgen`]). Every report prints the parameters it
+//! a server speaking the wire protocol ([`loadgen`]), and the in-process stress of the
+//! sans-IO shards ([`stress`]). Every report prints the parameters it
 //! used; comparisons are ratios within one run.
 
 pub mod loadgen;
 pub mod plot;
+pub mod stress;
 pub mod sweep;
 pub mod throughput;
