@@ -239,7 +239,7 @@ impl ShardCore {
         let batch = &mut self.outbox_requests[owner];
         batch.push(routed);
         if batch.len() >= self.limits.routed_batch {
-            let requests = std::mem::take(batch);
+            let requests = self.take_requests(owner);
             fx.send(owner, ShardMsg::Requests(requests));
         }
     }
@@ -266,7 +266,7 @@ impl ShardCore {
             }
             // Behind its requests still in the outbox.
             if !self.outbox_requests[dest].is_empty() {
-                let requests = std::mem::take(&mut self.outbox_requests[dest]);
+                let requests = self.take_requests(dest);
                 fx.send(dest, ShardMsg::Requests(requests));
             }
             fx.send(

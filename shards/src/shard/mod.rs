@@ -45,6 +45,9 @@ use front_door::Clients;
 use links::{InFlight, LinkState};
 use pending::PendingTable;
 
+/// Emptied message batches a shard keeps for reuse, of each kind.
+const SPARE_BATCHES: usize = 64;
+
 /// The timeouts, in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeoutsNs {
@@ -232,6 +235,11 @@ pub struct ShardCore {
     /// Per destination shard: requests and replies to send in the next batch.
     outbox_requests: Vec<Vec<Routed>>,
     outbox_replies: Vec<Vec<RoutedReply>>,
+    /// Emptied batches from other shards, reused for this shard's next ones (traffic both
+    /// ways allocates no batch in steady state); at most [`SPARE_BATCHES`] each, none larger
+    /// than `routed_batch`.
+    spare_requests: Vec<Vec<Routed>>,
+    spare_replies: Vec<Vec<RoutedReply>>,
     embedded_gpus: u32,
     /// Plans running on embedded executors, by plan id.
     embedded: HashMap<u64, InFlight>,
@@ -289,6 +297,8 @@ impl ShardCore {
             awaiting_remote: 0,
             outbox_requests: vec![Vec::new(); params.shard_count],
             outbox_replies: vec![Vec::new(); params.shard_count],
+            spare_requests: Vec::new(),
+            spare_replies: Vec::new(),
             embedded_gpus: params.embedded_gpus,
             embedded: HashMap::new(),
             executors: params.executors,
@@ -665,29 +675,42 @@ impl ShardCore {
     fn flush_outbox(&mut self, fx: &mut Effects) {
         for dest in 0..self.shard_count {
             if !self.outbox_requests[dest].is_empty() {
-                let requests = std::mem::take(&mut self.outbox_requests[dest]);
+                let requests = self.take_requests(dest);
                 fx.send(dest, ShardMsg::Requests(requests));
             }
             if !self.outbox_replies[dest].is_empty() {
-                let replies = std::mem::take(&mut self.outbox_replies[dest]);
+                let spare = self.spare_replies.pop().unwrap_or_default();
+                let replies = std::mem::replace(&mut self.outbox_replies[dest], spare);
                 fx.send(dest, ShardMsg::Replies(replies));
             }
         }
     }
 
+    /// The batch of requests for `dest`, replaced by a spare one.
+    pub(super) fn take_requests(&mut self, dest: usize) -> Vec<Routed> {
+        let spare = self.spare_requests.pop().unwrap_or_default();
+        std::mem::replace(&mut self.outbox_requests[dest], spare)
+    }
+
     fn handle_msg(&mut self, msg: ShardMsg, fx: &mut Effects) {
         match msg {
-            ShardMsg::Requests(requests) => {
-                for routed in requests {
+            ShardMsg::Requests(mut requests) => {
+                for routed in requests.drain(..) {
                     self.admit(routed, fx);
                 }
+                if self.spare_requests.len() < SPARE_BATCHES && requests.capacity() <= self.limits.routed_batch {
+                    self.spare_requests.push(requests);
+                }
             }
-            ShardMsg::Replies(replies) => {
+            ShardMsg::Replies(mut replies) => {
                 assert!(self.awaiting_remote >= replies.len(), "a reply nobody waits for");
                 self.awaiting_remote -= replies.len();
-                for r in replies {
+                for r in replies.drain(..) {
                     let output = r.output.as_ref().map_or(&[][..], Slice::bytes);
                     self.write_reply(r.origin, r.status, r.timings, output, fx);
+                }
+                if self.spare_replies.len() < SPARE_BATCHES && replies.capacity() <= self.limits.routed_batch {
+                    self.spare_replies.push(replies);
                 }
             }
             ShardMsg::Disconnected { shard, connection } => self.cancel_connection(shard, connection),
