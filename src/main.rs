@@ -643,6 +643,16 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         config.policy,
     );
+    let places: Vec<String> = server
+        .placements()
+        .iter()
+        .enumerate()
+        .map(|(shard, p)| match p.node {
+            Some(node) => format!("shard {shard} on CPU {} (NUMA node {node})", p.cpu),
+            None => format!("shard {shard} on CPU {} (NUMA node unknown)", p.cpu),
+        })
+        .collect();
+    eprintln!("symphony serve: {}", places.join(", "));
     let stop = server.stop_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;

@@ -952,3 +952,19 @@ fn ten_times_the_capacity_gets_one_reply_each_mostly_at_once() {
         peak >> 20
     );
 }
+
+#[test]
+fn serve_says_where_each_shard_runs() {
+    let _serial = serial();
+    let serve = Serve::start(&example_config("gpus = 2\nshards = 2\ncpus = [1, 0]"), &[]);
+    assert!(
+        serve.wait_log("shard 1 on CPU 0 (NUMA node", Duration::from_secs(5)),
+        "{}",
+        serve.log_text()
+    );
+    assert!(
+        serve.log_text().contains("shard 0 on CPU 1 (NUMA node"),
+        "{}",
+        serve.log_text()
+    );
+}

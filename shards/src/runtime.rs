@@ -99,8 +99,23 @@ pub fn shard_memory(shards: usize, memlock_limit_bytes: u64) -> Result<ShardMemo
 /// The machine's CPUs grouped by NUMA node, node by node, as hwloc sees them; `None` when the
 /// topology cannot be read.
 pub fn numa_cpus() -> Option<Vec<Vec<usize>>> {
+    cpus_by_node(&hwlocality::Topology::new().ok()?)
+}
+
+/// The CPUs by NUMA node of a synthetic topology in hwloc's description (for example
+/// `"node:2 core:4 pu:1"`: two nodes of four single-threaded cores), as placement sees a
+/// machine with that shape.
+pub fn synthetic_numa_cpus(description: &str) -> Result<Vec<Vec<usize>>, String> {
+    let topology = hwlocality::Topology::builder()
+        .from_synthetic(description)
+        .map_err(|e| format!("synthetic topology `{description}`: {e}"))?
+        .build()
+        .map_err(|e| format!("synthetic topology `{description}`: {e}"))?;
+    cpus_by_node(&topology).ok_or_else(|| format!("synthetic topology `{description}` has no NUMA node with CPUs"))
+}
+
+fn cpus_by_node(topology: &hwlocality::Topology) -> Option<Vec<Vec<usize>>> {
     use hwlocality::object::types::ObjectType;
-    let topology = hwlocality::Topology::new().ok()?;
     let nodes: Vec<Vec<usize>> = topology
         .objects_with_type(ObjectType::NUMANode)
         .filter_map(|node| {
@@ -110,6 +125,39 @@ pub fn numa_cpus() -> Option<Vec<Vec<usize>>> {
         .filter(|cpus| !cpus.is_empty())
         .collect();
     (!nodes.is_empty()).then_some(nodes)
+}
+
+/// Where one shard runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardPlace {
+    pub cpu: usize,
+    /// Its NUMA node (its index in hwloc's order), when the topology was read.
+    pub node: Option<usize>,
+}
+
+/// Places `shards` shards on the `allowed` CPUs one NUMA node before the next (`nodes`:
+/// hwloc's CPUs by node), so shards that talk most share a node; past the last CPU they wrap
+/// around. Without nodes (or none of their CPUs allowed), the allowed CPUs in order.
+pub fn place_shards(shards: usize, nodes: Option<&[Vec<usize>]>, allowed: &[usize]) -> Vec<ShardPlace> {
+    let by_node: Vec<ShardPlace> = nodes
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .flat_map(|(node, cpus)| {
+            cpus.iter()
+                .filter(|cpu| allowed.contains(cpu))
+                .map(move |&cpu| ShardPlace { cpu, node: Some(node) })
+        })
+        .collect();
+    let order = if by_node.is_empty() {
+        allowed.iter().map(|&cpu| ShardPlace { cpu, node: None }).collect()
+    } else {
+        by_node
+    };
+    if order.is_empty() {
+        return vec![ShardPlace { cpu: 0, node: None }; shards];
+    }
+    order.iter().copied().cycle().take(shards).collect()
 }
 
 /// The CPUs this process may run on (its affinity mask: a container or `taskset` may give
@@ -132,31 +180,29 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// The CPUs shards are pinned to: `cpus` if given (checked against the CPUs this process
 /// may run on), else those CPUs one NUMA node before the next (hwloc), so shards that talk
 /// most share a node; without a readable topology, the allowed CPUs in order.
-pub fn shard_cpus(shards: usize, cpus: Option<&[usize]>) -> Result<Vec<usize>, RuntimeError> {
+pub fn shard_cpus(shards: usize, cpus: Option<&[usize]>) -> Result<Vec<ShardPlace>, RuntimeError> {
     let allowed = allowed_cpus();
     let describe = || allowed.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-    let chosen: Vec<usize> = match cpus {
+    let nodes = numa_cpus();
+    let node_of = |cpu: usize| nodes.as_ref()?.iter().position(|n| n.contains(&cpu));
+    let chosen: Vec<ShardPlace> = match cpus {
         Some([]) => return Err(RuntimeError::NoCpus { allowed: describe() }),
-        Some(list) => list.iter().copied().cycle().take(shards).collect(),
-        None => {
-            let by_node: Vec<usize> = numa_cpus()
-                .map(|nodes| nodes.concat())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|cpu| allowed.contains(cpu))
-                .collect();
-            let order = if by_node.is_empty() { allowed.clone() } else { by_node };
-            if order.is_empty() {
-                (0..shards).map(|_| 0).collect()
-            } else {
-                order.iter().copied().cycle().take(shards).collect()
-            }
-        }
-    };
-    for &cpu in &chosen {
-        if !allowed.contains(&cpu) {
-            return Err(RuntimeError::NoSuchCpu {
+        Some(list) => list
+            .iter()
+            .copied()
+            .cycle()
+            .take(shards)
+            .map(|cpu| ShardPlace {
                 cpu,
+                node: node_of(cpu),
+            })
+            .collect(),
+        None => place_shards(shards, nodes.as_deref(), &allowed),
+    };
+    for placement in &chosen {
+        if !allowed.contains(&placement.cpu) {
+            return Err(RuntimeError::NoSuchCpu {
+                cpu: placement.cpu,
                 allowed: describe(),
             });
         }
@@ -308,9 +354,48 @@ mod tests {
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert!(cpus.len() >= available, "hwloc sees every usable CPU: {nodes:?}");
         assert_eq!(
-            shard_cpus(1, None).unwrap()[0],
+            shard_cpus(1, None).unwrap()[0].cpu,
             nodes[0][0],
             "the first node's CPUs come first"
+        );
+    }
+
+    /// The nodes each shard lands on.
+    fn nodes_of(places: &[ShardPlace]) -> Vec<Option<usize>> {
+        places.iter().map(|p| p.node).collect()
+    }
+
+    #[test]
+    fn shards_fill_a_numa_node_before_the_next_on_synthetic_machines() {
+        // Two nodes of four cores: CPUs 0-3 on node 0, 4-7 on node 1.
+        let two = synthetic_numa_cpus("node:2 core:4 pu:1").unwrap();
+        assert_eq!(two, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        let all: Vec<usize> = (0..8).collect();
+        let places = place_shards(6, Some(&two), &all);
+        assert_eq!(places.iter().map(|p| p.cpu).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            nodes_of(&places),
+            vec![Some(0), Some(0), Some(0), Some(0), Some(1), Some(1)]
+        );
+        // Four nodes of two cores, the process allowed only CPUs 2-7 (a container): node 0
+        // has none of them, so shards start on node 1 and fill it first.
+        let four = synthetic_numa_cpus("node:4 core:2 pu:1").unwrap();
+        assert_eq!(four.len(), 4);
+        let allowed: Vec<usize> = (2..8).collect();
+        let places = place_shards(5, Some(&four), &allowed);
+        assert_eq!(places.iter().map(|p| p.cpu).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
+        assert_eq!(nodes_of(&places), vec![Some(1), Some(1), Some(2), Some(2), Some(3)]);
+        // More shards than CPUs wrap around, node order kept.
+        let places = place_shards(10, Some(&two), &all);
+        assert_eq!(places[8], ShardPlace { cpu: 0, node: Some(0) });
+        // Hyper-threads: a core's two PUs are neighbours in its node.
+        let smt = synthetic_numa_cpus("node:2 core:2 pu:2").unwrap();
+        assert_eq!(smt, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        assert!(synthetic_numa_cpus("no such level:3").is_err());
+        // No topology: the allowed CPUs in order, node unknown.
+        assert_eq!(
+            place_shards(2, None, &[5, 7]),
+            vec![ShardPlace { cpu: 5, node: None }, ShardPlace { cpu: 7, node: None }]
         );
     }
 
@@ -318,7 +403,7 @@ mod tests {
     fn cpus_are_checked() {
         let allowed = allowed_cpus();
         assert!(!allowed.is_empty());
-        assert_eq!(shard_cpus(1, None).unwrap(), vec![allowed[0]]);
+        assert_eq!(shard_cpus(1, None).unwrap()[0].cpu, allowed[0]);
         assert!(shard_cpus(1, Some(&[100_000])).is_err());
         assert!(
             shard_cpus(1, Some(&[])).is_err(),

@@ -48,6 +48,7 @@ pub struct ServerHandle {
     memory: ShardMemory,
     limits: Limits,
     nofile: runtime::FdBudget,
+    places: Vec<runtime::ShardPlace>,
     stop: Arc<AtomicBool>,
     joins: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -82,6 +83,11 @@ impl ServerHandle {
     }
 
     /// The descriptor limit and what it allowed.
+    /// Where each shard runs: its CPU and NUMA node, by shard.
+    pub fn placements(&self) -> &[runtime::ShardPlace] {
+        &self.places
+    }
+
     pub fn fd_budget(&self) -> runtime::FdBudget {
         self.nofile
     }
@@ -149,7 +155,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut joins = Vec::with_capacity(shard_count);
     let mut listen = config.listen.clone();
     let mut local_addr = None;
-    for (shard, &cpu) in cpus.iter().enumerate() {
+    for (shard, &runtime::ShardPlace { cpu, .. }) in cpus.iter().enumerate() {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(SocketAddr, Option<SocketAddr>), ServeError>>();
         let setup = ShardSetup {
             id: shard as u32,
@@ -199,6 +205,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
         memory,
         limits,
         nofile,
+        places: cpus,
         stop,
         joins,
     })
