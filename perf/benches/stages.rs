@@ -9,22 +9,17 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::hint::black_box;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use symphony_core::policy::deferred::Config;
-use symphony_core::policy::{GrantPolicy, Knobs, ModelConfig, PolicyKind};
+use symphony_core::policy::{GrantPolicy, ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
 use symphony_core::wire::executor::{self as exec, PlanMsg, PlanRequest};
 use symphony_core::wire::{self, Frame, FrameDecoder, Kind, ModelRef, ReplyRef, RequestRef, Status, Timings};
+use symphony_perf::stress;
 use symphony_shards::buffers::ReadBuffer;
-use symphony_shards::config::{Limits, Timeouts};
-use symphony_shards::executors::Executors;
-use symphony_shards::shard::{
-    Catalog, ConnectionKey, Effect, Effects, Input, Peer, ShardCore, ShardMsg, ShardParams, TimeoutsNs,
-};
-use symphony_shards::stats::Stats;
+use symphony_shards::config::Limits;
+use symphony_shards::shard::{Catalog, ConnectionKey, Effect, Effects, Input, Peer, ShardCore, ShardMsg};
 use symphony_shards::sync::gpu_table::GpuTable;
 
 const MODELS: usize = 1000;
@@ -54,29 +49,7 @@ fn request_frame(model: &ModelRef) -> Vec<u8> {
 }
 
 fn cores(shards: usize) -> Vec<ShardCore> {
-    let catalog = Arc::new(Catalog::new(&models(), &[], shards));
-    let table = Arc::new(GpuTable::with_offline(GPUS as usize, 0, shards));
-    let executors = Arc::new(Executors::new(None, Arc::clone(&table), GPUS, 0, shards));
-    let knobs = Knobs::default();
-    (0..shards)
-        .map(|id| {
-            ShardCore::new(ShardParams {
-                id: id as u32,
-                shard_count: shards,
-                catalog: Arc::clone(&catalog),
-                policy: Config::of(PolicyKind::Symphony, &knobs),
-                knobs: knobs.clone(),
-                limits: Limits::default(),
-                timeouts: TimeoutsNs::of(&Timeouts::default()),
-                table: Arc::clone(&table),
-                embedded_gpus: GPUS,
-                executors: Arc::clone(&executors),
-                link_addrs: Arc::new(OnceLock::new()),
-                zero_copy: false,
-                stats: Arc::new(Stats::default()),
-            })
-        })
-        .collect()
+    stress::embedded_cores(&models(), GPUS, shards, PolicyKind::Symphony, Limits::default())
 }
 
 /// Serves `count` requests through `shards` cores in virtual time (one every 10 us, models in

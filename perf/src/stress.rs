@@ -119,17 +119,12 @@ pub fn run(config: &StressConfig) -> Result<StressReport, String> {
             slo_ns,
         })
         .collect();
-    let catalog = Arc::new(Catalog::new(&models, &[], shard_count));
-    let table = Arc::new(GpuTable::with_offline(config.gpus as usize, 0, shard_count));
-    let executors = Arc::new(Executors::new(None, Arc::clone(&table), config.gpus, 0, shard_count));
-    let link_addrs = Arc::new(OnceLock::new());
-    let stats = Arc::new(Stats::default());
-    let knobs = Knobs::default();
     let limits = Limits {
         requests_per_connection: usize::MAX / 2,
         request_bytes_per_connection: usize::MAX / 2,
         ..Limits::default()
     };
+    let cores = embedded_cores(&models, config.gpus, shard_count, config.policy, limits);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..shard_count).map(|_| mpsc::channel::<ShardMsg>()).unzip();
     let epoch = Instant::now() + Duration::from_millis(20);
     // Shards done with their own requests; each serves the others until all are.
@@ -137,23 +132,9 @@ pub fn run(config: &StressConfig) -> Result<StressReport, String> {
     let reports: Vec<Result<StressReport, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = receivers
             .into_iter()
+            .zip(cores)
             .enumerate()
-            .map(|(id, inbox)| {
-                let core = ShardCore::new(ShardParams {
-                    id: id as u32,
-                    shard_count,
-                    catalog: Arc::clone(&catalog),
-                    policy: Config::of(config.policy, &knobs),
-                    knobs: knobs.clone(),
-                    limits,
-                    timeouts: TimeoutsNs::of(&Timeouts::default()),
-                    table: Arc::clone(&table),
-                    embedded_gpus: config.gpus,
-                    executors: Arc::clone(&executors),
-                    link_addrs: Arc::clone(&link_addrs),
-                    zero_copy: false,
-                    stats: Arc::clone(&stats),
-                });
+            .map(|(id, (inbox, core))| {
                 let outboxes = senders.clone();
                 let finished = &finished;
                 scope.spawn(move || ShardRun::new(core, id, shard_count, config, outboxes, inbox, epoch).run(finished))
@@ -176,6 +157,43 @@ pub fn run(config: &StressConfig) -> Result<StressReport, String> {
         total.wall = total.wall.max(r.wall);
     }
     Ok(total)
+}
+
+/// `shards` shard cores serving `models` on `gpus` embedded GPUs of one shared table, with
+/// no external executors (the stress, the benchmarks and the allocation count build them
+/// so).
+pub fn embedded_cores(
+    models: &[ModelConfig],
+    gpus: u32,
+    shards: usize,
+    policy: PolicyKind,
+    limits: Limits,
+) -> Vec<ShardCore> {
+    let catalog = Arc::new(Catalog::new(models, &[], shards));
+    let table = Arc::new(GpuTable::with_offline(gpus as usize, 0, shards));
+    let executors = Arc::new(Executors::new(None, Arc::clone(&table), gpus, 0, shards));
+    let link_addrs = Arc::new(OnceLock::new());
+    let stats = Arc::new(Stats::default());
+    let knobs = Knobs::default();
+    (0..shards)
+        .map(|id| {
+            ShardCore::new(ShardParams {
+                id: id as u32,
+                shard_count: shards,
+                catalog: Arc::clone(&catalog),
+                policy: Config::of(policy, &knobs),
+                knobs: knobs.clone(),
+                limits,
+                timeouts: TimeoutsNs::of(&Timeouts::default()),
+                table: Arc::clone(&table),
+                embedded_gpus: gpus,
+                executors: Arc::clone(&executors),
+                link_addrs: Arc::clone(&link_addrs),
+                zero_copy: false,
+                stats: Arc::clone(&stats),
+            })
+        })
+        .collect()
 }
 
 /// One shard's thread: its core, its injector, its embedded executors.

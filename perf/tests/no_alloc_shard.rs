@@ -7,54 +7,21 @@
 //! queues are reserved ahead). With two shards, routed requests and replies cross in
 //! batches; a shard reuses the emptied batches it receives for the ones it sends.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
 
-use symphony_core::policy::deferred::Config;
-use symphony_core::policy::{Knobs, ModelConfig, PolicyKind};
+use symphony_core::policy::{ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
 use symphony_core::wire::{self, Frame, FrameDecoder, Kind, ModelRef, RequestRef, Status};
+use symphony_perf::stress;
 use symphony_shards::buffers::ReadBuffer;
-use symphony_shards::config::{Limits, Timeouts};
-use symphony_shards::executors::Executors;
-use symphony_shards::shard::{
-    Catalog, ConnectionKey, Effect, Effects, Input, Peer, ShardCore, ShardMsg, ShardParams, TimeoutsNs,
-};
-use symphony_shards::stats::Stats;
-use symphony_shards::sync::gpu_table::GpuTable;
+use symphony_shards::config::Limits;
+use symphony_shards::shard::{ConnectionKey, Effect, Effects, Input, Peer, ShardMsg};
 
-struct Counting;
+mod counting;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract; we pass it on.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System.alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: as for `alloc` and `dealloc`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+use counting::{ALLOCATIONS, COUNTING};
 
 const MS: u64 = 1_000_000;
 
@@ -79,29 +46,7 @@ fn serve(shards: usize, gap_ns: u64, end_ns: u64, count_from_ns: u64) -> Counted
             slo_ns,
         })
         .collect();
-    let catalog = Arc::new(Catalog::new(&models, &[], shards));
-    let table = Arc::new(GpuTable::with_offline(64, 0, shards));
-    let executors = Arc::new(Executors::new(None, Arc::clone(&table), 64, 0, shards));
-    let knobs = Knobs::default();
-    let mut cores: Vec<ShardCore> = (0..shards)
-        .map(|id| {
-            ShardCore::new(ShardParams {
-                id: id as u32,
-                shard_count: shards,
-                catalog: Arc::clone(&catalog),
-                policy: Config::of(PolicyKind::Symphony, &knobs),
-                knobs: knobs.clone(),
-                limits: Limits::default(),
-                timeouts: TimeoutsNs::of(&Timeouts::default()),
-                table: Arc::clone(&table),
-                embedded_gpus: 64,
-                executors: Arc::clone(&executors),
-                link_addrs: Arc::new(OnceLock::new()),
-                zero_copy: false,
-                stats: Arc::new(Stats::default()),
-            })
-        })
-        .collect();
+    let mut cores = stress::embedded_cores(&models, 64, shards, PolicyKind::Symphony, Limits::default());
     // The prepared request frames (payloads), one per model.
     let payloads: Vec<Vec<u8>> = (0..models.len())
         .map(|m| {
