@@ -9,6 +9,8 @@
 //! executors speaking the link protocol (results late, lost or malformed, heartbeats missed,
 //! crashes and reconnects, clock skew and drift). Everything is drawn from one seed, so a failure
 //! replays exactly: [`Scenario::sample`] draws every knob, [`Scenario::describe`] prints them.
+//! Replaying one seed (`vopr --seed N`) prints the shards' log lines; with `VOPR_TRACE=1` also
+//! every input and every plan checked, and with `VOPR_DUMP=1` every shard's state at the end.
 //!
 //! Checked on every run: each request gets at most one reply, and exactly one on a
 //! connection that stays open; no GPU is planned two batches at once; no batch is planned to
@@ -665,7 +667,7 @@ impl<'a> World<'a> {
             }
             _ => {}
         }
-        if self.verbose && self.probes_sent && std::env::var("VOPR_TRACE").is_ok() {
+        if self.verbose && std::env::var_os("VOPR_TRACE").is_some() {
             let text = format!("{input:?}");
             eprintln!(
                 "{:>10.3} ms shard {shard} <- {}",
@@ -787,7 +789,7 @@ impl<'a> World<'a> {
             deadlines.push(deadline);
         }
         self.outcome.plans += 1;
-        if self.verbose && self.probes_sent {
+        if self.verbose && std::env::var_os("VOPR_TRACE").is_some() {
             eprintln!(
                 "{:>10.3} ms plan {plan_id} on {lane:?}: {exec_at}..{finish}, {} requests",
                 self.now as f64 / 1e6,
@@ -1604,7 +1606,7 @@ impl<'a> World<'a> {
 
     /// At the end: every open client was answered in full, nothing is held, probes ran.
     fn finish(&mut self) -> Result<(), String> {
-        if std::env::var("VOPR_DUMP").is_ok() {
+        if std::env::var_os("VOPR_DUMP").is_some() {
             for core in &self.cores {
                 eprintln!("{core:#?}");
             }
