@@ -16,7 +16,7 @@ use std::sync::Arc;
 use symphony_core::gpu_pool::{GpuClaim, GpuSource};
 use symphony_core::policy::GrantPolicy;
 
-use crate::sync::gpu_table::{Claim, GpuTable};
+use crate::sync::gpu_table::{Claim, GpuTable, TableView};
 
 #[derive(Debug)]
 pub struct SharedGpus {
@@ -30,6 +30,8 @@ pub struct SharedGpus {
     posted: Option<u64>,
     /// A hand-off came since the last scan for unwanted reservations.
     maybe_reserved: bool,
+    /// The last look at the table, rescanned only after a change.
+    view: TableView,
 }
 
 impl SharedGpus {
@@ -42,6 +44,7 @@ impl SharedGpus {
             handoffs: Vec::with_capacity(gpu_count),
             posted: None,
             maybe_reserved: false,
+            view: TableView::default(),
         }
     }
 
@@ -107,7 +110,7 @@ impl GpuSource for SharedGpus {
     }
 
     fn min_free_at_ns(&self) -> u64 {
-        self.table.min_free_at_ns(self.shard)
+        self.view.min_free_at_ns(&self.table, self.shard)
     }
 
     fn claim(&mut self, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {

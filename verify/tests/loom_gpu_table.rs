@@ -1,6 +1,7 @@
 //! Loom models of the shards' GPU table (`shards/src/sync/gpu_table.rs`) on the path the
 //! service takes: a shard posts its waiting candidate (`post_waiter`), looks at the GPUs
-//! (`min_free_at_ns`) and claims by its grant policy (`claim`, pick then claim); a release
+//! (`min_free_at_ns` through its `TableView`, which rescans only after a change) and claims by
+//! its grant policy (`claim`, pick then claim); a release
 //! reserves the GPU it frees for the earliest waiter and tells that shard, which claims it or
 //! declines it on to the next (`decline`), under every interleaving loom explores, with two
 //! and three threads.
@@ -25,7 +26,7 @@ mod atomic {
 #[path = "../../shards/src/sync/gpu_table.rs"]
 mod gpu_table;
 
-use gpu_table::GpuTable;
+use gpu_table::{GpuTable, TableView};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 use symphony_core::policy::GrantPolicy;
@@ -50,23 +51,33 @@ fn plan_and_release(table: &GpuTable, log: &Log, claim: gpu_table::Claim, exec_a
     table.release(claim, start + EXEC_NS)
 }
 
+/// A shard's view after a look at the GPUs (the look that found none in time, before it
+/// posts): its next look rescans only if the table changed since.
+fn looked(table: &GpuTable, shard: u16) -> TableView {
+    let view = TableView::default();
+    view.min_free_at_ns(table, shard);
+    view
+}
+
 /// What a shard with a waiting candidate does (`Deferred` over `SharedGpus`): post it, then
-/// at its next look take the earliest `free_at` it may claim and claim from there by its
-/// grant policy; with a GPU it withdraws the post.
+/// at its next look (through `view`) take the earliest `free_at` it may claim and claim from
+/// there by its grant policy; with a GPU it withdraws the post. Returns the claim and the
+/// shard's view.
 fn post_then_claim(
     table: &GpuTable,
     shard: u16,
     invalid_after_ns: u64,
     policy: GrantPolicy,
-) -> Option<gpu_table::Claim> {
+    view: TableView,
+) -> (Option<gpu_table::Claim>, TableView) {
     table.post_waiter(shard, invalid_after_ns);
-    claim_as_told(table, shard, policy)
+    (claim_as_told(table, shard, &view, policy), view)
 }
 
 /// A shard's claim after a hand-off message (or its own timer): from the earliest `free_at`
-/// it may claim (free GPUs, and those reserved for it).
-fn claim_as_told(table: &GpuTable, shard: u16, policy: GrantPolicy) -> Option<gpu_table::Claim> {
-    let free_at_ns = table.min_free_at_ns(shard);
+/// it may claim (free GPUs, and those reserved for it), as its view shows it.
+fn claim_as_told(table: &GpuTable, shard: u16, view: &TableView, policy: GrantPolicy) -> Option<gpu_table::Claim> {
+    let free_at_ns = view.min_free_at_ns(table, shard);
     if free_at_ns == u64::MAX {
         return None;
     }
@@ -168,10 +179,14 @@ fn a_waiter_is_never_forgotten_by_a_release() {
         };
         let waiter = {
             let table = table.clone();
-            thread::spawn(move || post_then_claim(&table, 1, 500, GrantPolicy::EarliestFree))
+            thread::spawn(move || {
+                let view = looked(&table, 1);
+                post_then_claim(&table, 1, 500, GrantPolicy::EarliestFree, view)
+            })
         };
         let handed_to = releaser.join().unwrap();
-        match waiter.join().unwrap() {
+        let (claim, view) = waiter.join().unwrap();
+        match claim {
             Some(claim) => {
                 assert_eq!(table.reservation_of(1), None);
                 let _ = plan_and_release(&table, &log, claim, 0);
@@ -180,7 +195,7 @@ fn a_waiter_is_never_forgotten_by_a_release() {
                 // The waiter's look came too early: the release saw its post.
                 assert_eq!(handed_to, Some(1), "the release must hand the GPU to the waiter");
                 assert_eq!(table.reservation_of(1), Some(0));
-                let claim = claim_as_told(&table, 1, GrantPolicy::EarliestFree).expect("told, it claims");
+                let claim = claim_as_told(&table, 1, &view, GrantPolicy::EarliestFree).expect("told, it claims");
                 let _ = plan_and_release(&table, &log, claim, 0);
             }
         }
@@ -202,11 +217,20 @@ fn hand_off_serves_waiters_and_forgets_none_with_three_threads() {
             .into_iter()
             .map(|(shard, invalid_after_ns)| {
                 let table = table.clone();
-                thread::spawn(move || post_then_claim(&table, shard, invalid_after_ns, GrantPolicy::LowestIndex))
+                thread::spawn(move || {
+                    // One waiter looked before it posted, one did not (a stale view in
+                    // both threads takes too long to explore for the test run).
+                    let view = if shard == 1 {
+                        looked(&table, shard)
+                    } else {
+                        TableView::default()
+                    };
+                    post_then_claim(&table, shard, invalid_after_ns, GrantPolicy::LowestIndex, view)
+                })
             })
             .collect();
         let mut told: Vec<u16> = releaser.join().unwrap().into_iter().collect();
-        let claims: Vec<_> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+        let (claims, views): (Vec<_>, Vec<_>) = waiters.into_iter().map(|w| w.join().unwrap()).unzip();
         // One GPU: at most one waiter claimed it directly.
         assert!(claims.iter().filter(|c| c.is_some()).count() <= 1);
         let mut served: Vec<u16> = Vec::new();
@@ -222,7 +246,8 @@ fn hand_off_serves_waiters_and_forgets_none_with_three_threads() {
                 told.extend(decline_all(&table, shard));
                 continue;
             }
-            let claim = claim_as_told(&table, shard, GrantPolicy::LowestIndex).expect("told, it claims");
+            let view = &views[shard as usize - 1];
+            let claim = claim_as_told(&table, shard, view, GrantPolicy::LowestIndex).expect("told, it claims");
             served.push(shard);
             told.extend(plan_and_release(&table, &log, claim, 0));
         }
@@ -262,7 +287,8 @@ fn a_declined_reservation_goes_on_to_the_next_waiter() {
                 told.extend(decline_all(&table, 1));
                 continue;
             }
-            let claim = claim_as_told(&table, shard, GrantPolicy::LowestIndex).expect("told, it claims");
+            let claim =
+                claim_as_told(&table, shard, &TableView::default(), GrantPolicy::LowestIndex).expect("told, it claims");
             served = Some(shard);
             let _ = plan_and_release(&table, &log, claim, 0);
         }

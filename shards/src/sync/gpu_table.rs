@@ -56,6 +56,20 @@
 //! than SeqCst accesses: loom models SeqCst fences exactly, SeqCst accesses only as AcqRel.)
 //! The loom models in `verify/tests/loom_gpu_table.rs` check this, and that no GPU ever holds
 //! two overlapping plans, with two and three threads; without either fence they fail.
+//!
+//! # Looking without scanning
+//!
+//! A shard looks at the GPUs (`min_free_at_ns`) on every window update, once per request,
+//! while the GPUs change once per plan. Every change that can make a GPU open to a shard that
+//! was not, or change an open GPU's `free_at` (release, cancel, reserve, decline, online,
+//! offline), bumps the table's `changes` counter after its state store and before the
+//! hand-off's fence; a shard's [`TableView`] rescans only when the counter moved since its
+//! last scan. The counter takes part in the Dekker pair: a shard loads it after its post's
+//! fence, so if the releaser's fence came first the shard sees the bump and rescans. A claim
+//! and a reservation do not bump: they only close a GPU to the other shards (a reserved GPU
+//! stays open, with the same `free_at`, to the shard it is reserved for). Until the next bump
+//! another shard's view may still count that GPU, as a scan just before would have, and its
+//! claim then finds the GPU taken, as after any lost race.
 
 use symphony_core::policy::GrantPolicy;
 
@@ -143,6 +157,45 @@ pub struct GpuTable {
     waiters: Box<[AtomicU64]>,
     /// GPUs not OFFLINE (for planning: the saturation measure divides by it).
     online: AtomicU64,
+    /// Bumped by every change a [`TableView`] must see (module doc), on a line of its own.
+    changes: Padded,
+}
+
+/// An atomic alone on its cache line (the GPU words beside it are read by every shard).
+#[derive(Debug)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+/// One shard's last look at the table: `min_free_at_ns` rescans only after a change.
+#[derive(Debug)]
+pub struct TableView {
+    /// The table's `changes` when `min_free_at_ns` was computed (`u64::MAX`: never).
+    seen: std::cell::Cell<u64>,
+    min_free_at_ns: std::cell::Cell<u64>,
+}
+
+impl Default for TableView {
+    fn default() -> TableView {
+        TableView {
+            seen: std::cell::Cell::new(u64::MAX),
+            min_free_at_ns: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl TableView {
+    /// `table.min_free_at_ns(shard)`, rescanned only when the table changed since the last
+    /// call (a snapshot either way: a claim re-checks).
+    pub fn min_free_at_ns(&self, table: &GpuTable, shard: u16) -> u64 {
+        let changes = table.changes.0.load(Ordering::Acquire);
+        if self.seen.get() == changes {
+            return self.min_free_at_ns.get();
+        }
+        let min_free_at_ns = table.min_free_at_ns(shard);
+        self.seen.set(changes);
+        self.min_free_at_ns.set(min_free_at_ns);
+        min_free_at_ns
+    }
 }
 
 impl GpuTable {
@@ -166,7 +219,14 @@ impl GpuTable {
                 .collect(),
             waiters: (0..shard_count).map(|_| AtomicU64::new(NO_WAITER)).collect(),
             online: AtomicU64::new(online as u64),
+            changes: Padded(AtomicU64::new(0)),
         }
+    }
+
+    /// Tells every [`TableView`] to rescan. Called after the state store of a change and
+    /// before the hand-off's fence (module doc).
+    fn changed(&self) {
+        self.changes.0.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Slots in the table, online or not.
@@ -205,6 +265,7 @@ impl GpuTable {
                 .is_ok()
             {
                 self.online.fetch_sub(1, Ordering::Relaxed);
+                self.changed();
                 return true;
             }
         }
@@ -230,6 +291,7 @@ impl GpuTable {
             return None;
         }
         self.online.fetch_add(1, Ordering::Relaxed);
+        self.changed();
         self.hand_off(gpu)
     }
 
@@ -355,6 +417,7 @@ impl GpuTable {
         slot.free_at_ns.store(free_at_ns, Ordering::Relaxed);
         let freed = State::unpack(word).next(TAG_FREE, 0);
         slot.state.store(freed, Ordering::Release);
+        self.changed();
         self.hand_off(claim.gpu)
     }
 
@@ -375,6 +438,7 @@ impl GpuTable {
         {
             return None;
         }
+        self.changed();
         self.hand_off(gpu)
     }
 
@@ -409,8 +473,9 @@ impl GpuTable {
     fn hand_off(&self, gpu: u32) -> Option<u16> {
         let slot = &self.gpus[gpu as usize];
         for _ in 0..CAS_RETRY_LIMIT {
-            // The releaser's half of the Dekker pair with `post_and_claim` (module doc): the
-            // store that freed the GPU is ordered before the loads of the waiter slots.
+            // The releaser's half of the Dekker pair with `post_waiter` (module doc): the
+            // store that freed the GPU, and the bump of `changes`, are ordered before the
+            // loads of the waiter slots.
             fence(Ordering::SeqCst);
             let (shard, _) = self
                 .waiters
@@ -431,7 +496,8 @@ impl GpuTable {
                 .compare_exchange(word, reserved, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                // The waiter is served: its slot is cleared by the shard when it claims.
+                // The waiter is served: its slot is cleared by the shard when it claims. No
+                // bump: a reservation closes the GPU to the other shards only (see `changes`).
                 return Some(shard);
             }
         }
