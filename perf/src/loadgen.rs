@@ -9,9 +9,13 @@
 //! side). Each connection has two threads:
 //!
 //! - the sender sleeps until its next arrival (spin-yields for the last ~50 µs), then encodes
-//!   every request due by now into one buffer and writes it with one write: many frames per
-//!   write is what reaches high rates on 2 cores. If it falls behind it sends everything due at
-//!   once (still open loop) and records how late it was (`send_lag_us_max`);
+//!   every request due by now into one buffer and writes it with one write, then sleeps at
+//!   least [`WRITE_GATHER`] before the next write: many frames per write is what reaches high
+//!   rates (one small write per frame tops out near 250,000 frames a second on loopback), and
+//!   a sleeping sender leaves its core to the receivers. A request is thus sent up to about
+//!   `WRITE_GATHER` plus a sleep's overshoot (~50 µs) after its arrival at high rates. If it
+//!   falls behind it sends everything due at once (still open loop) and records how late it
+//!   was (`send_lag_us_max`);
 //! - the receiver reads replies in bulk and records each one once, matched by its id (the
 //!   arrival's index): latency from the send (the sender's clock reading of the write that
 //!   carried it) to the read that brought the reply, its status, and whether it came back `OK`
@@ -44,8 +48,9 @@ use symphony_shards::client::{Client, ClientError, Receiver, Sender, WRITE_BUFFE
 
 /// The most connections one run opens (each has two threads).
 pub const CONNECTIONS_LIMIT: usize = 1024;
-/// The most requests one run sends, all phases together (the run keeps 24 bytes per request).
-pub const REQUESTS_LIMIT: u64 = 10_000_000;
+/// The most requests one run sends, all phases together (the run keeps 24 bytes per request):
+/// 32 s at a million a second fit.
+pub const REQUESTS_LIMIT: u64 = 64_000_000;
 /// The largest input of one request.
 pub const INPUT_BYTES_LIMIT: usize = 1024 * 1024;
 /// The longest run, all phases together.
@@ -57,6 +62,9 @@ pub const LATENCY_US_MAX: u64 = 3_600_000_000;
 /// A sender spin-yields instead of sleeping when its next arrival is closer than this
 /// (`thread::sleep` overshoots by about this much).
 const SPIN_NS: u64 = 50_000;
+/// A sender sleeps this long after each write, so the arrivals of that time go out in one
+/// write (at low rates the next arrival is further away than this anyway).
+pub const WRITE_GATHER: Duration = Duration::from_micros(100);
 /// The longest single sleep, so an abort is seen soon.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 /// A sender stops encoding into one write at this many bytes (the rest goes in the next).
@@ -562,6 +570,7 @@ fn send_loop(shared: &Shared<'_>, connection: usize, mut sender: Sender) {
             }
         }
         shared.sent.fetch_add(count, Ordering::Relaxed);
+        thread::sleep(WRITE_GATHER);
     }
     if let Some(error) = failure {
         shared.report_error(format!("connection {connection}: sending: {error}"));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use symphony_core::wire::{decode_request, ErrorCode, FrameDecoder, Kind, ModelRef, Status};
 use symphony_core::workload::{Phase, Workload};
-use symphony_perf::loadgen::{self, LoadError, LoadSpec, CONNECTIONS_LIMIT};
+use symphony_perf::loadgen::{self, LoadError, LoadSpec, CONNECTIONS_LIMIT, REQUESTS_LIMIT};
 
 #[path = "../../shards/tests/support/fake_server.rs"]
 mod fake_server;
@@ -275,7 +275,8 @@ fn limits_and_bad_targets_are_refused_up_front() {
         refused(&|s| s.rate_scale = f64::NAN),
         LoadError::RateScale { .. }
     ));
-    let error = refused(&|s| s.rate_scale = 10_000.0);
+    let over_the_limit = 2.0 * REQUESTS_LIMIT as f64 / loadgen::expected_requests(&base.workload, 1.0);
+    let error = refused(&|s| s.rate_scale = over_the_limit);
     assert!(matches!(error, LoadError::TooManyRequests { .. }), "{error}");
     assert!(matches!(
         refused(&|s| s.input_bytes = 1 << 30),

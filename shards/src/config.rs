@@ -135,7 +135,9 @@ pub struct Limits {
     /// Connections per shard on its executor link port, joined or not. At the limit a new
     /// one takes the place of the oldest that has not joined, or is refused.
     pub links_per_shard: usize,
-    /// Requests one shard holds (queued or running); past it, replies are `overloaded`.
+    /// Requests one shard holds (queued or running); past it, replies are `overloaded`. A
+    /// deferring scheduler holds each request for most of its SLO: a million requests a
+    /// second with 100 ms SLOs is about 60,000 held.
     pub requests_per_shard: usize,
     /// Requests one connection may have without a reply; at it the shard reads no more from
     /// that connection until replies go out (TCP backpressure).
@@ -166,8 +168,8 @@ impl Default for Limits {
         Limits {
             connections_per_shard: 1024,
             links_per_shard: 256,
-            requests_per_shard: 1 << 16,
-            requests_per_connection: 16_384,
+            requests_per_shard: 1 << 18,
+            requests_per_connection: 1 << 16,
             request_bytes_per_connection: 64 << 20,
             request_bytes_per_shard: 1 << 30,
             write_buffer_bytes: 1 << 20,

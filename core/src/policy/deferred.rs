@@ -526,37 +526,45 @@ impl<G: GpuSource> Deferred<G> {
 }
 
 /// Section 4: the target batch size from the observed rate (`None`: no rate yet).
+///
+/// Both of the section's cases are one test: with `n = rate * l(b) / b` GPUs needed, a batch
+/// fits when `l(b) * (1 + 1/n) = l(b) + b / rate` (more than one GPU) or `l(b) + b / rate`
+/// (one GPU at most) stays within the budget less `d_data * b`. That grows with `b` (the
+/// profile is monotone), as does the no-rate test `l(b)`, so the largest fitting `b` is found
+/// by bisection: this runs at every rate sample of every model, and a linear profile is
+/// tabulated up to thousands of batch sizes.
 pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, knobs: &Knobs) -> u32 {
     let budget_ns = slo_ns.saturating_sub(knobs.d_ctrl_ns + knobs.d_resp_ns) as f64;
-    let mut target = 1;
     match rate_rps {
         None => {
             // The largest b with l(b) <= slo/2 - d_resp - pre - post.
             let bound_ns = (slo_ns / 2).saturating_sub(knobs.d_resp_ns + profile.pre_ns() + profile.post_ns());
-            for b in 1..=profile.batch_size_max() {
-                if profile.latency_ns(b) <= bound_ns {
-                    target = b;
-                }
-            }
+            largest_fitting(profile.batch_size_max(), |b| profile.latency_ns(b) <= bound_ns)
         }
         Some(rate_rps) => {
-            let rate_per_ns = rate_rps.max(1e-9) / 1e9;
-            for b in 1..=profile.batch_size_max() {
+            let ns_per_request = 1e9 / rate_rps.max(1e-9);
+            largest_fitting(profile.batch_size_max(), |b| {
                 let exec_ns = profile.exec_ns(b) as f64;
                 let data_ns = (knobs.d_data_ns * u64::from(b)) as f64;
-                let gpus_needed = rate_per_ns * exec_ns / f64::from(b);
-                let fits = if gpus_needed > 1.0 {
-                    exec_ns * (1.0 + 1.0 / gpus_needed) <= budget_ns - data_ns
-                } else {
-                    exec_ns + f64::from(b) / rate_per_ns + data_ns <= budget_ns
-                };
-                if fits {
-                    target = b;
-                }
-            }
+                exec_ns + f64::from(b) * ns_per_request <= budget_ns - data_ns
+            })
         }
     }
-    target
+}
+
+/// The largest `b` in `1..=max` with `fits(b)`, for a `fits` that holds up to some size and
+/// not past it; 1 when none fits.
+fn largest_fitting(max: u32, fits: impl Fn(u32) -> bool) -> u32 {
+    let (mut low, mut high) = (1, max + 1); // fits below `low` (or low = 1), not from `high`
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if fits(mid) {
+            low = mid + 1;
+        } else {
+            high = mid;
+        }
+    }
+    (low - 1).max(1)
 }
 
 impl<G: GpuSource> Serving for Deferred<G> {
@@ -751,6 +759,48 @@ mod tests {
             d.models[0].queue.push_back(request(id, 60 * MS));
         }
         d.queued_count = 10;
+    }
+
+    /// Section 4 as the paper states it, every batch size tried in turn.
+    fn target_batch_size_by_scan(profile: &Profile, slo_ns: u64, rate_rps: f64, knobs: &Knobs) -> u32 {
+        let budget_ns = slo_ns.saturating_sub(knobs.d_ctrl_ns + knobs.d_resp_ns) as f64;
+        let rate_per_ns = rate_rps / 1e9;
+        let mut target = 1;
+        for b in 1..=profile.batch_size_max() {
+            let exec_ns = profile.exec_ns(b) as f64;
+            let data_ns = (knobs.d_data_ns * u64::from(b)) as f64;
+            let gpus_needed = rate_per_ns * exec_ns / f64::from(b);
+            let fits = if gpus_needed > 1.0 {
+                exec_ns * (1.0 + 1.0 / gpus_needed) <= budget_ns - data_ns
+            } else {
+                exec_ns + f64::from(b) / rate_per_ns + data_ns <= budget_ns
+            };
+            if fits {
+                target = b;
+            }
+        }
+        target
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_bisection_finds_what_a_scan_of_every_batch_size_finds(
+            slope_us in 0.0f64..3_000.0,
+            intercept_us in 0.0f64..20_000.0,
+            pre_us in 0.0f64..2_000.0,
+            slo_ms in 1u64..500,
+            rate_rps in 0.01f64..2_000_000.0,
+        ) {
+            let slo_ns = slo_ms * MS;
+            let Ok(profile) = Profile::parse_linear(&format!("sleep#{slope_us},{intercept_us},{pre_us},0"), slo_ns) else {
+                return Ok(());
+            };
+            let knobs = Knobs::default();
+            proptest::prop_assert_eq!(
+                target_batch_size(&profile, slo_ns, Some(rate_rps), &knobs),
+                target_batch_size_by_scan(&profile, slo_ns, rate_rps, &knobs)
+            );
+        }
     }
 
     #[test]

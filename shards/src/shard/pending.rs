@@ -24,7 +24,12 @@ pub(crate) struct Pending {
     /// Its client went away while it was in a plan in flight: it is not planned again.
     pub(crate) orphaned: bool,
     generation: u32,
-    /// Neighbours in its connection's list.
+}
+
+/// A held slot's neighbours in its connection's list, apart from the requests: a removal
+/// touches its neighbours' links, and these stay in cache where the requests would not.
+#[derive(Debug, Clone, Copy)]
+struct Link {
     prev: u32,
     next: u32,
 }
@@ -34,6 +39,7 @@ pub(crate) struct Pending {
 pub(crate) struct PendingTable {
     slots: Vec<Option<Pending>>,
     generations: Vec<u32>,
+    links: Vec<Link>,
     free: Vec<u32>,
     limit: usize,
     /// Per origin shard, per connection slot: the generation of the connection whose
@@ -46,6 +52,7 @@ impl PendingTable {
         PendingTable {
             slots: Vec::new(),
             generations: Vec::new(),
+            links: Vec::new(),
             free: Vec::new(),
             limit,
             heads: Vec::new(),
@@ -96,6 +103,7 @@ impl PendingTable {
             None if self.slots.len() < self.limit => {
                 self.slots.push(None);
                 self.generations.push(0);
+                self.links.push(Link { prev: NONE, next: NONE });
                 self.slots.len() as u32 - 1
             }
             None => return None,
@@ -104,11 +112,9 @@ impl PendingTable {
         let list = self.head_mut(origin.shard, origin.connection);
         let head = std::mem::replace(&mut list.1, slot);
         if head != NONE {
-            self.slots[head as usize]
-                .as_mut()
-                .expect("a list links held slots")
-                .prev = slot;
+            self.links[head as usize].prev = slot;
         }
+        self.links[slot as usize] = Link { prev: NONE, next: head };
         self.slots[slot as usize] = Some(Pending {
             origin,
             model,
@@ -116,8 +122,6 @@ impl PendingTable {
             input,
             orphaned: false,
             generation,
-            prev: NONE,
-            next: head,
         });
         Some(RequestKey(SlotKey { slot, generation }))
     }
@@ -151,7 +155,7 @@ impl PendingTable {
                 }),
                 pending.model,
             ));
-            slot = pending.next;
+            slot = self.links[slot as usize].next;
         }
         held
     }
@@ -185,15 +189,16 @@ impl PendingTable {
         self.generations[slot as usize] = key.generation().wrapping_add(1);
         self.free.push(slot);
         // Unlink it from its connection's list.
-        if pending.prev != NONE {
-            self.slots[pending.prev as usize].as_mut().expect("linked").next = pending.next;
+        let Link { prev, next } = self.links[slot as usize];
+        if prev != NONE {
+            self.links[prev as usize].next = next;
         } else if self.head(pending.origin.shard, pending.origin.connection) == slot {
             // The head of its connection's list (a list whose connection slot was reused since
             // is left as it is: the newer connection has a list of its own).
-            self.head_mut(pending.origin.shard, pending.origin.connection).1 = pending.next;
+            self.head_mut(pending.origin.shard, pending.origin.connection).1 = next;
         }
-        if pending.next != NONE {
-            self.slots[pending.next as usize].as_mut().expect("linked").prev = pending.prev;
+        if next != NONE {
+            self.links[next as usize].prev = prev;
         }
         Some(pending)
     }
