@@ -20,7 +20,8 @@ pub struct CatalogEntry {
 #[derive(Debug)]
 pub struct Catalog {
     pub models: Vec<CatalogEntry>,
-    by_name: HashMap<String, u32>,
+    /// Seeded at random (`foldhash`): a client cannot pick names that collide.
+    by_name: HashMap<String, u32, foldhash::fast::RandomState>,
     /// Per shard: the global ids of the models it owns, in local order.
     pub owned: Vec<Vec<u32>>,
     /// The models as configured (what executors are told at the handshake).
@@ -30,7 +31,7 @@ pub struct Catalog {
 impl Catalog {
     pub fn new(models: &[ModelConfig], input_bytes: &[Option<u32>], shards: usize) -> Catalog {
         let mut owned = vec![Vec::new(); shards];
-        let mut by_name = HashMap::with_capacity(models.len());
+        let mut by_name = HashMap::with_capacity_and_hasher(models.len(), foldhash::fast::RandomState::default());
         let mut entries = Vec::with_capacity(models.len());
         for (index, m) in models.iter().enumerate() {
             // A stable placement: model i on shard i mod n.

@@ -15,6 +15,7 @@ const NONE: u32 = u32::MAX;
 
 /// A request the owner holds until it is answered.
 #[derive(Debug)]
+#[repr(align(64))]
 pub(crate) struct Pending {
     pub(crate) origin: Origin,
     /// The model's index in this shard's scheduler.
@@ -23,8 +24,11 @@ pub(crate) struct Pending {
     pub(crate) input: Option<Slice>,
     /// Its client went away while it was in a plan in flight: it is not planned again.
     pub(crate) orphaned: bool,
-    generation: u32,
 }
+
+// One cache line a request: answering a plan's requests reads each one's slot, long out of
+// cache by then (its generation lives in `generations`, its links in `links`).
+const _: () = assert!(std::mem::size_of::<Option<Pending>>() == 64);
 
 /// A held slot's neighbours in its connection's list, apart from the requests: a removal
 /// touches its neighbours' links, and these stay in cache where the requests would not.
@@ -38,6 +42,7 @@ struct Link {
 #[derive(Debug)]
 pub(crate) struct PendingTable {
     slots: Vec<Option<Pending>>,
+    /// Per slot: the generation of the request it holds, or of the next one it will hold.
     generations: Vec<u32>,
     links: Vec<Link>,
     free: Vec<u32>,
@@ -121,25 +126,30 @@ impl PendingTable {
             deadline_ns,
             input,
             orphaned: false,
-            generation,
         });
         Some(RequestKey(SlotKey { slot, generation }))
     }
 
     /// The request with key `key`, if it is still held.
     pub(crate) fn get(&self, key: RequestKey) -> Option<&Pending> {
-        self.slots
-            .get(key.slot() as usize)?
-            .as_ref()
-            .filter(|pending| pending.generation == key.generation())
+        if !self.holds(key) {
+            return None;
+        }
+        self.slots[key.slot() as usize].as_ref()
+    }
+
+    /// Whether the request with key `key` is still held.
+    fn holds(&self, key: RequestKey) -> bool {
+        let slot = key.slot() as usize;
+        self.generations.get(slot) == Some(&key.generation()) && self.slots[slot].is_some()
     }
 
     /// The request with key `key`, to change, if it is still held.
     pub(crate) fn get_mut(&mut self, key: RequestKey) -> Option<&mut Pending> {
-        self.slots
-            .get_mut(key.slot() as usize)?
-            .as_mut()
-            .filter(|pending| pending.generation == key.generation())
+        if !self.holds(key) {
+            return None;
+        }
+        self.slots[key.slot() as usize].as_mut()
     }
 
     /// The held requests of one client connection: `(key, model)`.
@@ -151,7 +161,7 @@ impl PendingTable {
             held.push((
                 RequestKey(SlotKey {
                     slot,
-                    generation: pending.generation,
+                    generation: self.generations[slot as usize],
                 }),
                 pending.model,
             ));
@@ -170,7 +180,7 @@ impl PendingTable {
         for slot in 0..self.slots.len() {
             if let Some(pending) = self.slots[slot].take() {
                 origins.push(pending.origin);
-                self.generations[slot] = pending.generation.wrapping_add(1);
+                self.generations[slot] = self.generations[slot].wrapping_add(1);
                 self.free.push(slot as u32);
             }
         }
@@ -180,8 +190,7 @@ impl PendingTable {
 
     /// Takes the request with key `key` out, if it is still held.
     pub(crate) fn remove(&mut self, key: RequestKey) -> Option<Pending> {
-        let held = self.slots.get(key.slot() as usize)?.as_ref()?;
-        if held.generation != key.generation() {
+        if !self.holds(key) {
             return None;
         }
         let slot = key.slot();
