@@ -355,6 +355,7 @@ impl ShardCore {
                         for_log(result.message.as_str(), MESSAGE_LOG_LIMIT)
                     ));
                 }
+                self.pending.prefetch(&flight.ids);
                 let mut refused = result.refused.iter().map(|i| i.to_native() as usize).peekable();
                 let mut offset = 0usize;
                 for (index, (&id, len)) in flight.ids.iter().zip(result.output_lens.iter()).enumerate() {

@@ -568,6 +568,7 @@ impl ShardCore {
             return;
         };
         self.inflight_requests -= flight.ids.len();
+        self.pending.prefetch(&flight.ids);
         for &id in &flight.ids {
             if let Some(pending) = self.pending.remove(RequestKey::of_id(id)) {
                 let timings = self.timings(pending.origin, Some((started_ns, finished_ns)));
