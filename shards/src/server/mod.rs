@@ -4,16 +4,17 @@
 //! Everything a shard decides is [`crate::shard::ShardCore`], a state machine with no I/O.
 //! This module gives it its inputs and carries out its effects: sockets and the one frame
 //! loop for clients and links (`connection`), the writers and the zero-copy ring
-//! (`zerocopy`), the timers, the channel mesh between shards (`mesh`), the embedded
-//! executors' sleeps, and start-up and the drain (`startup`).
+//! (`zerocopy`), the timers (the core's and the embedded executors', one loop with one
+//! reused glommio timer), the channel mesh between shards (`mesh`), and start-up and the
+//! drain (`startup`).
 //!
 //! The path of a request (ARCHITECTURE.md): a client connection on any shard sends REQUEST
 //! frames (`core::wire`, many per read); the frame loop hands each to the shard's core, which
 //! validates it, looks the model up and routes it to the model's owning shard (itself, or
 //! over the mesh in batches). The owner runs the core's deferred scheduler for its models,
 //! claiming GPUs in the shared [`GpuTable`](crate::sync::gpu_table::GpuTable). Each plan runs
-//! on an embedded simulated executor (a task that waits until `exec_at`, then for the
-//! profile's time) or goes to an external executor over this shard's link to it; every
+//! on an embedded simulated executor (an event in the shard's timer loop: it starts at
+//! `exec_at` and finishes the profile's time later) or goes to an external executor over this shard's link to it; every
 //! reply goes back to the connection's shard, which writes many reply frames per write.
 //!
 //! What faces the outside is bounded and cannot be made to panic (`connection`): every port
@@ -24,6 +25,8 @@
 //! shard before any shard exits.
 
 use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -54,6 +57,19 @@ pub(crate) const CONNECTIONS_CLOSING_LIMIT: usize = connection::EVICTING_LIMIT +
 /// The fewest link connections a shard is given when the descriptor limit is low.
 pub(crate) const LINKS_LEAST: usize = 4;
 
+/// Not started yet (an embedded plan's event before `exec_at`).
+const NOT_STARTED: u64 = u64::MAX;
+
+/// An embedded plan's next event: at `at_ns` it starts (`started_ns` is [`NOT_STARTED`]) or
+/// finishes. Ordered by time, then plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EmbeddedEvent {
+    at_ns: u64,
+    plan_id: u64,
+    started_ns: u64,
+    run_ns: u64,
+}
+
 /// One shard's driver: its core and the I/O around it.
 struct Shard {
     id: u32,
@@ -70,6 +86,9 @@ struct Shard {
     mesh: Rc<Mesh>,
     /// Wakes the timer loop (one token).
     wake: LocalSender<()>,
+    /// The embedded executors' plans, by their next event (no task or timer per plan: the
+    /// timer loop runs them).
+    embedded: RefCell<BinaryHeap<Reverse<EmbeddedEvent>>>,
     stop: Arc<AtomicBool>,
     /// The core was told to stop.
     stopped: Cell<bool>,
@@ -196,47 +215,73 @@ impl Shard {
     }
 
     /// An embedded simulated executor: the batch starts at `exec_at` and runs for its
-    /// profile's time, then the core is told.
-    fn run_embedded(self: &Rc<Self>, plan: Plan) {
-        let shard = Rc::clone(self);
-        glommio::spawn_local(async move {
-            sleep_until(shard.epoch, plan.exec_at_ns).await;
-            let started_ns = shard.now_ns();
-            sleep_until(shard.epoch, started_ns + (plan.finish_ns - plan.exec_at_ns)).await;
-            let finished_ns = shard.now_ns();
-            shard.handle(Input::EmbeddedDone {
-                plan_id: plan.plan_id,
-                started_ns,
-                finished_ns,
-            });
-        })
-        .detach();
+    /// profile's time, then the core is told (the timer loop runs the events).
+    fn run_embedded(&self, plan: Plan) {
+        self.embedded.borrow_mut().push(Reverse(EmbeddedEvent {
+            at_ns: plan.exec_at_ns,
+            plan_id: plan.plan_id,
+            started_ns: NOT_STARTED,
+            run_ns: plan.finish_ns - plan.exec_at_ns,
+        }));
+        let _ = self.wake.try_send(());
+    }
+
+    /// Runs the embedded plans' events due by now; returns when the next one is due.
+    fn run_due_embedded(self: &Rc<Self>) -> Option<u64> {
+        loop {
+            let now_ns = self.now_ns();
+            let event = {
+                let events = self.embedded.borrow();
+                match events.peek() {
+                    Some(Reverse(event)) if event.at_ns <= now_ns => *event,
+                    Some(Reverse(event)) => return Some(event.at_ns),
+                    None => return None,
+                }
+            };
+            self.embedded.borrow_mut().pop();
+            if event.started_ns == NOT_STARTED {
+                self.embedded.borrow_mut().push(Reverse(EmbeddedEvent {
+                    at_ns: now_ns + event.run_ns,
+                    started_ns: now_ns,
+                    ..event
+                }));
+            } else {
+                self.handle(Input::EmbeddedDone {
+                    plan_id: event.plan_id,
+                    started_ns: event.started_ns,
+                    finished_ns: now_ns,
+                });
+            }
+        }
     }
 }
 
-async fn sleep_until(epoch: Instant, at_ns: u64) {
-    let now_ns = epoch.elapsed().as_nanos() as u64;
-    if at_ns > now_ns {
-        glommio::timer::sleep(Duration::from_nanos(at_ns - now_ns)).await;
-    }
-}
-
-/// The core's timers: sleeps until its next wake-up time, or until new work wakes it.
+/// The core's timers and the embedded plans' events: sleeps until the next of either, or
+/// until new work wakes it, on one glommio timer reset each time (a new timer is an
+/// allocation).
 async fn timer_loop(shard: Rc<Shard>, wake: LocalReceiver<()>) {
+    let mut timer = glommio::timer::Timer::new(STOP_POLL);
     while !shard.stop.load(Ordering::Relaxed) {
+        let embedded_ns = shard.run_due_embedded();
         let next_ns = shard.core.borrow_mut().next_wake_ns();
         let now_ns = shard.now_ns();
-        let wait = match next_ns {
-            Some(at_ns) if at_ns <= now_ns => {
-                shard.handle(Input::Timer);
-                continue;
-            }
-            Some(at_ns) => Duration::from_nanos(at_ns - now_ns).min(STOP_POLL),
+        if next_ns.is_some_and(|at_ns| at_ns <= now_ns) {
+            shard.handle(Input::Timer);
+            continue;
+        }
+        let wait = match next_ns.into_iter().chain(embedded_ns).min() {
+            Some(at_ns) => Duration::from_nanos(at_ns.saturating_sub(now_ns)).min(STOP_POLL),
             None => STOP_POLL,
         };
-        futures_lite::future::or(glommio::timer::sleep(wait), async {
-            let _ = wake.recv().await;
-        })
+        timer.reset(wait);
+        futures_lite::future::or(
+            async {
+                (&mut timer).await;
+            },
+            async {
+                let _ = wake.recv().await;
+            },
+        )
         .await;
     }
 }

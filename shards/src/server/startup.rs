@@ -2,6 +2,7 @@
 //! is built around its core, and at stop each drains before any exits.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -310,6 +311,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         link_conns: RefCell::new(Slots::new(setup.limits.links_per_shard)),
         mesh: Rc::new(Mesh::new(senders)),
         wake,
+        embedded: RefCell::new(BinaryHeap::new()),
         stop: setup.stop,
         stopped: Cell::new(false),
         drained: setup.drained,
@@ -345,6 +347,8 @@ async fn drain(shard: &Rc<Shard>, shard_count: usize) {
     let grace_ns = shard.slo_max_ns + 1_000_000_000;
     let started_ns = shard.now_ns();
     loop {
+        // Planned batches finish (the timer loop stopped with the stop flag).
+        shard.run_due_embedded();
         if shard.core.borrow().held() == 0 {
             break;
         }
