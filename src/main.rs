@@ -657,7 +657,18 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;
     }
+    let stats = server.stats_handle();
     server.wait()?;
+    if let Some(d) = stats.decision.summary() {
+        eprintln!(
+            "symphony serve: arrival to decision (one request in {}): p50 {:.1} us, p99 {:.1} us, max {:.1} us over {} samples",
+            symphony_shards::stats::DECISION_SAMPLE_EVERY,
+            d.p50_ns as f64 / 1e3,
+            d.p99_ns as f64 / 1e3,
+            d.max_ns as f64 / 1e3,
+            d.samples
+        );
+    }
     eprintln!("symphony serve: stopped");
     Ok(())
 }

@@ -968,3 +968,41 @@ fn serve_says_where_each_shard_runs() {
         serve.log_text()
     );
 }
+
+#[test]
+fn serve_reports_its_arrival_to_decision_times_when_it_stops() {
+    let _serial = serial();
+    let mut serve = Serve::start(&example_config("gpus = 2\nshards = 1"), &[]);
+    let mut client = serve.client();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let requests = 320u64;
+    for id in 0..requests {
+        client.send(id, &ModelRef::Name("small".into()), None, b"").unwrap();
+    }
+    client.flush().unwrap();
+    for _ in 0..requests {
+        client.recv().expect("every request is answered");
+    }
+    let status = serve.terminate(Duration::from_secs(10)).expect("it stops on SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", serve.log_text());
+    let log = serve.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("arrival to decision"))
+        .unwrap_or_else(|| panic!("no arrival-to-decision line:\n{log}"));
+    // "... p50 X us, p99 Y us, max Z us over N samples"
+    let number_after = |word: &str| -> f64 {
+        let rest = &line[line.find(word).unwrap_or_else(|| panic!("{word} in {line}")) + word.len()..];
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .trim_end_matches(',')
+            .parse()
+            .unwrap()
+    };
+    let (p50, p99, max) = (number_after("p50 "), number_after("p99 "), number_after("max "));
+    let samples = number_after("over ");
+    assert_eq!(samples, (requests / 16) as f64, "one request in 16: {line}");
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{line}");
+    assert!(max < 1_000_000.0, "under a second from read to decision: {line}");
+}

@@ -461,6 +461,9 @@ async fn serve(
     let mut buffer = ReadBuffer::new(READ_BUFFER_INITIAL_BYTES, frame_limit());
     // Set once the read side reached EOF: what is buffered is still handled.
     let mut eof = false;
+    // When the last read completed: a request's arrival, for the arrival-to-decision sample.
+    let mut read_ns = shard.now_ns();
+    let is_client = matches!(peer, Peer::Client(_));
     let ended = |shard: &Shard| {
         let core = shard.core.borrow();
         match peer {
@@ -504,11 +507,15 @@ async fn serve(
             let Some(frame) = frames.next() else { break };
             handled += 1;
             let framing_error = frame.is_err();
+            let is_request = frame.as_ref().is_ok_and(|f| f.kind == wire::Kind::Request);
             shard.handle(Input::Frame {
                 from: peer,
                 frame,
                 buffer: &buffer,
             });
+            if is_client && is_request {
+                shard.sample_decision(read_ns);
+            }
             if framing_error || ended(&shard) {
                 failed = true;
                 break;
@@ -543,6 +550,7 @@ async fn serve(
         match read {
             Some(Ok(0)) => eof = true,
             Some(Ok(read)) => {
+                read_ns = shard.now_ns();
                 buffer.advance(read);
                 connection.active.set(true);
             }

@@ -89,6 +89,10 @@ struct Shard {
     /// The embedded executors' plans, by their next event (no task or timer per plan: the
     /// timer loop runs them).
     embedded: RefCell<BinaryHeap<Reverse<EmbeddedEvent>>>,
+    /// Sampled arrival-to-decision times ([`Stats::decision`]), merged at the drain's end.
+    decision: RefCell<hdrhistogram::Histogram<u64>>,
+    /// Requests until the next sample.
+    decision_countdown: Cell<u32>,
     stop: Arc<AtomicBool>,
     /// The core was told to stop.
     stopped: Cell<bool>,
@@ -141,6 +145,22 @@ impl Shard {
         self.apply(&mut fx);
         fx.clear();
         self.spare_effects.borrow_mut().push(fx);
+    }
+
+    /// After a client frame was handled: every [`crate::stats::DECISION_SAMPLE_EVERY`]th
+    /// one records the time since the read that brought it.
+    fn sample_decision(&self, read_ns: u64) {
+        let countdown = self.decision_countdown.get();
+        if countdown > 1 {
+            self.decision_countdown.set(countdown - 1);
+            return;
+        }
+        self.decision_countdown.set(crate::stats::DECISION_SAMPLE_EVERY);
+        let elapsed_ns = self
+            .now_ns()
+            .saturating_sub(read_ns)
+            .clamp(1, crate::stats::DECISION_NS_MAX);
+        self.decision.borrow_mut().saturating_record(elapsed_ns);
     }
 
     fn connection(&self, peer: Peer) -> Option<Rc<Connection>> {

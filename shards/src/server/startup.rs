@@ -83,18 +83,23 @@ impl ServerHandle {
         self.limits
     }
 
-    /// The descriptor limit and what it allowed.
     /// Where each shard runs: its CPU and NUMA node, by shard.
     pub fn placements(&self) -> &[runtime::ShardPlace] {
         &self.places
     }
 
+    /// The descriptor limit and what it allowed.
     pub fn fd_budget(&self) -> runtime::FdBudget {
         self.nofile
     }
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The counters, to read after the service stopped (`wait` and `stop` take the handle).
+    pub fn stats_handle(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
     }
 
     /// A flag that stops the service when set (for a signal handler).
@@ -312,6 +317,8 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         mesh: Rc::new(Mesh::new(senders)),
         wake,
         embedded: RefCell::new(BinaryHeap::new()),
+        decision: RefCell::new(crate::stats::DecisionLatency::histogram()),
+        decision_countdown: Cell::new(crate::stats::DECISION_SAMPLE_EVERY),
         stop: setup.stop,
         stopped: Cell::new(false),
         drained: setup.drained,
@@ -367,6 +374,7 @@ async fn drain(shard: &Rc<Shard>, shard_count: usize) {
         }
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
+    shard.stats.decision.merge(&shard.decision.borrow());
     shard.drained.fetch_add(1, Ordering::AcqRel);
     // Every shard answers within its grace period: wait that long and a little more.
     let linger_until_ns = started_ns + grace_ns + SHUTDOWN_LINGER.as_nanos() as u64;
