@@ -89,9 +89,18 @@ impl SharedGpus {
         }
     }
 
-    /// The shards to tell that a GPU was reserved for them, since the last call.
-    pub fn drain_handoffs(&mut self) -> std::vec::Drain<'_, u16> {
-        self.handoffs.drain(..)
+    /// The shards to tell that a GPU was reserved for them, since the last call; give the
+    /// list back emptied ([`SharedGpus::return_handoffs`]) to keep its capacity.
+    pub fn take_handoffs(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.handoffs)
+    }
+
+    /// The list [`SharedGpus::take_handoffs`] gave, told and emptied.
+    pub fn return_handoffs(&mut self, mut handoffs: Vec<u16>) {
+        handoffs.clear();
+        if self.handoffs.is_empty() {
+            self.handoffs = handoffs;
+        }
     }
 
     fn take(&mut self, claim: GpuClaim) -> Claim {

@@ -659,8 +659,8 @@ impl ShardCore {
         let gpus = self.scheduler.gpus_mut();
         gpus.post(waiting);
         gpus.decline_unwanted();
-        let handoffs: Vec<u16> = gpus.drain_handoffs().collect();
-        for shard in handoffs {
+        let handoffs = gpus.take_handoffs();
+        for &shard in &handoffs {
             self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
             if u32::from(shard) == self.id {
                 // Its own scheduler claims it at its next timer, which is now.
@@ -670,6 +670,7 @@ impl ShardCore {
             }
             fx.send(shard as usize, ShardMsg::HandOff);
         }
+        self.scheduler.gpus_mut().return_handoffs(handoffs);
     }
 
     /// Sends every batched cross-shard message.
