@@ -2,7 +2,7 @@
 # Scaling with cores: req/s through N shards (N in SHARDS, default 1 2 4 8 16) on CPUs
 # 0..N-1, with N load generators on CPUs N..2N-1 (one core each), each offering RATE_SCALE
 # times perf/workloads/frontdoor-1000m.yaml (1,000 models, 1,024 simulated GPUs, 100,000 req/s
-# at scale 1), for every RATE_SCALE in RATES (default 1 2 3). A count of shards needing more
+# at scale 1), for every RATE_SCALE in RATES (default 1 5 10). A count of shards needing more
 # than the machine's cores is skipped and said so. Prints one row per run: offered and
 # achieved req/s (summed over the generators), the worst generator's bad rate, and the
 # ratio of achieved req/s against one shard at the same scale in the same run. At most about
@@ -18,7 +18,7 @@ else
   cargo build --release 2>&1 | tail -1
 fi
 shards_list="${SHARDS:-1 2 4 8 16}"
-rates="${RATES:-1 2 3}"
+rates="${RATES:-1 5 10}"
 cores=$(nproc)
 workload=perf/workloads/frontdoor-1000m.yaml
 dir="$(mktemp -d)"
