@@ -1006,3 +1006,60 @@ fn serve_reports_its_arrival_to_decision_times_when_it_stops() {
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{line}");
     assert!(max < 1_000_000.0, "under a second from read to decision: {line}");
 }
+
+#[test]
+fn a_shard_behind_a_client_sheds_its_new_requests_and_still_answers_every_one() {
+    let _serial = serial();
+    // One light model on 1,024 GPUs (never swamped, so OVERLOADED here is only the backlog
+    // rule), and limits that let a burst of 300,000 requests in at once: the shard needs far
+    // more than 5 ms to handle them, so its reads fill the buffer for longer than that.
+    let burst = 300_000u64;
+    let mut overloaded_by_setting = Vec::new();
+    for shed_ms in [5u64, 0] {
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\nshards = 1\ngpus = 1024\nbacklog_shed_ms = {shed_ms}\n\
+             [[models]]\nname = \"light\"\nprofile = \"sleep#20,500,0,0\"\nslo_ms = 1000\n\
+             [limits]\nrequests_per_connection = 1000000\nrequests_per_shard = 1000000\n\
+             write_buffer_bytes = 67108864\n"
+        );
+        let serve = Serve::start(&config, &[]);
+        let client = serve.client();
+        client.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let (mut sender, mut receiver) = client.split();
+        let writer = std::thread::spawn(move || {
+            let model = ModelRef::Name("light".into());
+            for id in 0..burst {
+                sender.send(id, &model, None, b"").unwrap();
+            }
+            sender.flush().unwrap();
+            sender
+        });
+        let (mut replies, mut overloaded) = (0u64, 0u64);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while replies < burst && Instant::now() < deadline {
+            match receiver.recv_batch_with(|reply| {
+                replies += 1;
+                overloaded += u64::from(reply.status == Status::Overloaded);
+            }) {
+                Ok(_) | Err(symphony_shards::client::ClientError::Timeout) => {}
+                Err(e) => panic!("after {replies} replies: {e}\n{}", serve.log_text()),
+            }
+        }
+        let _sender = writer.join().unwrap();
+        assert_eq!(
+            replies, burst,
+            "backlog_shed_ms = {shed_ms}: every request answered once"
+        );
+        overloaded_by_setting.push(overloaded);
+    }
+    println!("OVERLOADED: {overloaded_by_setting:?} of {burst}");
+    assert!(
+        overloaded_by_setting[0] > 0,
+        "behind the burst for 5 ms, the shard sheds: {overloaded_by_setting:?}"
+    );
+    assert!(
+        overloaded_by_setting[0] < burst,
+        "it still serves what it keeps up with: {overloaded_by_setting:?}"
+    );
+    assert_eq!(overloaded_by_setting[1], 0, "backlog_shed_ms = 0 never sheds");
+}

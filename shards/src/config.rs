@@ -54,6 +54,8 @@ pub const PLAN_TIMEOUT_MS_DEFAULT: u64 = 1000;
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 2000;
 /// How long a connection with bytes to write may accept none before it is closed.
 pub const WRITE_STALL_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// How long a shard may stay behind a client connection before it sheds its new requests.
+pub const BACKLOG_SHED_MS_DEFAULT: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,6 +91,7 @@ struct RawConfig {
     plan_timeout_ms: Option<u64>,
     handshake_timeout_ms: Option<u64>,
     write_stall_timeout_ms: Option<u64>,
+    backlog_shed_ms: Option<u64>,
     #[serde(default = "default_zero_copy")]
     zero_copy: bool,
 }
@@ -193,6 +196,10 @@ pub struct Timeouts {
     /// A connection (client or link) with bytes to write that accepts none for this long is
     /// closed (a link's executor is lost).
     pub write_stall_ms: u64,
+    /// A client connection whose every read has filled the receive buffer for this long (the
+    /// shard is behind it: more waits in the socket) has its new requests answered
+    /// `OVERLOADED` until a read drains the socket. 0: never.
+    pub backlog_shed_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -202,6 +209,7 @@ impl Default for Timeouts {
             plan_ms: PLAN_TIMEOUT_MS_DEFAULT,
             handshake_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
             write_stall_ms: WRITE_STALL_TIMEOUT_MS_DEFAULT,
+            backlog_shed_ms: BACKLOG_SHED_MS_DEFAULT,
         }
     }
 }
@@ -319,6 +327,12 @@ impl ServeConfig {
                 raw.write_stall_timeout_ms,
                 &mut timeouts.write_stall_ms,
                 100..=3_600_000,
+            ),
+            (
+                "backlog_shed_ms",
+                raw.backlog_shed_ms,
+                &mut timeouts.backlog_shed_ms,
+                0..=60_000,
             ),
         ] {
             if let Some(ms) = value {

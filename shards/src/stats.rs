@@ -16,8 +16,11 @@ pub struct Stats {
     pub requests: std::sync::atomic::AtomicU64,
     /// Queued requests removed because their client went away.
     pub cancelled: std::sync::atomic::AtomicU64,
-    /// Requests answered `overloaded` (a shard's request table was full).
+    /// Requests answered `overloaded` (a shard's request table was full, the model was
+    /// swamped, or the shard was behind the connection).
     pub overloaded: std::sync::atomic::AtomicU64,
+    /// Of those, requests shed because the shard was behind their connection.
+    pub shed: std::sync::atomic::AtomicU64,
     /// Batches planned (embedded and external executors).
     pub plans: std::sync::atomic::AtomicU64,
     /// GPUs a release reserved for another shard's waiting candidate (cross-shard EDF).

@@ -464,6 +464,11 @@ async fn serve(
     // When the last read completed: a request's arrival, for the arrival-to-decision sample.
     let mut read_ns = shard.now_ns();
     let is_client = matches!(peer, Peer::Client(_));
+    // When a read last left the socket empty (it did not fill the buffer), and whether the
+    // shard has been behind this client for `backlog_shed_ms` since (the core sheds then).
+    let mut drained_ns = read_ns;
+    let mut behind = false;
+    let shed_ns = shard.timeouts.backlog_shed_ns;
     let ended = |shard: &Shard| {
         let core = shard.core.borrow();
         match peer {
@@ -488,6 +493,10 @@ async fn serve(
         }
         if connection.is_dead() || connection.evicted.get() {
             break ReadEnd::Closed;
+        }
+        if is_client && shed_ns > 0 && (read_ns - drained_ns > shed_ns) != behind {
+            behind = !behind;
+            shard.handle(Input::Backlog { peer, behind });
         }
         // The frames read so far, as far as the limits allow (the rest wait in the buffer).
         let mut frames = decoder.frames(buffer.filled());
@@ -542,6 +551,7 @@ async fn serve(
         let Some(spare) = buffer.spare() else {
             break ReadEnd::Closed;
         };
+        let spare_len = spare.len();
         let read = futures_lite::future::or(async { Some(reader.read(spare).await) }, async {
             let _ = stop_reading.recv().await;
             None
@@ -551,6 +561,9 @@ async fn serve(
             Some(Ok(0)) => eof = true,
             Some(Ok(read)) => {
                 read_ns = shard.now_ns();
+                if read < spare_len {
+                    drained_ns = read_ns;
+                }
                 buffer.advance(read);
                 connection.active.set(true);
             }

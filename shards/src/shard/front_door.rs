@@ -20,6 +20,8 @@ pub(super) struct ClientState {
     routed: u64,
     /// It broke the protocol or sent ERROR: what it still sends is not read.
     failed: bool,
+    /// The shard is behind it ([`super::Input::Backlog`]): new requests are refused.
+    shedding: bool,
     /// What the executor behind it said, if it is an executor's control connection.
     pub(super) control: Control,
 }
@@ -67,6 +69,13 @@ impl Clients {
         self.owed -= state.owed as usize;
         self.owed_bytes -= state.owed_bytes;
         Some(state)
+    }
+
+    /// The shard fell behind the connection, or caught up ([`super::Input::Backlog`]).
+    pub(super) fn set_shedding(&mut self, key: ConnectionKey, shedding: bool) {
+        if let Some(client) = self.get_mut(key) {
+            client.shedding = shedding;
+        }
     }
 
     /// A request was read: it is owed a reply.
@@ -215,6 +224,11 @@ impl ShardCore {
         }
         if self.stopping {
             return refuse(self, Status::ShuttingDown, fx);
+        }
+        if self.clients.get(key).is_some_and(|c| c.shedding) {
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            return refuse(self, Status::Overloaded, fx);
         }
         let slo_ns = match request.slo_us_tighter() {
             Some(slo_us) => entry.slo_ns.min(u64::from(slo_us) * 1000),

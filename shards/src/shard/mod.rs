@@ -55,6 +55,7 @@ pub struct TimeoutsNs {
     pub plan_ns: u64,
     pub handshake_ns: u64,
     pub write_stall_ns: u64,
+    pub backlog_shed_ns: u64,
 }
 
 impl TimeoutsNs {
@@ -64,6 +65,7 @@ impl TimeoutsNs {
             plan_ns: t.plan_ms * 1_000_000,
             handshake_ns: t.handshake_ms * 1_000_000,
             write_stall_ns: t.write_stall_ms * 1_000_000,
+            backlog_shed_ns: t.backlog_shed_ms * 1_000_000,
         }
     }
 }
@@ -103,6 +105,10 @@ pub enum Input<'a> {
     },
     /// The frames of one read are handled: batched messages to other shards go out.
     ReadDone,
+    /// The shard fell behind a client connection (`behind`: its reads have filled the
+    /// receive buffer for `backlog_shed_ms`), or caught up: while behind, its new requests
+    /// are answered `OVERLOADED`.
+    Backlog { peer: Peer, behind: bool },
     /// A connection's reader ended (for a half-closed client: after its last reply);
     /// `writer_died`: its writer failed or stalled first.
     Closed { peer: Peer, writer_died: bool },
@@ -341,6 +347,13 @@ impl ShardCore {
                 }
             }
             Input::ReadDone => {}
+            Input::Backlog {
+                peer: Peer::Client(key),
+                behind,
+            } => self.clients.set_shedding(key, behind),
+            Input::Backlog {
+                peer: Peer::Link(_), ..
+            } => {}
             Input::Closed {
                 peer: Peer::Client(key),
                 ..
