@@ -27,7 +27,7 @@ use symphony_core::wire::{self, ErrorCode, FrameDecoder};
 
 use super::{zerocopy, Shard, STOP_POLL};
 use crate::buffers::{ReadBuffer, Slice, READ_BUFFER_INITIAL_BYTES};
-use crate::shard::{ConnectionKey, Input, Peer};
+use crate::shard::{ConnectionKey, Input, Peer, ShardCore};
 
 /// A writer's buffer larger than this is given back once written (idle connections stay
 /// small).
@@ -39,7 +39,20 @@ pub(super) const EVICTING_LIMIT: usize = 8;
 pub(super) const REFUSING_LIMIT: usize = 8;
 /// Frames one connection handles before it lets the shard's other tasks run (a flood on a
 /// few connections does not hold up a new client, its accept, timers or the mesh).
-const FRAMES_PER_TURN: usize = 256;
+pub(super) const FRAMES_PER_TURN: usize = 256;
+
+/// Why a turn of a connection's frames ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TurnEnd {
+    /// Every complete frame in the buffer was handled.
+    Drained,
+    /// The connection is at one of its limits: the rest waits.
+    AtLimit,
+    /// [`FRAMES_PER_TURN`] were handled: the other connections get theirs.
+    TurnOver,
+    /// A framing error, or a frame that ended the connection.
+    Failed,
+}
 /// How long a refused connection's ERROR frame may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Accept errors back off from the first to the last of these.
@@ -469,13 +482,6 @@ async fn serve(
     let mut drained_ns = read_ns;
     let mut behind = false;
     let shed_ns = shard.timeouts.backlog_shed_ns;
-    let ended = |shard: &Shard| {
-        let core = shard.core.borrow();
-        match peer {
-            Peer::Client(key) => core.client_failed(key),
-            Peer::Link(key) => core.link_failed(key),
-        }
-    };
     let end = 'read: loop {
         // Backpressure: handle and read nothing while the client does not take its replies,
         // owes too many, or messages to other shards wait for room.
@@ -500,36 +506,12 @@ async fn serve(
         }
         // The frames read so far, as far as the limits allow (the rest wait in the buffer).
         let mut frames = decoder.frames(buffer.filled());
-        let mut at_limit = false;
-        let mut handled = 0;
-        let mut turn_over = false;
-        let mut failed = false;
-        loop {
-            if over_limits(&shard, peer, &connection) {
-                at_limit = true;
-                break;
-            }
-            if handled == FRAMES_PER_TURN {
-                turn_over = true;
-                break;
-            }
-            let Some(frame) = frames.next() else { break };
-            handled += 1;
-            let framing_error = frame.is_err();
-            let is_request = frame.as_ref().is_ok_and(|f| f.kind == wire::Kind::Request);
-            shard.handle(Input::Frame {
-                from: peer,
-                frame,
-                buffer: &buffer,
-            });
-            if is_client && is_request {
-                shard.sample_decision(read_ns);
-            }
-            if framing_error || ended(&shard) {
-                failed = true;
-                break;
-            }
-        }
+        let turn = shard.handle_frames(peer, &connection, &mut frames, &buffer, read_ns);
+        let (at_limit, turn_over, failed) = (
+            turn == TurnEnd::AtLimit,
+            turn == TurnEnd::TurnOver,
+            turn == TurnEnd::Failed,
+        );
         let consumed = frames.consumed();
         buffer.consume(consumed);
         shard.handle(Input::ReadDone);
@@ -604,10 +586,14 @@ async fn wait_woken(connection: &Connection, wake: &LocalReceiver<()>) {
 /// Whether a client connection must not be handled further now: its replies wait to be
 /// written, it owes its limit of replies, or the mesh has a backlog. Links are always read.
 fn over_limits(shard: &Shard, peer: Peer, connection: &Connection) -> bool {
+    over_limits_of(&shard.core.borrow(), shard, peer, connection)
+}
+
+/// [`over_limits`] with the core borrowed already.
+pub(super) fn over_limits_of(core: &ShardCore, shard: &Shard, peer: Peer, connection: &Connection) -> bool {
     let Peer::Client(key) = peer else {
         return false;
     };
-    let core = shard.core.borrow();
     let (owed, owed_bytes) = core.client_owed(key);
     connection.queued_bytes() >= shard.limits.write_buffer_bytes
         || owed as usize >= shard.limits.requests_per_connection

@@ -49,6 +49,8 @@ pub use startup::{start, ServeError, ServerHandle};
 use connection::{Connection, Slots};
 use mesh::Mesh;
 
+/// A turn of frames reads the clock once per this many frames (a few microseconds apart).
+const FRAMES_PER_CLOCK: usize = 8;
 /// How often idle loops look at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
 /// Connections of one port that may be closing beyond its cap (evicted, or being refused):
@@ -145,6 +147,78 @@ impl Shard {
         self.apply(&mut fx);
         fx.clear();
         self.spare_effects.borrow_mut().push(fx);
+    }
+
+    /// One turn of a connection's frames, from `frames` (what its buffer holds), up to
+    /// [`connection::FRAMES_PER_TURN`] and as far as its limits allow: all under one borrow of
+    /// the core, into one set of effects carried out after the last frame (a frame's replies
+    /// and messages go out a few microseconds later than one by one, in the same order). The
+    /// clock is read once per [`FRAMES_PER_CLOCK`] frames (and kept monotone), and every
+    /// [`crate::stats::DECISION_SAMPLE_EVERY`]th client request records the time since
+    /// `read_ns`, the read that brought it.
+    fn handle_frames(
+        self: &Rc<Self>,
+        peer: Peer,
+        connection: &Connection,
+        frames: &mut symphony_core::wire::Frames<'_>,
+        buffer: &crate::buffers::ReadBuffer,
+        read_ns: u64,
+    ) -> connection::TurnEnd {
+        use connection::TurnEnd;
+        let mut fx = self.spare_effects.borrow_mut().pop().unwrap_or_default();
+        let is_client = matches!(peer, Peer::Client(_));
+        let end = {
+            let mut now_ns = self.now_ns();
+            let mut core = self.core.borrow_mut();
+            if !self.stopped.get() && self.stop.load(Ordering::Relaxed) {
+                self.stopped.set(true);
+                core.handle(now_ns, Input::Stop, &mut fx);
+            }
+            let mut handled = 0;
+            loop {
+                if connection::over_limits_of(&core, self, peer, connection) {
+                    break TurnEnd::AtLimit;
+                }
+                if handled == connection::FRAMES_PER_TURN {
+                    break TurnEnd::TurnOver;
+                }
+                let Some(frame) = frames.next() else {
+                    break TurnEnd::Drained;
+                };
+                handled += 1;
+                if handled % FRAMES_PER_CLOCK == 0 {
+                    now_ns = now_ns.max(self.now_ns());
+                }
+                let framing_error = frame.is_err();
+                let is_request = frame
+                    .as_ref()
+                    .is_ok_and(|f| f.kind == symphony_core::wire::Kind::Request);
+                core.handle(
+                    now_ns,
+                    Input::Frame {
+                        from: peer,
+                        frame,
+                        buffer,
+                    },
+                    &mut fx,
+                );
+                if is_client && is_request {
+                    self.sample_decision(read_ns);
+                }
+                let failed = match peer {
+                    Peer::Client(key) => core.client_failed(key),
+                    Peer::Link(key) => core.link_failed(key),
+                };
+                if framing_error || failed {
+                    break TurnEnd::Failed;
+                }
+            }
+        };
+        // No borrow of the core from here (as in `handle`).
+        self.apply(&mut fx);
+        fx.clear();
+        self.spare_effects.borrow_mut().push(fx);
+        end
     }
 
     /// After a client frame was handled: every [`crate::stats::DECISION_SAMPLE_EVERY`]th
