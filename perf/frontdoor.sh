@@ -5,7 +5,9 @@
 # Prints, per run, the load generator's report and the CPU time (user + system, from /proc)
 # of the service and of the load generator per request over the whole run.
 # Usage: perf/frontdoor.sh [SECONDS] SCALE...   (default: 4 s, scales 1 3 5)
-#        SYMPHONY_PREBUILT=DIR: use DIR/symphony, no build; CONNECTIONS=N (default 2)
+#        SYMPHONY_PREBUILT=DIR: use DIR/symphony, no build; CONNECTIONS=N (default 2);
+#        WORKLOAD=FILE (default perf/workloads/frontdoor-1000m.yaml; its measured phase must
+#        be 4 s, as in perf/workloads/frontdoor-mixed-1000m.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-4}"
@@ -20,9 +22,10 @@ else
 fi
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
-sed -E "s/bench: \[\{duration: 4,/bench: [{duration: $seconds,/" perf/workloads/frontdoor-1000m.yaml > "$dir/load.yaml"
+workload="${WORKLOAD:-perf/workloads/frontdoor-1000m.yaml}"
+sed -E "s/bench: \[\{duration: 4,/bench: [{duration: $seconds,/" "$workload" > "$dir/load.yaml"
 tick=$(getconf CLK_TCK)
-echo "frontdoor: 1 shard on CPU 0, loadgen on CPU 1 with $connections connections; 1000 models, 1024 GPUs;"
+echo "frontdoor: 1 shard on CPU 0, loadgen on CPU 1 with $connections connections; workload $workload;"
 echo "  1 s warm-up, $seconds s measured, 1 s cool-down; rate scales {$scales}; binary $bin (checkout $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 port=7900
 for scale in $scales; do
