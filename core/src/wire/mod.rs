@@ -756,6 +756,39 @@ where
             reason: error.to_string(),
         });
     }
+    finish_frame(out, frame_start, kind)
+}
+
+/// [`encode_frame`] for the frames sent once per request (REQUEST, REPLY): archived with
+/// rkyv's low-level API and a small scratch space on the stack, so no thread-local arena is
+/// looked up; the same bytes (a value that would need more scratch space takes the general
+/// path).
+fn encode_frame_small<T>(out: &mut Vec<u8>, kind: Kind, value: &T) -> Result<usize, WireError>
+where
+    T: for<'a, 'b> Serialize<
+            rkyv::api::high::HighSerializer<&'b mut Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+        > + for<'a, 'b> Serialize<
+            rkyv::api::low::LowSerializer<&'b mut Vec<u8>, rkyv::ser::allocator::SubAllocator<'a>, rancor::Error>,
+        >,
+{
+    let frame_start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_SIZE]);
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+    let archived = rkyv::api::low::to_bytes_in_with_alloc::<_, _, rancor::Error>(
+        value,
+        &mut *out,
+        rkyv::ser::allocator::SubAllocator::new(&mut scratch),
+    );
+    if archived.is_err() {
+        out.truncate(frame_start);
+        return encode_frame(out, kind, value);
+    }
+    finish_frame(out, frame_start, kind)
+}
+
+/// Writes the header of the frame whose archive follows `frame_start` in `out`, once the
+/// archive is there: its size checked against the frame cap (else `out` is left as it was).
+fn finish_frame(out: &mut Vec<u8>, frame_start: usize, kind: Kind) -> Result<usize, WireError> {
     let payload_len = out.len() - frame_start - FRAME_HEADER_SIZE;
     let payload_len = match u32::try_from(payload_len) {
         Ok(payload_len) if payload_len <= FRAME_PAYLOAD_LIMIT => payload_len,
@@ -790,13 +823,13 @@ pub fn encode_request(out: &mut Vec<u8>, request: &RequestRef<'_>) -> Result<usi
     if let ModelRef::Name(name) = request.model {
         check_len_for_frame(name.len())?;
     }
-    encode_frame(out, Kind::Request, request)
+    encode_frame_small(out, Kind::Request, request)
 }
 
 /// Appends a REPLY frame to `out`; returns the frame's size in bytes.
 pub fn encode_reply(out: &mut Vec<u8>, reply: &ReplyRef<'_>) -> Result<usize, WireError> {
     check_len_for_frame(reply.output.len())?;
-    encode_frame(out, Kind::Reply, reply)
+    encode_frame_small(out, Kind::Reply, reply)
 }
 
 /// Appends a LIST_MODELS frame to `out`.
@@ -1404,7 +1437,7 @@ mod tests {
             let bytes = encode_request_owned(&request);
             assert_eq!(&bytes[FRAME_HEADER_SIZE..], derived.as_slice());
         }
-        for status in STATUSES {
+        for (status, output_len) in STATUSES.into_iter().zip([0, 20, 100_000].into_iter().cycle()) {
             let reply = Reply {
                 client_request_id: 7,
                 status,
@@ -1413,12 +1446,19 @@ mod tests {
                     exec_us: 2,
                     total_us: 3,
                 },
-                output: vec![4; 20],
+                output: vec![4; output_len],
             };
             let derived = rkyv::to_bytes::<rancor::Error>(&reply).expect("derive encodes");
-            let mut bytes = Vec::new();
+            // After other bytes, as a reply is written behind others.
+            let mut bytes = vec![9; 13];
             encode_reply(&mut bytes, &reply.borrowed()).expect("encodes");
-            assert_eq!(&bytes[FRAME_HEADER_SIZE..], derived.as_slice());
+            assert_eq!(
+                &bytes[13 + FRAME_HEADER_SIZE..],
+                derived.as_slice(),
+                "{output_len} bytes of output"
+            );
+            let frame = single_frame(&bytes[13..]);
+            assert_eq!(access_reply(frame.payload).expect("valid").output.len(), output_len);
         }
         for message in ["", "short", "a message longer than eight bytes"] {
             let error = ErrorFrame {
