@@ -14,12 +14,7 @@ seconds="${1:-4}"
 shift || true
 scales="${*:-1 3 5}"
 connections="${CONNECTIONS:-2}"
-if [ -n "${SYMPHONY_PREBUILT:-}" ]; then
-  bin="$SYMPHONY_PREBUILT/symphony"
-else
-  bin=./target/release/symphony
-  cargo build --release 2>&1 | tail -1
-fi
+. perf/binary.sh
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
 workload="${WORKLOAD:-perf/workloads/frontdoor-1000m.yaml}"

@@ -13,12 +13,7 @@ overload="${2:-10}"
 bench_s="${3:-30}"
 warm_s=10
 cool_s=10
-if [ -n "${SYMPHONY_PREBUILT:-}" ]; then
-  bin="$SYMPHONY_PREBUILT/symphony"
-else
-  bin=./target/release/symphony
-  cargo build --release 2>&1 | tail -1
-fi
+. perf/binary.sh
 dir="$(mktemp -d)"
 per_model=$(python3 -c "print($goodput / 8)")
 high=$(python3 -c "print($goodput * $overload / 8)")

@@ -10,12 +10,7 @@ cd "$(dirname "$0")/.."
 scale="${1:-0.75}"
 kill_at="${2:-4}"
 rounds="${3:-2}"
-if [ -n "${SYMPHONY_PREBUILT:-}" ]; then
-  bin="$SYMPHONY_PREBUILT/symphony"
-else
-  bin=./target/release/symphony
-  cargo build --release 2>&1 | tail -1
-fi
+. perf/binary.sh
 dir="$(mktemp -d)"
 addr=127.0.0.1:7698
 workload=workloads/resnet-8m-poisson.yaml

@@ -11,12 +11,7 @@
 #                                  SHARDS="1 2", RATES="1 2" to narrow it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${SYMPHONY_PREBUILT:-}" ]; then
-  bin="$SYMPHONY_PREBUILT/symphony"
-else
-  bin=./target/release/symphony
-  cargo build --release 2>&1 | tail -1
-fi
+. perf/binary.sh
 shards_list="${SHARDS:-1 2 4 8 16}"
 rates="${RATES:-1 5 10}"
 cores=$(nproc)

@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rate="${1:-3000}"
 rounds="${2:-2}"
-if [ -n "${SYMPHONY_PREBUILT:-}" ]; then
-  bin="$SYMPHONY_PREBUILT/symphony"
-  [ -d "$SYMPHONY_PREBUILT/lib" ] && export LD_LIBRARY_PATH="$PWD/$SYMPHONY_PREBUILT/lib:${LD_LIBRARY_PATH:-}"
-else
-  bin=./target/release/symphony
-  cargo build --release 2>&1 | tail -1
-fi
+. perf/binary.sh
 dir="$(mktemp -d)"
 cat > "$dir/load.yaml" <<YAML
 seed: 9

@@ -2,8 +2,9 @@
 //! Replicator, for this service).
 //!
 //! N real [`ShardCore`]s run on one thread in virtual time, around them a simulated driver
-//! (the frame loop with its backpressure, writers, timers that may fire late), a simulated
-//! mesh (random delays and a capacity, the order per pair of shards kept and no more),
+//! (the frame loop with its backpressure and backlog shedding, writers, timers that may fire
+//! late), a simulated mesh (random delays and a capacity, the order per pair of shards kept
+//! and no more),
 //! simulated clients (pipelining, tighter SLOs, unknown models, wrong input sizes, slow
 //! readers, abrupt disconnects, half-closes, malformed frames, LIST_MODELS) and simulated
 //! executors speaking the link protocol (results late, lost or malformed, heartbeats missed,
@@ -160,6 +161,8 @@ impl Scenario {
             plan_ms: rng.random_range(50..=1000),
             handshake_ms: 2000,
             write_stall_ms: 10_000,
+            // The driver's backlog rule (below) sheds a client's requests while it is behind.
+            backlog_shed_ms: [0, 1, 5, 100][rng.random_range(0..4)],
         };
         let p = |rng: &mut Pcg64, max: u32| rng.random_range(0..=max);
         let faults = Faults {
@@ -300,6 +303,10 @@ struct Conn {
     peer_gone: bool,
     read_scheduled: bool,
     peer_read_scheduled: bool,
+    /// When a read last took everything the peer had sent, and whether the shard was told it
+    /// is behind this client (`Input::Backlog`, the real driver's rule).
+    drained_ns: u64,
+    behind: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -642,6 +649,8 @@ impl<'a> World<'a> {
             peer_gone: false,
             read_scheduled: false,
             peer_read_scheduled: false,
+            drained_ns: self.now,
+            behind: false,
         });
         self.by_peer.insert((shard, peer), index);
         self.handle(shard, Input::Opened(peer));
@@ -1043,6 +1052,17 @@ impl<'a> World<'a> {
                 c.to_server.drain(..n);
             }
         }
+        if c.to_server.is_empty() {
+            c.drained_ns = self.now;
+        }
+        let shed_ns = self.scenario.timeouts.backlog_shed_ms * 1_000_000;
+        let behind = shed_ns > 0 && self.now - c.drained_ns > shed_ns;
+        if matches!(c.peer, Peer::Client(_)) && behind != c.behind {
+            c.behind = behind;
+            let (shard, peer) = (c.shard, c.peer);
+            self.handle(shard, Input::Backlog { peer, behind });
+        }
+        let c = &mut self.conns[conn];
         let (shard, peer) = (c.shard, c.peer);
         let buffer = std::mem::replace(&mut c.buffer, ReadBuffer::new(1, 1));
         let decoder = FrameDecoder::default();
