@@ -532,7 +532,7 @@ impl<G: GpuSource> Deferred<G> {
 /// (one GPU at most) stays within the budget less `d_data * b`. That grows with `b` (the
 /// profile is monotone), as does the no-rate test `l(b)`, so the largest fitting `b` is found
 /// by bisection: this runs at every rate sample of every model, and a linear profile is
-/// tabulated up to thousands of batch sizes.
+/// tabulated up to `BATCH_SIZE_LIMIT` (1,024) batch sizes.
 pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, knobs: &Knobs) -> u32 {
     let budget_ns = slo_ns.saturating_sub(knobs.d_ctrl_ns + knobs.d_resp_ns) as f64;
     match rate_rps {
