@@ -136,10 +136,7 @@ impl Shard {
         {
             let now_ns = self.now_ns();
             let mut core = self.core.borrow_mut();
-            if !self.stopped.get() && self.stop.load(Ordering::Relaxed) {
-                self.stopped.set(true);
-                core.handle(now_ns, Input::Stop, &mut fx);
-            }
+            self.tell_stop(&mut core, now_ns, &mut fx);
             core.handle(now_ns, input, &mut fx);
         }
         // No borrow of the core is held from here: glommio may run a spawned task at once,
@@ -147,6 +144,14 @@ impl Shard {
         self.apply(&mut fx);
         fx.clear();
         self.spare_effects.borrow_mut().push(fx);
+    }
+
+    /// The first input after the stop flag was set tells the core first.
+    fn tell_stop(&self, core: &mut ShardCore, now_ns: u64, fx: &mut Effects) {
+        if !self.stopped.get() && self.stop.load(Ordering::Relaxed) {
+            self.stopped.set(true);
+            core.handle(now_ns, Input::Stop, fx);
+        }
     }
 
     /// One turn of a connection's frames, from `frames` (what its buffer holds), up to
@@ -170,10 +175,7 @@ impl Shard {
         let end = {
             let mut now_ns = self.now_ns();
             let mut core = self.core.borrow_mut();
-            if !self.stopped.get() && self.stop.load(Ordering::Relaxed) {
-                self.stopped.set(true);
-                core.handle(now_ns, Input::Stop, &mut fx);
-            }
+            self.tell_stop(&mut core, now_ns, &mut fx);
             let mut handled = 0;
             loop {
                 if connection::over_limits_of(&core, self, peer, connection) {
