@@ -118,9 +118,10 @@ fn serve(shards: usize, gap_ns: u64, end_ns: u64, count_from_ns: u64) -> Counted
             break;
         }
         COUNTING.store(now_ns >= count_from_ns, Ordering::Relaxed);
-        if let Some((to, msg)) = mesh.pop_front() {
+        // The shard that handled this step's input; its effects are carried out below.
+        let handled = if let Some((to, msg)) = mesh.pop_front() {
             cores[to].handle(now_ns, Input::Shard(msg), &mut fx);
-            apply(to, &mut fx, &mut running, &mut mesh, &mut counted.ok_replies_whole_run);
+            to
         } else if completion_ns == Some(now_ns) {
             let Reverse((finish, shard, plan_id, start)) = running.pop().unwrap();
             let done = Input::EmbeddedDone {
@@ -129,13 +130,7 @@ fn serve(shards: usize, gap_ns: u64, end_ns: u64, count_from_ns: u64) -> Counted
                 finished_ns: finish,
             };
             cores[shard].handle(now_ns, done, &mut fx);
-            apply(
-                shard,
-                &mut fx,
-                &mut running,
-                &mut mesh,
-                &mut counted.ok_replies_whole_run,
-            );
+            shard
         } else if arrival == Some(now_ns) {
             let shard = (sent % shards as u64) as usize;
             let model = (sent / shards as u64 + sent) as usize % payloads.len();
@@ -150,26 +145,22 @@ fn serve(shards: usize, gap_ns: u64, end_ns: u64, count_from_ns: u64) -> Counted
             };
             cores[shard].handle(now_ns, input, &mut fx);
             cores[shard].handle(now_ns, Input::ReadDone, &mut fx);
-            apply(
-                shard,
-                &mut fx,
-                &mut running,
-                &mut mesh,
-                &mut counted.ok_replies_whole_run,
-            );
             counted.requests += u64::from(now_ns >= count_from_ns);
             sent += 1;
             next_arrival_ns += gap_ns;
-        } else if let Some((_, shard)) = timer {
+            shard
+        } else {
+            let (_, shard) = timer.expect("the step's time is a timer's");
             cores[shard].handle(now_ns, Input::Timer, &mut fx);
-            apply(
-                shard,
-                &mut fx,
-                &mut running,
-                &mut mesh,
-                &mut counted.ok_replies_whole_run,
-            );
-        }
+            shard
+        };
+        apply(
+            handled,
+            &mut fx,
+            &mut running,
+            &mut mesh,
+            &mut counted.ok_replies_whole_run,
+        );
         COUNTING.store(false, Ordering::Relaxed);
     }
     counted.allocations = ALLOCATIONS.swap(0, Ordering::Relaxed);

@@ -59,6 +59,19 @@ fn looked(table: &GpuTable, shard: u16) -> TableView {
     view
 }
 
+/// A shard's rounds: at each `exec_at`, a claim by `policy` when a GPU frees in time, its
+/// plan and its release. Returns how many it planned.
+fn claim_rounds(table: &GpuTable, log: &Log, shard: u16, exec_ats: [u64; 2], policy: GrantPolicy) -> u32 {
+    let mut planned = 0;
+    for exec_at_ns in exec_ats {
+        if let Some(claim) = table.claim(shard, exec_at_ns, policy) {
+            let _ = plan_and_release(table, log, claim, exec_at_ns);
+            planned += 1;
+        }
+    }
+    planned
+}
+
 /// What a shard with a waiting candidate does (`Deferred` over `SharedGpus`): post it, then
 /// at its next look (through `view`) take the earliest `free_at` it may claim and claim from
 /// there by its grant policy; with a GPU it withdraws the post. Returns the claim and the
@@ -119,17 +132,7 @@ fn concurrent_claims_never_overlap() {
         let threads: Vec<_> = (0..2u16)
             .map(|shard| {
                 let (table, log) = (table.clone(), log.clone());
-                thread::spawn(move || {
-                    // Two rounds each: claim whenever the GPU frees in time, plan, release.
-                    let mut planned = 0;
-                    for exec_at_ns in [0, 100] {
-                        if let Some(claim) = table.claim(shard, exec_at_ns, GrantPolicy::LowestIndex) {
-                            let _ = plan_and_release(&table, &log, claim, exec_at_ns);
-                            planned += 1;
-                        }
-                    }
-                    planned
-                })
+                thread::spawn(move || claim_rounds(&table, &log, shard, [0, 100], GrantPolicy::LowestIndex))
             })
             .collect();
         let planned: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
@@ -147,16 +150,7 @@ fn pick_then_claim_over_two_gpus_never_overlaps() {
             let threads: Vec<_> = (0..2u16)
                 .map(|shard| {
                     let (table, log) = (table.clone(), log.clone());
-                    thread::spawn(move || {
-                        let mut planned = 0;
-                        for exec_at_ns in [0, 20] {
-                            if let Some(claim) = table.claim(shard, exec_at_ns, policy) {
-                                let _ = plan_and_release(&table, &log, claim, exec_at_ns);
-                                planned += 1;
-                            }
-                        }
-                        planned
-                    })
+                    thread::spawn(move || claim_rounds(&table, &log, shard, [0, 20], policy))
                 })
                 .collect();
             let planned: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
