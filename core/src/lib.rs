@@ -10,6 +10,7 @@ mod names;
 
 pub mod gpu_pool;
 pub mod policy;
+pub mod prefetch;
 pub mod profile;
 pub mod rate;
 pub mod request;

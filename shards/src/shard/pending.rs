@@ -9,6 +9,7 @@
 use super::keys::{ConnectionKey, RequestKey, SlotKey};
 use super::messages::Origin;
 use crate::buffers::Slice;
+use symphony_core::prefetch::prefetch;
 
 /// No slot (the end of a connection's list).
 const NONE: u32 = u32::MAX;
@@ -230,19 +231,6 @@ impl PendingTable {
         }
         Some(pending)
     }
-}
-
-/// A hint to bring `value`'s cache line in; nothing on targets without one.
-#[inline(always)]
-fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads and writes no memory (and may not even touch the line); the
-    // address is of a live reference. SSE is in every x86-64's baseline.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((value as *const T).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
 }
 
 #[cfg(test)]
