@@ -127,6 +127,10 @@ struct ServeArgs {
     /// Address every shard listens on (overrides the config's `listen`).
     #[arg(long)]
     listen: Option<String>,
+    /// KServe v2 (Triton's HTTP protocol) on ADDR, or `off` (overrides the config's `http`;
+    /// default: port 8000 of the listen host, any free port when the listen port is 0).
+    #[arg(long, value_name = "ADDR|off")]
+    http: Option<String>,
     /// Shards, one per core (default: the config's, else every CPU).
     #[arg(long)]
     shards: Option<usize>,
@@ -606,6 +610,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(http) = &args.http {
+        config.http = symphony_shards::config::Endpoint::parse(http)
+            .map_err(|expected| anyhow::anyhow!("--http: expected {expected}"))?;
+    }
     if let Some(shards) = args.shards {
         anyhow::ensure!(shards > 0, "--shards must be at least 1");
         config.shards = Some(shards);
@@ -653,6 +661,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .collect();
     eprintln!("symphony serve: {}", places.join(", "));
+    match server.http_addr() {
+        Some(addr) => eprintln!("symphony serve: KServe v2 over HTTP at http://{addr}/v2"),
+        None => eprintln!("symphony serve: KServe v2 over HTTP is off"),
+    }
     let stop = server.stop_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;

@@ -76,6 +76,8 @@ pub enum ConfigError {
 struct RawConfig {
     #[serde(default = "default_listen")]
     listen: String,
+    /// The KServe v2 HTTP port: an address, or "off".
+    http: Option<String>,
     shards: Option<usize>,
     cpus: Option<Vec<usize>>,
     #[serde(default)]
@@ -99,6 +101,50 @@ struct RawConfig {
 fn default_zero_copy() -> bool {
     true
 }
+
+/// Where one of the extra front ends listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Its default port on the `listen` host; any free port when `listen`'s port is 0 (so
+    /// that a service started on free ports, as tests and side-by-side runs do, takes no
+    /// fixed one).
+    Default,
+    /// Not served.
+    Off,
+    /// At this address (`host:port`).
+    At(String),
+}
+
+impl Endpoint {
+    /// `off`, or a `host:port`.
+    pub fn parse(text: &str) -> Result<Endpoint, String> {
+        let text = text.trim();
+        if text == "off" {
+            return Ok(Endpoint::Off);
+        }
+        match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Endpoint::At(text.to_string())),
+            _ => Err(format!("\"off\" or host:port, not {text:?}")),
+        }
+    }
+
+    /// The address to bind, given the native `listen` address and this front end's
+    /// default port; `None` when off.
+    pub fn resolve(&self, listen: &str, default_port: u16) -> Option<String> {
+        match self {
+            Endpoint::Off => None,
+            Endpoint::At(addr) => Some(addr.clone()),
+            Endpoint::Default => {
+                let (host, port) = listen.rsplit_once(':').unwrap_or((listen, ""));
+                let port = if port == "0" { 0 } else { default_port };
+                Some(format!("{host}:{port}"))
+            }
+        }
+    }
+}
+
+/// Triton's port for KServe v2 over HTTP.
+pub const HTTP_PORT_DEFAULT: u16 = 8000;
 
 fn default_listen() -> String {
     "127.0.0.1:7070".to_string()
@@ -219,6 +265,9 @@ impl Default for Timeouts {
 pub struct ServeConfig {
     pub source: String,
     pub listen: String,
+    /// Where the KServe v2 HTTP front end listens ([`Endpoint::Default`]: Triton's port
+    /// 8000 on the `listen` host).
+    pub http: Endpoint,
     pub shards: Option<usize>,
     pub cpus: Option<Vec<usize>>,
     /// Embedded simulated GPUs (executors in this process); 0 with external executors only.
@@ -465,9 +514,14 @@ impl ServeConfig {
             (Some(_), None) => EXECUTOR_GPUS_DEFAULT,
             (_, gpus) => gpus.unwrap_or(0),
         };
+        let http = match raw.http.as_deref() {
+            None => Endpoint::Default,
+            Some(text) => Endpoint::parse(text).map_err(|expected| invalid("http", expected))?,
+        };
         let config = ServeConfig {
             source: source.to_string(),
             listen: raw.listen,
+            http,
             shards: raw.shards,
             cpus: raw.cpus,
             gpus: raw.gpus,

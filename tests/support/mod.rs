@@ -99,6 +99,13 @@ impl Serve {
             .arg("--config")
             .arg(&config_path)
             .args(args)
+            // A restart names its port: without this the HTTP front end would take 8000,
+            // shared by every test at once. Tests of it pass `--http 127.0.0.1:0`.
+            .args(if args.contains(&"--http") {
+                &[][..]
+            } else {
+                &["--http", "off"][..]
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

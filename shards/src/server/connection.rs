@@ -54,7 +54,7 @@ pub(super) enum TurnEnd {
     Failed,
 }
 /// How long a refused connection's ERROR frame may take to write.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+pub(super) const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Accept errors back off from the first to the last of these.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(1);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(200);
@@ -179,6 +179,18 @@ impl Connection {
     /// Stops the reader (it ends its connection).
     pub(super) fn stop_reader(&self) {
         let _ = self.stop_reading.try_send(());
+    }
+
+    /// The core closed it (a protocol error, the drain) or made room with it.
+    pub(super) fn is_ending(&self) -> bool {
+        self.closing.get() || self.evicted.get()
+    }
+
+    /// Nothing more goes out (an HTTP connection whose peer left): what the core queues
+    /// for it from now on is dropped.
+    pub(super) fn mark_dead(&self) {
+        self.dead.set(true);
+        self.out.borrow_mut().clear();
     }
 
     /// Queues an ERROR frame and closes after it; the reader stops.
@@ -349,13 +361,15 @@ pub(super) async fn refuse(stream: TcpStream, message: String) {
     .await;
 }
 
-/// A shard's two ports.
+/// A shard's ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Port {
     /// The front door: clients, and executors' control connections.
     Clients,
     /// Executor links.
     Links,
+    /// KServe v2 over HTTP/1.1: clients too (they share the client slots and limits).
+    Http,
 }
 
 impl Port {
@@ -363,26 +377,27 @@ impl Port {
         match self {
             Port::Clients => "client",
             Port::Links => "executor link",
+            Port::Http => "HTTP",
         }
     }
 
     fn peer(self, key: ConnectionKey) -> Peer {
         match self {
-            Port::Clients => Peer::Client(key),
+            Port::Clients | Port::Http => Peer::Client(key),
             Port::Links => Peer::Link(key),
         }
     }
 
-    fn slots(self, shard: &Shard) -> &RefCell<Slots> {
+    pub(super) fn slots(self, shard: &Shard) -> &RefCell<Slots> {
         match self {
-            Port::Clients => &shard.clients,
+            Port::Clients | Port::Http => &shard.clients,
             Port::Links => &shard.link_conns,
         }
     }
 
     fn limit(self, shard: &Shard) -> usize {
         match self {
-            Port::Clients => shard.limits.connections_per_shard,
+            Port::Clients | Port::Http => shard.limits.connections_per_shard,
             Port::Links => shard.limits.links_per_shard,
         }
     }
@@ -392,11 +407,21 @@ impl Port {
 pub(super) async fn accept(shard: Rc<Shard>, listener: TcpListener, port: Port) {
     while let Some(stream) = accept_until_stop(&shard, &listener, port.name()).await {
         let why = match port {
-            Port::Clients => "closed to make room for a new connection: this one sent nothing",
+            Port::Clients | Port::Http => "closed to make room for a new connection: this one sent nothing",
             Port::Links => "closed to make room for a new link: this one never joined",
         };
         let admission = port.slots(&shard).borrow_mut().admit(why);
         match admission {
+            Admission::Serve(key, connection, receivers) if port == Port::Http => {
+                glommio::spawn_local(super::kserve::serve(
+                    Rc::clone(&shard),
+                    key,
+                    stream,
+                    connection,
+                    *receivers,
+                ))
+                .detach();
+            }
             Admission::Serve(key, connection, receivers) => {
                 glommio::spawn_local(serve(Rc::clone(&shard), port, key, stream, connection, *receivers)).detach();
             }
@@ -427,7 +452,11 @@ fn refuse_later(shard: &Rc<Shard>, stream: TcpStream, port: Port) {
     );
     let shard = Rc::clone(shard);
     glommio::spawn_local(async move {
-        refuse(stream, message).await;
+        if port == Port::Http {
+            super::kserve::refuse(stream, message).await;
+        } else {
+            refuse(stream, message).await;
+        }
         port.slots(&shard).borrow_mut().refusing -= 1;
     })
     .detach();

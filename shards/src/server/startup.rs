@@ -42,6 +42,7 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     executors: Arc<Executors>,
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     stats: Arc<Stats>,
@@ -58,6 +59,11 @@ impl ServerHandle {
     /// The address every shard listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the KServe v2 HTTP front end (`None`: off).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn shard_count(&self) -> usize {
@@ -160,12 +166,15 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let epoch = Instant::now();
     let mut joins = Vec::with_capacity(shard_count);
     let mut listen = config.listen.clone();
+    let mut http = config.http.resolve(&config.listen, crate::config::HTTP_PORT_DEFAULT);
     let mut local_addr = None;
+    let mut http_addr = None;
     for (shard, &runtime::ShardPlace { cpu, .. }) in cpus.iter().enumerate() {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(SocketAddr, Option<SocketAddr>), ServeError>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Bound, ServeError>>();
         let setup = ShardSetup {
             id: shard as u32,
             listen: listen.clone(),
+            http: http.clone(),
             catalog: Arc::clone(&catalog),
             policy: Config::of(config.policy, &config.knobs),
             knobs: config.knobs.clone(),
@@ -185,10 +194,18 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
         let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
         joins.push(join);
         match ready_rx.recv() {
-            Ok(Ok((addr, link_addr))) => {
+            Ok(Ok(Bound {
+                addr,
+                link_addr,
+                http: bound_http,
+            })) => {
                 // Shard 0 may have been given port 0: the others bind the port it got.
                 listen = addr.to_string();
                 local_addr.get_or_insert(addr);
+                if let Some(bound_http) = bound_http {
+                    http = Some(bound_http.to_string());
+                    http_addr.get_or_insert(bound_http);
+                }
                 shard_link_addrs.extend(link_addr.map(|a| a.to_string()));
             }
             Ok(Err(e)) => {
@@ -204,6 +221,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let _ = link_addrs.set(shard_link_addrs);
     Ok(ServerHandle {
         local_addr: local_addr.expect("at least one shard"),
+        http_addr,
         executors,
         link_addrs,
         stats,
@@ -220,6 +238,8 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
 struct ShardSetup {
     id: u32,
     listen: String,
+    /// The KServe v2 HTTP address (`None`: off).
+    http: Option<String>,
     catalog: Arc<Catalog>,
     policy: Config,
     knobs: symphony_core::policy::Knobs,
@@ -237,7 +257,14 @@ struct ShardSetup {
     zero_copy: bool,
 }
 
-type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, Option<SocketAddr>), ServeError>>;
+/// What a shard bound: the front door, its executor link port, its HTTP port.
+struct Bound {
+    addr: SocketAddr,
+    link_addr: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+}
+
+type Ready = std::sync::mpsc::Sender<Result<Bound, ServeError>>;
 
 async fn run_shard(setup: ShardSetup, ready: Ready) {
     let listener = match TcpListener::bind(setup.listen.as_str()) {
@@ -270,7 +297,21 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
     let link_addr = link_listener
         .as_ref()
         .map(|l| l.local_addr().expect("a bound listener has an address"));
-    let _ = ready.send(Ok((addr, link_addr)));
+    let http_listener = match setup.http.as_deref().map(TcpListener::bind) {
+        None => None,
+        Some(Ok(listener)) => Some(listener),
+        Some(Err(e)) => {
+            let _ = ready.send(Err(ServeError::Listen {
+                addr: format!("{} (HTTP)", setup.http.as_deref().unwrap_or_default()),
+                reason: e.to_string(),
+            }));
+            return;
+        }
+    };
+    let http = http_listener
+        .as_ref()
+        .map(|l| l.local_addr().expect("a bound listener has an address"));
+    let _ = ready.send(Ok(Bound { addr, link_addr, http }));
     let (senders, mut receivers) = match setup.mesh.join().await {
         Ok(joined) => joined,
         Err(_) => return,
@@ -339,6 +380,9 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
     glommio::spawn_local(timer_loop(Rc::clone(&shard), wake_rx)).detach();
     if let Some(listener) = link_listener {
         glommio::spawn_local(connection::accept(Rc::clone(&shard), listener, connection::Port::Links)).detach();
+    }
+    if let Some(listener) = http_listener {
+        glommio::spawn_local(connection::accept(Rc::clone(&shard), listener, connection::Port::Http)).detach();
     }
     connection::accept(Rc::clone(&shard), listener, connection::Port::Clients).await;
     drain(&shard, shard_count).await;

@@ -63,6 +63,11 @@ impl Catalog {
         }
     }
 
+    /// The model named `name`.
+    pub fn index_of(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
     /// The MODELS answer.
     pub fn models_answer(&self, client_request_id: u64) -> wire::Models {
         wire::Models {

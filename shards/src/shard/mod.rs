@@ -404,6 +404,11 @@ impl ShardCore {
         }
     }
 
+    /// The models every shard knows.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
     /// What a client connection is owed: replies and their requests' input bytes.
     pub fn client_owed(&self, key: ConnectionKey) -> (u32, usize) {
         self.clients.get(key).map_or((0, 0), |c| (c.owed, c.owed_bytes))

@@ -1,0 +1,151 @@
+//! The KServe v2 HTTP front end of the spawned release binary: the real Python
+//! `tritonclient` against it, and what a broken or hostile HTTP client gets.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::{example_config, Serve};
+
+/// `serve` with the example's models and its HTTP front end on a free port.
+fn serve_http() -> (Serve, SocketAddr) {
+    let serve = Serve::start(&example_config("shards = 2\ngpus = 4"), &["--http", "127.0.0.1:0"]);
+    assert!(
+        serve.wait_log("KServe v2 over HTTP at", Duration::from_secs(10)),
+        "no HTTP address in: {}",
+        serve.log_text()
+    );
+    let line = serve
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains("KServe v2 over HTTP at"))
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/v2"))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("an address in {line:?}"));
+    (serve, addr)
+}
+
+/// The Python that has `tritonclient` (`.ci/run` makes `.venv` at the checkout's root), or
+/// `SYMPHONY_PYTHON`.
+fn python() -> Option<PathBuf> {
+    let path = std::env::var_os("SYMPHONY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let usable = Command::new(&path)
+        .args(["-c", "import tritonclient.http, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    usable.then_some(path)
+}
+
+#[test]
+fn the_python_tritonclient_gets_health_metadata_and_inference_over_http() {
+    let Some(python) = python() else {
+        // CI installs it (`.ci/run`): there its absence is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no Python with tritonclient at .venv (see .ci/run)"
+        );
+        println!("skipped: no Python with tritonclient (python3 -m venv .venv && .venv/bin/pip install 'tritonclient[http]')");
+        return;
+    };
+    let (mut serve, addr) = serve_http();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kserve/tritonclient_http.py");
+    let run = Command::new(python).arg(script).arg(addr.to_string()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    println!("{stdout}");
+    assert!(
+        run.status.success(),
+        "tritonclient failed:\n{stdout}\n{}\nserve: {}",
+        String::from_utf8_lossy(&run.stderr),
+        serve.log_text()
+    );
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 11, "{stdout}");
+    serve.assert_alive("the tritonclient checks");
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: (status, body).
+fn exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn post(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn bad_http_requests_get_typed_errors_and_the_service_lives_on() {
+    let (mut serve, addr) = serve_http();
+    let (status, body) = exchange(
+        addr,
+        b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!((status, body.as_str()), (200, ""));
+    let infer = "/v2/models/small/infer";
+    let tensor = r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[2],"data":[1,2]}]}"#;
+    let (status, body) = exchange(addr, &post(infer, tensor));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""model_name":"small""#), "{body}");
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("not JSON", post(infer, "{nope"), 400, "not valid JSON"),
+        ("no inputs", post(infer, "{}"), 400, "no 'inputs'"),
+        (
+            "too few elements",
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[3],"data":[1,2]}]}"#),
+            400,
+            "2 elements of data for shape [3]",
+        ),
+        (
+            "a value out of range",
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[1],"data":[300]}]}"#),
+            400,
+            "is not a UINT8",
+        ),
+        ("an unknown model", post("/v2/models/nope/infer", tensor), 404, "unknown model"),
+        (
+            "binary data past the body",
+            format!(
+                "POST {infer} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ninference-header-content-length: 999\r\ncontent-length: 2\r\n\r\n{{}}"
+            )
+            .into_bytes(),
+            400,
+            "past the body",
+        ),
+        ("an unknown endpoint", post("/v3/what", ""), 404, "no such endpoint"),
+    ];
+    for (what, request, want, needle) in cases {
+        let (status, body) = exchange(addr, &request);
+        assert_eq!(status, want, "{what}: {body}");
+        assert!(body.contains("\"error\"") && body.contains(needle), "{what}: {body}");
+    }
+    // Not HTTP at all: hyper answers 400 and closes; the service is unharmed.
+    let (status, _) = exchange(addr, b"\x00\x01garbage\r\n\r\n");
+    assert_eq!(status, 400);
+    let (status, _) = exchange(addr, &post(infer, tensor));
+    assert_eq!(status, 200);
+    serve.assert_alive("bad HTTP requests");
+}

@@ -1,0 +1,68 @@
+"""The real tritonclient (HTTP) against a running `symphony serve`.
+
+Usage: python tritonclient_http.py HOST:PORT
+Prints one line per check and exits non-zero on the first failure.
+"""
+
+import sys
+
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+
+def check(name, condition, detail=""):
+    if not condition:
+        print(f"FAIL {name}: {detail}")
+        sys.exit(1)
+    print(f"ok {name}")
+
+
+def main():
+    url = sys.argv[1]
+    client = httpclient.InferenceServerClient(url=url)
+
+    check("server live", client.is_server_live())
+    check("server ready", client.is_server_ready())
+    metadata = client.get_server_metadata()
+    check("server metadata", metadata["name"] == "symphony", metadata)
+    check("binary extension listed", "binary_tensor_data" in metadata["extensions"], metadata)
+
+    check("model ready", client.is_model_ready("small"))
+    model = client.get_model_metadata("small")
+    check("model metadata", model["name"] == "small" and model["inputs"][0]["name"] == "INPUT0", model)
+
+    data = np.arange(16, dtype=np.uint8).reshape(1, 16)
+    # The client's default: binary tensors both ways.
+    for binary in (True, False):
+        tensor = httpclient.InferInput("INPUT0", list(data.shape), "UINT8")
+        tensor.set_data_from_numpy(data, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]
+        result = client.infer("small", [tensor], outputs=outputs, request_id=f"r-{binary}")
+        output = result.as_numpy("OUTPUT0")
+        response = result.get_response()
+        check(
+            f"infer ({'binary' if binary else 'JSON'} tensors)",
+            output is not None and response["model_name"] == "small" and response["id"] == f"r-{binary}",
+            response,
+        )
+
+    # A timeout (the schedule policy's, in microseconds) no batch can meet: answered at once.
+    tensor = httpclient.InferInput("INPUT0", [1, 16], "UINT8")
+    tensor.set_data_from_numpy(data)
+    try:
+        client.infer("small", [tensor], timeout=10)
+        check("an unmeetable timeout is refused", False, "it was served")
+    except InferenceServerException as error:
+        check("an unmeetable timeout is refused", "dropped" in str(error), str(error))
+
+    try:
+        client.infer("no_such_model", [tensor])
+        check("an unknown model is an error", False, "it was served")
+    except InferenceServerException as error:
+        check("an unknown model is an error", "unknown model" in str(error), str(error))
+    check("an unknown model is not ready", not client.is_model_ready("no_such_model"))
+
+
+if __name__ == "__main__":
+    main()
