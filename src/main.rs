@@ -131,6 +131,11 @@ struct ServeArgs {
     /// default: port 8000 of the listen host, any free port when the listen port is 0).
     #[arg(long, value_name = "ADDR|off")]
     http: Option<String>,
+    /// Prometheus metrics (`GET /metrics`) on ADDR, or `off` (overrides the config's
+    /// `metrics`; default: port 8002 of the listen host, any free port when the listen port
+    /// is 0). The HTTP port serves them too.
+    #[arg(long, value_name = "ADDR|off")]
+    metrics: Option<String>,
     /// Shards, one per core (default: the config's, else every CPU).
     #[arg(long)]
     shards: Option<usize>,
@@ -614,6 +619,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         config.http = symphony_shards::config::Endpoint::parse(http)
             .map_err(|expected| anyhow::anyhow!("--http: expected {expected}"))?;
     }
+    if let Some(metrics) = &args.metrics {
+        config.metrics = symphony_shards::config::Endpoint::parse(metrics)
+            .map_err(|expected| anyhow::anyhow!("--metrics: expected {expected}"))?;
+    }
     if let Some(shards) = args.shards {
         anyhow::ensure!(shards > 0, "--shards must be at least 1");
         config.shards = Some(shards);
@@ -664,6 +673,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     match server.http_addr() {
         Some(addr) => eprintln!("symphony serve: KServe v2 over HTTP at http://{addr}/v2"),
         None => eprintln!("symphony serve: KServe v2 over HTTP is off"),
+    }
+    match server.metrics_addr() {
+        Some(addr) => eprintln!("symphony serve: Prometheus metrics at http://{addr}/metrics"),
+        None => eprintln!("symphony serve: the metrics port is off"),
     }
     let stop = server.stop_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

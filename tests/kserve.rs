@@ -10,27 +10,28 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{example_config, Serve};
+use symphony_core::wire::{ModelRef, Status};
 
 /// `serve` with the example's models and its HTTP front end on a free port.
 fn serve_http() -> (Serve, SocketAddr) {
     let serve = Serve::start(&example_config("shards = 2\ngpus = 4"), &["--http", "127.0.0.1:0"]);
+    let addr = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
+    (serve, addr)
+}
+
+/// The address in serve's start-up line that says `what`, before `suffix`.
+fn logged_addr(serve: &Serve, what: &str, suffix: &str) -> SocketAddr {
     assert!(
-        serve.wait_log("KServe v2 over HTTP at", Duration::from_secs(10)),
-        "no HTTP address in: {}",
+        serve.wait_log(what, Duration::from_secs(10)),
+        "no {what:?} in: {}",
         serve.log_text()
     );
-    let line = serve
-        .log_lines()
-        .into_iter()
-        .find(|l| l.contains("KServe v2 over HTTP at"))
-        .unwrap();
-    let addr = line
-        .split("http://")
+    let line = serve.log_lines().into_iter().find(|l| l.contains(what)).unwrap();
+    line.split("http://")
         .nth(1)
-        .and_then(|rest| rest.strip_suffix("/v2"))
+        .and_then(|rest| rest.strip_suffix(suffix))
         .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("an address in {line:?}"));
-    (serve, addr)
+        .unwrap_or_else(|| panic!("an address in {line:?}"))
 }
 
 /// The Python that has `tritonclient` (`.ci/run` makes `.venv` at the checkout's root), or
@@ -68,7 +69,7 @@ fn the_python_tritonclient_gets_health_metadata_and_inference_over_http() {
         String::from_utf8_lossy(&run.stderr),
         serve.log_text()
     );
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 11, "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 14, "{stdout}");
     serve.assert_alive("the tritonclient checks");
 }
 
@@ -148,4 +149,82 @@ fn bad_http_requests_get_typed_errors_and_the_service_lives_on() {
     let (status, _) = exchange(addr, &post(infer, tensor));
     assert_eq!(status, 200);
     serve.assert_alive("bad HTTP requests");
+}
+
+/// `name{labels} value` lines of a scrape, by `name{labels}`.
+fn scrape(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let (status, body) = exchange(addr, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("a sample line: {l:?}"));
+            (
+                key.to_string(),
+                value.parse().unwrap_or_else(|_| panic!("a number in {l:?}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
+    let serve = Serve::start(
+        &example_config("shards = 2\ngpus = 4"),
+        &["--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    );
+    let http = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
+    let metrics = logged_addr(&serve, "Prometheus metrics at", "/metrics");
+    let infer = "/v2/models/small/infer";
+    let tensor = r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[2],"data":[1,2]}]}"#;
+    let hopeless =
+        r#"{"parameters":{"timeout":10},"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[1],"data":[1]}]}"#;
+    for _ in 0..30 {
+        assert_eq!(exchange(http, &post(infer, tensor)).0, 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(exchange(http, &post(infer, hopeless)).0, 503);
+    }
+    for _ in 0..3 {
+        assert_eq!(exchange(http, &post("/v2/models/nope/infer", tensor)).0, 404);
+    }
+    let mut client = serve.client();
+    let model = ModelRef::Name("resnet_a".into());
+    for _ in 0..10 {
+        assert_eq!(client.call(&model, None, b"x").unwrap().status, Status::Ok);
+    }
+    let m = scrape(metrics);
+    let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in the scrape"));
+    let ran = |model: &str| {
+        get(&format!(
+            "symphony_requests_total{{model=\"{model}\",outcome=\"success\"}}"
+        )) + get(&format!(
+            "symphony_requests_total{{model=\"{model}\",outcome=\"late\"}}"
+        ))
+    };
+    assert_eq!(ran("small"), 30.0);
+    assert_eq!(ran("resnet_a"), 10.0);
+    assert_eq!(get("symphony_requests_total{model=\"small\",outcome=\"dropped\"}"), 5.0);
+    assert_eq!(get("symphony_replies_total{status=\"ok\"}"), 40.0);
+    assert_eq!(get("symphony_replies_total{status=\"dropped\"}"), 5.0);
+    assert_eq!(get("symphony_http_errors_total{code=\"404\"}"), 3.0);
+    assert_eq!(get("symphony_queue_duration_seconds_count{model=\"small\"}"), 30.0);
+    assert_eq!(get("symphony_compute_duration_seconds_count{model=\"small\"}"), 30.0);
+    assert_eq!(
+        get("symphony_queue_duration_seconds_bucket{model=\"small\",le=\"+Inf\"}"),
+        30.0
+    );
+    // Every batch of `small` is counted once; together they hold its 30 requests.
+    assert_eq!(get("symphony_batch_size_sum{model=\"small\"}"), 30.0);
+    assert!(get("symphony_batch_size_count{model=\"small\"}") >= 1.0);
+    assert_eq!(get("symphony_gpus"), 4.0);
+    let busy: f64 = (0..4)
+        .map(|g| get(&format!("symphony_gpu_busy_seconds_total{{gpu=\"{g}\"}}")))
+        .sum();
+    assert!(busy > 0.0, "the GPUs ran plans");
+    assert!(m.contains_key("symphony_desired_gpus"));
+    // The HTTP port serves the same; the metrics port serves nothing else.
+    assert!(scrape(http).contains_key("symphony_gpus"));
+    let (status, _) = exchange(metrics, b"GET /v2 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert_eq!(status, 404);
 }

@@ -78,6 +78,8 @@ struct RawConfig {
     listen: String,
     /// The KServe v2 HTTP port: an address, or "off".
     http: Option<String>,
+    /// The Prometheus metrics port: an address, or "off".
+    metrics: Option<String>,
     shards: Option<usize>,
     cpus: Option<Vec<usize>>,
     #[serde(default)]
@@ -145,6 +147,8 @@ impl Endpoint {
 
 /// Triton's port for KServe v2 over HTTP.
 pub const HTTP_PORT_DEFAULT: u16 = 8000;
+/// Triton's port for Prometheus metrics.
+pub const METRICS_PORT_DEFAULT: u16 = 8002;
 
 fn default_listen() -> String {
     "127.0.0.1:7070".to_string()
@@ -268,6 +272,9 @@ pub struct ServeConfig {
     /// Where the KServe v2 HTTP front end listens ([`Endpoint::Default`]: Triton's port
     /// 8000 on the `listen` host).
     pub http: Endpoint,
+    /// Where `GET /metrics` is served besides the HTTP port ([`Endpoint::Default`]:
+    /// Triton's 8002 on the `listen` host).
+    pub metrics: Endpoint,
     pub shards: Option<usize>,
     pub cpus: Option<Vec<usize>>,
     /// Embedded simulated GPUs (executors in this process); 0 with external executors only.
@@ -518,10 +525,15 @@ impl ServeConfig {
             None => Endpoint::Default,
             Some(text) => Endpoint::parse(text).map_err(|expected| invalid("http", expected))?,
         };
+        let metrics = match raw.metrics.as_deref() {
+            None => Endpoint::Default,
+            Some(text) => Endpoint::parse(text).map_err(|expected| invalid("metrics", expected))?,
+        };
         let config = ServeConfig {
             source: source.to_string(),
             listen: raw.listen,
             http,
+            metrics,
             shards: raw.shards,
             cpus: raw.cpus,
             gpus: raw.gpus,

@@ -14,6 +14,7 @@ pub mod buffers;
 pub mod client;
 pub mod config;
 pub mod executors;
+pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 #[cfg(feature = "runtime")]

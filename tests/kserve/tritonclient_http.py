@@ -5,6 +5,7 @@ Prints one line per check and exits non-zero on the first failure.
 """
 
 import sys
+import urllib.request
 
 import numpy as np
 import tritonclient.http as httpclient
@@ -62,6 +63,20 @@ def main():
     except InferenceServerException as error:
         check("an unknown model is an error", "unknown model" in str(error), str(error))
     check("an unknown model is not ready", not client.is_model_ready("no_such_model"))
+
+    # The scrape counts what was sent: two inferences ran, one was dropped, one model was
+    # unknown (answered by the front end).
+    with urllib.request.urlopen(f"http://{url}/metrics") as response:
+        samples = {}
+        for line in response.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                samples[key] = float(value)
+    ran = sum(samples[f'symphony_requests_total{{model="small",outcome="{o}"}}'] for o in ("success", "late"))
+    check("metrics: requests that ran", ran == 2, ran)
+    dropped = samples['symphony_requests_total{model="small",outcome="dropped"}']
+    check("metrics: requests dropped", dropped == 1, dropped)
+    check("metrics: batches", samples['symphony_batch_size_sum{model="small"}'] == 2, samples)
 
 
 if __name__ == "__main__":

@@ -99,13 +99,11 @@ impl Serve {
             .arg("--config")
             .arg(&config_path)
             .args(args)
-            // A restart names its port: without this the HTTP front end would take 8000,
-            // shared by every test at once. Tests of it pass `--http 127.0.0.1:0`.
-            .args(if args.contains(&"--http") {
-                &[][..]
-            } else {
-                &["--http", "off"][..]
-            })
+            // A restart names its port: without this the HTTP front end and the metrics
+            // would take 8000 and 8002, shared by every test at once. Tests of them pass
+            // `--http 127.0.0.1:0`, `--metrics 127.0.0.1:0`.
+            .args(off_unless_given(args, "--http"))
+            .args(off_unless_given(args, "--metrics"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -268,6 +266,15 @@ impl Drop for Serve {
         if self.owns_dir {
             let _ = std::fs::remove_dir_all(self.config_path.parent().expect("a directory"));
         }
+    }
+}
+
+/// `[flag, "off"]` unless `args` has `flag`.
+fn off_unless_given(args: &[&str], flag: &'static str) -> Vec<&'static str> {
+    if args.contains(&flag) {
+        Vec::new()
+    } else {
+        vec![flag, "off"]
     }
 }
 

@@ -278,14 +278,20 @@ impl<G: GpuSource> Deferred<G> {
                 self.rated_count -= 1;
             }
         }
-        let Some(threshold) = self.config.saturation_threshold else {
-            return;
-        };
         let b = model.target_batch_size;
         let demand = rate_rps.unwrap_or(0.0) * model.profile.exec_ns(b) as f64 / 1e9 / f64::from(b);
         self.demand_total += demand - model.demand;
         model.demand = demand;
+        let Some(threshold) = self.config.saturation_threshold else {
+            return;
+        };
         self.saturated = self.demand_total >= threshold * f64::from(self.pool.gpu_count());
+    }
+
+    /// The GPUs the current load needs with deferral: over the models, rate x the run time
+    /// of its target batch / that batch's size (GPU-seconds a second).
+    pub fn demand_gpus(&self) -> f64 {
+        self.demand_total.max(0.0)
     }
 
     /// Sections 2 and 3: forms model `index`'s candidate batch for a GPU free at

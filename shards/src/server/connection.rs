@@ -370,6 +370,8 @@ pub(super) enum Port {
     Links,
     /// KServe v2 over HTTP/1.1: clients too (they share the client slots and limits).
     Http,
+    /// `GET /metrics` only (HTTP/1.1, the client slots and limits too).
+    Metrics,
 }
 
 impl Port {
@@ -378,26 +380,27 @@ impl Port {
             Port::Clients => "client",
             Port::Links => "executor link",
             Port::Http => "HTTP",
+            Port::Metrics => "metrics",
         }
     }
 
     fn peer(self, key: ConnectionKey) -> Peer {
         match self {
-            Port::Clients | Port::Http => Peer::Client(key),
+            Port::Clients | Port::Http | Port::Metrics => Peer::Client(key),
             Port::Links => Peer::Link(key),
         }
     }
 
     pub(super) fn slots(self, shard: &Shard) -> &RefCell<Slots> {
         match self {
-            Port::Clients | Port::Http => &shard.clients,
+            Port::Clients | Port::Http | Port::Metrics => &shard.clients,
             Port::Links => &shard.link_conns,
         }
     }
 
     fn limit(self, shard: &Shard) -> usize {
         match self {
-            Port::Clients | Port::Http => shard.limits.connections_per_shard,
+            Port::Clients | Port::Http | Port::Metrics => shard.limits.connections_per_shard,
             Port::Links => shard.limits.links_per_shard,
         }
     }
@@ -407,18 +410,21 @@ impl Port {
 pub(super) async fn accept(shard: Rc<Shard>, listener: TcpListener, port: Port) {
     while let Some(stream) = accept_until_stop(&shard, &listener, port.name()).await {
         let why = match port {
-            Port::Clients | Port::Http => "closed to make room for a new connection: this one sent nothing",
+            Port::Clients | Port::Http | Port::Metrics => {
+                "closed to make room for a new connection: this one sent nothing"
+            }
             Port::Links => "closed to make room for a new link: this one never joined",
         };
         let admission = port.slots(&shard).borrow_mut().admit(why);
         match admission {
-            Admission::Serve(key, connection, receivers) if port == Port::Http => {
+            Admission::Serve(key, connection, receivers) if matches!(port, Port::Http | Port::Metrics) => {
                 glommio::spawn_local(super::kserve::serve(
                     Rc::clone(&shard),
                     key,
                     stream,
                     connection,
                     *receivers,
+                    port == Port::Metrics,
                 ))
                 .detach();
             }
@@ -452,7 +458,7 @@ fn refuse_later(shard: &Rc<Shard>, stream: TcpStream, port: Port) {
     );
     let shard = Rc::clone(shard);
     glommio::spawn_local(async move {
-        if port == Port::Http {
+        if matches!(port, Port::Http | Port::Metrics) {
             super::kserve::refuse(stream, message).await;
         } else {
             refuse(stream, message).await;

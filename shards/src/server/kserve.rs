@@ -69,6 +69,7 @@ pub(super) async fn serve(
     stream: TcpStream,
     connection: Rc<Connection>,
     receivers: Receivers,
+    only_metrics: bool,
 ) {
     let peer = Peer::Client(key);
     let _ = stream.set_nodelay(true);
@@ -82,6 +83,7 @@ pub(super) async fn serve(
         connection: Rc::clone(&connection),
         waiting,
         next_id: Cell::new(1),
+        only_metrics,
     });
     let service = hyper::service::service_fn(move |request| {
         let front = Rc::clone(&front);
@@ -146,6 +148,8 @@ struct Front {
     connection: Rc<Connection>,
     waiting: LocalReceiver<OwnedReply>,
     next_id: Cell<u64>,
+    /// The metrics port: `GET /metrics` and nothing else.
+    only_metrics: bool,
 }
 
 /// An HTTP error: status and message, answered as `{"error": message}`.
@@ -163,7 +167,10 @@ impl Front {
         self.connection.active.set(true);
         match self.route(request).await {
             Ok(response) => response,
-            Err(Failure(status, message)) => json_response(status, &json!({ "error": message })),
+            Err(Failure(status, message)) => {
+                self.shard.core.borrow().metrics().http_error(status.as_u16());
+                json_response(status, &json!({ "error": message }))
+            }
         }
     }
 
@@ -173,6 +180,11 @@ impl Front {
         let method = request.method().clone();
         let get = method == Method::GET;
         match parts.as_slice() {
+            ["metrics"] if get => Ok(self.metrics()),
+            _ if self.only_metrics => Err(Failure(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {method} {path} (this port serves GET /metrics)"),
+            )),
             ["v2", "health", "live"] if get => Ok(empty(StatusCode::OK)),
             ["v2", "health", "ready"] if get => Ok(empty(if self.stopping() {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -209,6 +221,17 @@ impl Front {
                 format!("no such endpoint: {method} {path}"),
             )),
         }
+    }
+
+    /// `GET /metrics`: every shard's values, merged now (Prometheus' text format 0.0.4).
+    fn metrics(&self) -> Response<Body> {
+        let text = self.shard.metrics.render();
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 
     fn stopping(&self) -> bool {
@@ -302,7 +325,11 @@ impl Front {
         let reply = self.submit(model, slo_us, &input).await?;
         let output = match reply.status {
             Status::Ok => reply.output,
-            status => return Err(status_failure(status, model)),
+            status => {
+                // The scheduler's answer (counted in `symphony_replies_total`).
+                let Failure(code, message) = status_failure(status, model);
+                return Ok(json_response(code, &json!({ "error": message })));
+            }
         };
         let mut outputs = Map::new();
         outputs.insert("name".into(), json!(OUTPUT_NAME));

@@ -108,6 +108,8 @@ struct Shard {
     zero_copy: Option<zerocopy::ZeroCopy>,
     /// Whether the kernel refused a zero-copy send yet (said once).
     zero_copy_refused: Cell<bool>,
+    /// Every shard's metrics, for `GET /metrics`.
+    metrics: Arc<crate::metrics::Registry>,
 }
 
 impl std::fmt::Debug for Shard {

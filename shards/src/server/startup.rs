@@ -43,6 +43,7 @@ pub enum ServeError {
 pub struct ServerHandle {
     local_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     executors: Arc<Executors>,
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     stats: Arc<Stats>,
@@ -64,6 +65,11 @@ impl ServerHandle {
     /// The address of the KServe v2 HTTP front end (`None`: off).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The address of the metrics port (`None`: off).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn shard_count(&self) -> usize {
@@ -167,14 +173,26 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut joins = Vec::with_capacity(shard_count);
     let mut listen = config.listen.clone();
     let mut http = config.http.resolve(&config.listen, crate::config::HTTP_PORT_DEFAULT);
+    let mut metrics = config
+        .metrics
+        .resolve(&config.listen, crate::config::METRICS_PORT_DEFAULT);
+    let registry = Arc::new(crate::metrics::Registry {
+        shards: (0..shard_count).map(|_| std::sync::OnceLock::new()).collect(),
+        catalog: Arc::clone(&catalog),
+        table: Arc::clone(&table),
+        executors: Arc::clone(&executors),
+    });
     let mut local_addr = None;
     let mut http_addr = None;
+    let mut metrics_addr = None;
     for (shard, &runtime::ShardPlace { cpu, .. }) in cpus.iter().enumerate() {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Bound, ServeError>>();
         let setup = ShardSetup {
             id: shard as u32,
             listen: listen.clone(),
             http: http.clone(),
+            metrics: metrics.clone(),
+            registry: Arc::clone(&registry),
             catalog: Arc::clone(&catalog),
             policy: Config::of(config.policy, &config.knobs),
             knobs: config.knobs.clone(),
@@ -198,6 +216,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
                 addr,
                 link_addr,
                 http: bound_http,
+                metrics: bound_metrics,
             })) => {
                 // Shard 0 may have been given port 0: the others bind the port it got.
                 listen = addr.to_string();
@@ -205,6 +224,10 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
                 if let Some(bound_http) = bound_http {
                     http = Some(bound_http.to_string());
                     http_addr.get_or_insert(bound_http);
+                }
+                if let Some(bound_metrics) = bound_metrics {
+                    metrics = Some(bound_metrics.to_string());
+                    metrics_addr.get_or_insert(bound_metrics);
                 }
                 shard_link_addrs.extend(link_addr.map(|a| a.to_string()));
             }
@@ -222,6 +245,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     Ok(ServerHandle {
         local_addr: local_addr.expect("at least one shard"),
         http_addr,
+        metrics_addr,
         executors,
         link_addrs,
         stats,
@@ -240,6 +264,9 @@ struct ShardSetup {
     listen: String,
     /// The KServe v2 HTTP address (`None`: off).
     http: Option<String>,
+    /// The metrics port's address (`None`: off).
+    metrics: Option<String>,
+    registry: Arc<crate::metrics::Registry>,
     catalog: Arc<Catalog>,
     policy: Config,
     knobs: symphony_core::policy::Knobs,
@@ -262,6 +289,7 @@ struct Bound {
     addr: SocketAddr,
     link_addr: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
 }
 
 type Ready = std::sync::mpsc::Sender<Result<Bound, ServeError>>;
@@ -297,21 +325,32 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
     let link_addr = link_listener
         .as_ref()
         .map(|l| l.local_addr().expect("a bound listener has an address"));
-    let http_listener = match setup.http.as_deref().map(TcpListener::bind) {
-        None => None,
-        Some(Ok(listener)) => Some(listener),
-        Some(Err(e)) => {
-            let _ = ready.send(Err(ServeError::Listen {
-                addr: format!("{} (HTTP)", setup.http.as_deref().unwrap_or_default()),
-                reason: e.to_string(),
-            }));
-            return;
+    let mut extra = Vec::new();
+    for (what, at) in [("HTTP", &setup.http), ("metrics", &setup.metrics)] {
+        match at.as_deref().map(TcpListener::bind) {
+            None => extra.push(None),
+            Some(Ok(listener)) => extra.push(Some(listener)),
+            Some(Err(e)) => {
+                let _ = ready.send(Err(ServeError::Listen {
+                    addr: format!("{} ({what})", at.as_deref().unwrap_or_default()),
+                    reason: e.to_string(),
+                }));
+                return;
+            }
         }
+    }
+    let metrics_listener = extra.pop().flatten();
+    let http_listener = extra.pop().flatten();
+    let bound = |l: &Option<TcpListener>| {
+        l.as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
     };
-    let http = http_listener
-        .as_ref()
-        .map(|l| l.local_addr().expect("a bound listener has an address"));
-    let _ = ready.send(Ok(Bound { addr, link_addr, http }));
+    let _ = ready.send(Ok(Bound {
+        addr,
+        link_addr,
+        http: bound(&http_listener),
+        metrics: bound(&metrics_listener),
+    }));
     let (senders, mut receivers) = match setup.mesh.join().await {
         Ok(joined) => joined,
         Err(_) => return,
@@ -345,6 +384,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         zero_copy: zero_copy.is_some(),
         stats: Arc::clone(&setup.stats),
     });
+    let _ = setup.registry.shards[setup.id as usize].set(Arc::clone(core.metrics()));
     let (wake, wake_rx) = local_channel::new_bounded(1);
     let shard = Rc::new(Shard {
         id: setup.id,
@@ -367,6 +407,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         slo_max_ns,
         zero_copy,
         zero_copy_refused: Cell::new(false),
+        metrics: setup.registry,
     });
     for (_, receiver) in receivers.streams() {
         let shard = Rc::clone(&shard);
@@ -383,6 +424,14 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
     }
     if let Some(listener) = http_listener {
         glommio::spawn_local(connection::accept(Rc::clone(&shard), listener, connection::Port::Http)).detach();
+    }
+    if let Some(listener) = metrics_listener {
+        glommio::spawn_local(connection::accept(
+            Rc::clone(&shard),
+            listener,
+            connection::Port::Metrics,
+        ))
+        .detach();
     }
     connection::accept(Rc::clone(&shard), listener, connection::Port::Clients).await;
     drain(&shard, shard_count).await;

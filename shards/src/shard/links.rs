@@ -40,8 +40,8 @@ const LINK_CHECK_MIN_NS: u64 = 5_000_000;
 /// A plan sent to an executor (embedded or on a link) and not answered yet.
 #[derive(Debug)]
 pub(super) struct InFlight {
-    model: u32,
-    gpu: u32,
+    pub(super) model: u32,
+    pub(super) gpu: u32,
     batch_size: u32,
     pub(super) ids: Vec<u64>,
     /// Unreported past this, the plan is lost (its finish plus the plan timeout).
@@ -276,6 +276,7 @@ impl ShardCore {
             // The batch's inputs exceed one frame: its requests fail, the GPU idles.
             for r in requests {
                 if let Some(pending) = self.pending.remove(RequestKey::of_id(r.id)) {
+                    self.record_failed(&pending, 1);
                     let timings = self.timings(pending.origin, None);
                     self.reply(pending.origin, Status::ExecutionFailed, timings, fx);
                 }
@@ -356,6 +357,7 @@ impl ShardCore {
                     ));
                 }
                 self.pending.prefetch(&flight.ids);
+                self.record_plan(&flight, started_ns, finished_ns);
                 let mut refused = result.refused.iter().map(|i| i.to_native() as usize).peekable();
                 let mut offset = 0usize;
                 for (index, (&id, len)) in flight.ids.iter().zip(result.output_lens.iter()).enumerate() {
@@ -368,8 +370,10 @@ impl ShardCore {
                     };
                     let timings = self.timings(pending.origin, Some((started_ns, finished_ns)));
                     if is_refused {
+                        self.record_failed(&pending, 1);
                         self.reply(pending.origin, Status::Malformed, timings, fx);
                     } else {
+                        self.record_ran(&pending, started_ns, finished_ns);
                         self.reply_output(pending.origin, timings, output, buffer, fx);
                     }
                 }
@@ -392,6 +396,11 @@ impl ShardCore {
                 }
                 for &id in &flight.ids {
                     if let Some(pending) = self.pending.remove(RequestKey::of_id(id)) {
+                        if status == Status::Dropped {
+                            self.record_dropped(&pending);
+                        } else {
+                            self.record_failed(&pending, 1);
+                        }
                         let timings = self.timings(pending.origin, None);
                         self.reply(pending.origin, status, timings, fx);
                     }
@@ -539,6 +548,7 @@ impl ShardCore {
             self.scheduler.on_arrival(now_ns, request, &mut self.output);
             self.touched = true;
         } else if let Some(pending) = self.pending.remove(key) {
+            self.record_failed(&pending, 1);
             let timings = self.timings(pending.origin, None);
             self.reply(pending.origin, Status::ExecutorLost, timings, fx);
         }

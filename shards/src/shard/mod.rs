@@ -32,6 +32,7 @@ use symphony_core::wire::{self, ErrorCode, Frame, ReplyRef, Status, Timings, Wir
 use crate::buffers::{ReadBuffer, Slice};
 use crate::config::{Limits, Timeouts};
 use crate::executors::Executors;
+use crate::metrics::{Outcome, ShardMetrics};
 use crate::shared_gpus::SharedGpus;
 use crate::stats::Stats;
 use crate::sync::gpu_table::GpuTable;
@@ -227,6 +228,8 @@ impl Effects {
 pub struct ShardCore {
     id: u32,
     shard_count: usize,
+    /// What `GET /metrics` shows of this shard (written here only).
+    metrics: Arc<ShardMetrics>,
     catalog: Arc<Catalog>,
     d_resp_ns: u64,
     limits: Limits,
@@ -284,6 +287,7 @@ impl ShardCore {
         } else {
             owned
         };
+        let gpu_count = params.table.gpu_count();
         let scheduler = Deferred::with_source(
             params.policy,
             &scheduler_models,
@@ -320,8 +324,17 @@ impl ShardCore {
             now_ns: 0,
             touched: false,
             stats: params.stats,
+            metrics: Arc::new(ShardMetrics::new(
+                params.catalog.owned.get(params.id as usize).map_or(0, Vec::len),
+                gpu_count,
+            )),
             catalog: params.catalog,
         }
+    }
+
+    /// This shard's values for `GET /metrics`.
+    pub fn metrics(&self) -> &Arc<ShardMetrics> {
+        &self.metrics
     }
 
     pub fn id(&self) -> u32 {
@@ -384,6 +397,7 @@ impl ShardCore {
             self.touched = false;
             self.drain_output(fx);
             self.exchange_gpus(fx);
+            self.metrics.set_demand_gpus(self.scheduler.demand_gpus());
             fx.rearm = true;
             flush = true;
         }
@@ -544,6 +558,7 @@ impl ShardCore {
             let mut output = std::mem::take(&mut self.output);
             for request in &output.drops {
                 if let Some(pending) = self.pending.remove(RequestKey::of_id(request.id)) {
+                    self.record_dropped(&pending);
                     let timings = self.timings(pending.origin, None);
                     self.reply(pending.origin, Status::Dropped, timings, fx);
                 }
@@ -587,8 +602,10 @@ impl ShardCore {
         };
         self.inflight_requests -= flight.ids.len();
         self.pending.prefetch(&flight.ids);
+        self.record_plan(&flight, started_ns, finished_ns);
         for &id in &flight.ids {
             if let Some(pending) = self.pending.remove(RequestKey::of_id(id)) {
+                self.record_ran(&pending, started_ns, finished_ns);
                 let timings = self.timings(pending.origin, Some((started_ns, finished_ns)));
                 self.reply(pending.origin, Status::Ok, timings, fx);
             }
@@ -597,6 +614,38 @@ impl ShardCore {
         self.id_lists.push(flight.ids);
         self.scheduler.on_completion(self.now_ns, &completion, &mut self.output);
         self.touched = true;
+    }
+
+    /// A plan ran from `started_ns` to `finished_ns`: its GPU's busy time, its batch size.
+    fn record_plan(&self, flight: &InFlight, started_ns: u64, finished_ns: u64) {
+        let ran_ns = finished_ns.saturating_sub(started_ns);
+        self.metrics.gpu_busy(flight.gpu, ran_ns);
+        if let Some(model) = self.metrics.models.get(flight.model as usize) {
+            model.plan(flight.ids.len() as u64, ran_ns);
+        }
+    }
+
+    fn record_dropped(&self, pending: &pending::Pending) {
+        if let Some(model) = self.metrics.models.get(pending.model as usize) {
+            model.outcome(Outcome::Dropped, 1);
+        }
+    }
+
+    /// Requests whose executor failed or was lost (a refused input too).
+    fn record_failed(&self, pending: &pending::Pending, n: u64) {
+        if let Some(model) = self.metrics.models.get(pending.model as usize) {
+            model.outcome(Outcome::Failed, n);
+        }
+    }
+
+    /// A held request ran from `started_ns` to `finished_ns`: its owner's metrics.
+    fn record_ran(&self, pending: &pending::Pending, started_ns: u64, finished_ns: u64) {
+        if let Some(model) = self.metrics.models.get(pending.model as usize) {
+            model.ran(
+                started_ns.saturating_sub(pending.origin.received_ns),
+                finished_ns > pending.deadline_ns,
+            );
+        }
     }
 
     fn timings(&self, origin: Origin, ran: Option<(u64, u64)>) -> Timings {
@@ -651,6 +700,7 @@ impl ShardCore {
         if !self.clients.answered(origin.connection, origin.input_len as usize) {
             return;
         }
+        self.metrics.reply(status);
         let reply = ReplyRef {
             client_request_id: origin.client_request_id,
             status,
