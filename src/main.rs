@@ -136,6 +136,11 @@ struct ServeArgs {
     /// is 0). The HTTP port serves them too.
     #[arg(long, value_name = "ADDR|off")]
     metrics: Option<String>,
+    /// KServe v2 over gRPC (Triton's `inference.GRPCInferenceService`) on ADDR, or `off`
+    /// (overrides the config's `grpc`; default: port 8001 of the listen host, any free port
+    /// when the listen port is 0).
+    #[arg(long, value_name = "ADDR|off")]
+    grpc: Option<String>,
     /// Shards, one per core (default: the config's, else every CPU).
     #[arg(long)]
     shards: Option<usize>,
@@ -619,6 +624,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         config.http = symphony_shards::config::Endpoint::parse(http)
             .map_err(|expected| anyhow::anyhow!("--http: expected {expected}"))?;
     }
+    if let Some(grpc) = &args.grpc {
+        config.grpc = symphony_shards::config::Endpoint::parse(grpc)
+            .map_err(|expected| anyhow::anyhow!("--grpc: expected {expected}"))?;
+    }
     if let Some(metrics) = &args.metrics {
         config.metrics = symphony_shards::config::Endpoint::parse(metrics)
             .map_err(|expected| anyhow::anyhow!("--metrics: expected {expected}"))?;
@@ -673,6 +682,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     match server.http_addr() {
         Some(addr) => eprintln!("symphony serve: KServe v2 over HTTP at http://{addr}/v2"),
         None => eprintln!("symphony serve: KServe v2 over HTTP is off"),
+    }
+    match server.grpc_addr() {
+        Some(addr) => eprintln!("symphony serve: KServe v2 over gRPC at grpc://{addr}"),
+        None => eprintln!("symphony serve: KServe v2 over gRPC is off"),
     }
     match server.metrics_addr() {
         Some(addr) => eprintln!("symphony serve: Prometheus metrics at http://{addr}/metrics"),

@@ -41,7 +41,7 @@ fn python() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let usable = Command::new(&path)
-        .args(["-c", "import tritonclient.http, numpy"])
+        .args(["-c", "import tritonclient.http, tritonclient.grpc, numpy"])
         .output()
         .is_ok_and(|o| o.status.success());
     usable.then_some(path)
@@ -59,18 +59,83 @@ fn the_python_tritonclient_gets_health_metadata_and_inference_over_http() {
         return;
     };
     let (mut serve, addr) = serve_http();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kserve/tritonclient_http.py");
-    let run = Command::new(python).arg(script).arg(addr.to_string()).output().unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let (passed, stdout, stderr) = run_python(&python, "tests/kserve/tritonclient_http.py", &addr.to_string());
     println!("{stdout}");
     assert!(
-        run.status.success(),
-        "tritonclient failed:\n{stdout}\n{}\nserve: {}",
-        String::from_utf8_lossy(&run.stderr),
+        passed,
+        "tritonclient failed:\n{stdout}\n{stderr}\nserve: {}",
         serve.log_text()
     );
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 14, "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 16, "{stdout}");
     serve.assert_alive("the tritonclient checks");
+}
+
+#[test]
+fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
+    let Some(python) = python() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no Python with tritonclient at .venv (see .ci/run)"
+        );
+        println!("skipped: no Python with tritonclient (python3 -m venv .venv && .venv/bin/pip install 'tritonclient[http,grpc]')");
+        return;
+    };
+    let mut serve = Serve::start(&example_config("shards = 2\ngpus = 4"), &["--grpc", "127.0.0.1:0"]);
+    assert!(
+        serve.wait_log("KServe v2 over gRPC at", Duration::from_secs(10)),
+        "{}",
+        serve.log_text()
+    );
+    let line = serve
+        .log_lines()
+        .into_iter()
+        .find(|l| l.contains("KServe v2 over gRPC at"))
+        .unwrap();
+    let addr = line.split("grpc://").nth(1).unwrap().to_string();
+    let (passed, stdout, stderr) = run_python(&python, "tests/kserve/tritonclient_grpc.py", &addr);
+    println!("{stdout}");
+    assert!(
+        passed,
+        "tritonclient (gRPC) failed:\n{stdout}\n{stderr}\nserve: {}",
+        serve.log_text()
+    );
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 19, "{stdout}");
+    serve.assert_alive("the tritonclient gRPC checks");
+}
+
+/// One valid request body for the example's `small` (FP32 [16]).
+const SMALL_INPUT: &str =
+    r#"{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,16],"data":[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]}]}"#;
+
+/// Runs a client script against `addr`, killed past `PYTHON_TIMEOUT`: (passed, stdout,
+/// stderr).
+fn run_python(python: &PathBuf, script: &str, addr: &str) -> (bool, String, String) {
+    const PYTHON_TIMEOUT: Duration = Duration::from_secs(120);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(addr)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let passed = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.success();
+        }
+        if started.elapsed() > PYTHON_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    let _ = child.stdout.take().unwrap().read_to_string(&mut stdout);
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (passed, stdout, stderr)
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: (status, body).
@@ -107,24 +172,54 @@ fn bad_http_requests_get_typed_errors_and_the_service_lives_on() {
     );
     assert_eq!((status, body.as_str()), (200, ""));
     let infer = "/v2/models/small/infer";
-    let tensor = r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[2],"data":[1,2]}]}"#;
+    let tensor = SMALL_INPUT;
     let (status, body) = exchange(addr, &post(infer, tensor));
     assert_eq!(status, 200, "{body}");
+    // The simulated backend computes nothing: the declared output, zeros, batch dimension
+    // and all.
     assert!(body.contains(r#""model_name":"small""#), "{body}");
+    assert!(
+        body.contains(r#""datatype":"FP32","name":"OUTPUT0","shape":[1,4]"#),
+        "{body}"
+    );
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("not JSON", post(infer, "{nope"), 400, "not valid JSON"),
         ("no inputs", post(infer, "{}"), 400, "no 'inputs'"),
         (
             "too few elements",
-            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[3],"data":[1,2]}]}"#),
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,16],"data":[1,2]}]}"#),
             400,
-            "2 elements of data for shape [3]",
+            "2 elements of data for 16",
         ),
         (
-            "a value out of range",
-            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[1],"data":[300]}]}"#),
+            "another datatype",
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[1,16],"data":[1]}]}"#),
             400,
-            "is not a UINT8",
+            "datatype UINT8, the model takes FP32",
+        ),
+        (
+            "another shape",
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,15],"data":[1]}]}"#),
+            400,
+            "does not fit the model's [16]",
+        ),
+        (
+            "a batch in one request",
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[2,16],"data":[1]}]}"#),
+            400,
+            "send one item per request",
+        ),
+        (
+            "an input the model does not have",
+            post(infer, r#"{"inputs":[{"name":"X","datatype":"FP32","shape":[16],"data":[1]}]}"#),
+            400,
+            "unknown input 'X'",
+        ),
+        (
+            "a value that is not a number",
+            post(infer, r#"{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1],"data":["a"]}]}"#),
+            400,
+            "does not fit",
         ),
         ("an unknown model", post("/v2/models/nope/infer", tensor), 404, "unknown model"),
         (
@@ -176,9 +271,8 @@ fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
     let http = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
     let metrics = logged_addr(&serve, "Prometheus metrics at", "/metrics");
     let infer = "/v2/models/small/infer";
-    let tensor = r#"{"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[2],"data":[1,2]}]}"#;
-    let hopeless =
-        r#"{"parameters":{"timeout":10},"inputs":[{"name":"INPUT0","datatype":"UINT8","shape":[1],"data":[1]}]}"#;
+    let tensor = SMALL_INPUT;
+    let hopeless = &format!(r#"{{"parameters":{{"timeout":10}},{}"#, &SMALL_INPUT[1..]);
     for _ in 0..30 {
         assert_eq!(exchange(http, &post(infer, tensor)).0, 200);
     }

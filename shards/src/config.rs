@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::tensors::{ModelTensors, TensorSpec};
 use serde::Deserialize;
 use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
@@ -18,16 +19,22 @@ gpus = 8
 name = "resnet_a"
 profile = "sleep#1082,5204,0,0"
 slo_ms = 100
+inputs = [{ name = "input", datatype = "FP32", shape = [3, 224, 224] }]
+outputs = [{ name = "output", datatype = "FP32", shape = [1000] }]
 
 [[models]]
 name = "resnet_b"
 profile = "sleep#1082,5204,0,0"
 slo_ms = 100
+inputs = [{ name = "input", datatype = "FP32", shape = [3, 224, 224] }]
+outputs = [{ name = "output", datatype = "FP32", shape = [1000] }]
 
 [[models]]
 name = "small"
 profile = "sleep#400,2000,0,0"
 slo_ms = 50
+inputs = [{ name = "INPUT0", datatype = "FP32", shape = [16] }]
+outputs = [{ name = "OUTPUT0", datatype = "FP32", shape = [4] }]
 
 [policy]
 kind = "symphony"
@@ -80,6 +87,8 @@ struct RawConfig {
     http: Option<String>,
     /// The Prometheus metrics port: an address, or "off".
     metrics: Option<String>,
+    /// The KServe v2 gRPC port: an address, or "off".
+    grpc: Option<String>,
     shards: Option<usize>,
     cpus: Option<Vec<usize>>,
     #[serde(default)]
@@ -147,6 +156,8 @@ impl Endpoint {
 
 /// Triton's port for KServe v2 over HTTP.
 pub const HTTP_PORT_DEFAULT: u16 = 8000;
+/// Triton's port for KServe v2 over gRPC.
+pub const GRPC_PORT_DEFAULT: u16 = 8001;
 /// Triton's port for Prometheus metrics.
 pub const METRICS_PORT_DEFAULT: u16 = 8002;
 
@@ -161,6 +172,9 @@ struct RawModel {
     profile: String,
     slo_ms: f64,
     input_bytes: Option<u32>,
+    /// Its tensors as the KServe v2 front end shows and checks them.
+    inputs: Option<Vec<TensorSpec>>,
+    outputs: Option<Vec<TensorSpec>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +289,9 @@ pub struct ServeConfig {
     /// Where `GET /metrics` is served besides the HTTP port ([`Endpoint::Default`]:
     /// Triton's 8002 on the `listen` host).
     pub metrics: Endpoint,
+    /// Where the KServe v2 gRPC front end listens ([`Endpoint::Default`]: Triton's 8001
+    /// on the `listen` host).
+    pub grpc: Endpoint,
     pub shards: Option<usize>,
     pub cpus: Option<Vec<usize>>,
     /// Embedded simulated GPUs (executors in this process); 0 with external executors only.
@@ -288,6 +305,8 @@ pub struct ServeConfig {
     pub models: Vec<ModelConfig>,
     /// Per model (same order as `models`): the size every input must have, if declared.
     pub input_bytes: Vec<Option<u32>>,
+    /// Per model (same order): its declared tensors (defaults where it declares none).
+    pub tensors: Vec<ModelTensors>,
     pub policy: PolicyKind,
     pub knobs: Knobs,
     pub limits: Limits,
@@ -329,6 +348,7 @@ impl ServeConfig {
         config.gpus = workload.gpu_count;
         config.models = symphony_core::sim::model_configs(workload);
         config.input_bytes = vec![None; config.models.len()];
+        config.tensors = vec![ModelTensors::default_for(None); config.models.len()];
         config
     }
 
@@ -409,6 +429,7 @@ impl ServeConfig {
         }
         let mut models = Vec::with_capacity(raw.models.len());
         let mut input_bytes = Vec::with_capacity(raw.models.len());
+        let mut tensors = Vec::with_capacity(raw.models.len());
         for (index, m) in raw.models.iter().enumerate() {
             let field = |name: &str| format!("models[{index}].{name}");
             if m.name.is_empty() || m.name.len() > symphony_core::wire::MODEL_NAME_LIMIT {
@@ -441,6 +462,10 @@ impl ServeConfig {
                 ));
             }
             input_bytes.push(m.input_bytes);
+            tensors.push(
+                ModelTensors::declared(m.inputs.clone(), m.outputs.clone(), m.input_bytes)
+                    .map_err(|(side, expected)| invalid(&field(side), expected))?,
+            );
             models.push(ModelConfig {
                 name: m.name.clone(),
                 profile,
@@ -529,11 +554,16 @@ impl ServeConfig {
             None => Endpoint::Default,
             Some(text) => Endpoint::parse(text).map_err(|expected| invalid("metrics", expected))?,
         };
+        let grpc = match raw.grpc.as_deref() {
+            None => Endpoint::Default,
+            Some(text) => Endpoint::parse(text).map_err(|expected| invalid("grpc", expected))?,
+        };
         let config = ServeConfig {
             source: source.to_string(),
             listen: raw.listen,
             http,
             metrics,
+            grpc,
             shards: raw.shards,
             cpus: raw.cpus,
             gpus: raw.gpus,
@@ -542,6 +572,7 @@ impl ServeConfig {
             zero_copy: raw.zero_copy,
             models,
             input_bytes,
+            tensors,
             policy,
             knobs,
             limits,

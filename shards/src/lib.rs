@@ -23,3 +23,4 @@ pub mod shard;
 pub mod shared_gpus;
 pub mod stats;
 pub mod sync;
+pub mod tensors;

@@ -219,6 +219,57 @@ impl Registry {
     }
 }
 
+/// One model's values now, for its statistics (`/v2/models/{m}/stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelSnapshot {
+    /// By outcome: success, late, dropped, failed.
+    pub outcomes: [u64; 4],
+    pub queue_count: u64,
+    pub queue_sum_us: u64,
+    pub compute_count: u64,
+    pub compute_sum_us: u64,
+    /// Plans run.
+    pub batches: u64,
+    /// Plans by batch size bucket: `(upper bound, plans)`; the last bound is `u64::MAX`.
+    pub batch_sizes: Vec<(u64, u64)>,
+}
+
+impl<const N: usize> Buckets<N> {
+    fn total(&self) -> u64 {
+        self.counts.iter().map(read).sum::<u64>() + read(&self.over)
+    }
+}
+
+impl Registry {
+    /// Model `index`'s values on its owning shard (zero before that shard started).
+    pub fn model(&self, index: usize) -> ModelSnapshot {
+        let Some(entry) = self.catalog.models.get(index) else {
+            return ModelSnapshot::default();
+        };
+        let Some(shard) = self.shards.get(entry.owner).and_then(|s| s.get()) else {
+            return ModelSnapshot::default();
+        };
+        let Some(m) = shard.models.get(entry.local as usize) else {
+            return ModelSnapshot::default();
+        };
+        let mut batch_sizes: Vec<(u64, u64)> = BATCH_BOUNDS
+            .iter()
+            .zip(&m.batch_size.counts)
+            .map(|(&bound, count)| (bound, read(count)))
+            .collect();
+        batch_sizes.push((u64::MAX, read(&m.batch_size.over)));
+        ModelSnapshot {
+            outcomes: std::array::from_fn(|i| read(&m.outcomes[i])),
+            queue_count: m.queue_us.total(),
+            queue_sum_us: read(&m.queue_us.sum),
+            compute_count: m.compute_us.total(),
+            compute_sum_us: read(&m.compute_us.sum),
+            batches: m.batch_size.total(),
+            batch_sizes,
+        }
+    }
+}
+
 /// Escapes a label value (backslash, quote, newline).
 fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

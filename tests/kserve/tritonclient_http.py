@@ -31,12 +31,19 @@ def main():
 
     check("model ready", client.is_model_ready("small"))
     model = client.get_model_metadata("small")
-    check("model metadata", model["name"] == "small" and model["inputs"][0]["name"] == "INPUT0", model)
+    declared = model["inputs"][0]
+    check(
+        "model metadata",
+        declared == {"name": "INPUT0", "datatype": "FP32", "shape": [-1, 16]},
+        model,
+    )
+    config = client.get_model_config("small")
+    check("model config", config["max_batch_size"] > 1 and config["input"][0]["dims"] == [16], config)
 
-    data = np.arange(16, dtype=np.uint8).reshape(1, 16)
+    data = np.arange(16, dtype=np.float32).reshape(1, 16)
     # The client's default: binary tensors both ways.
     for binary in (True, False):
-        tensor = httpclient.InferInput("INPUT0", list(data.shape), "UINT8")
+        tensor = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
         tensor.set_data_from_numpy(data, binary_data=binary)
         outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]
         result = client.infer("small", [tensor], outputs=outputs, request_id=f"r-{binary}")
@@ -44,12 +51,16 @@ def main():
         response = result.get_response()
         check(
             f"infer ({'binary' if binary else 'JSON'} tensors)",
-            output is not None and response["model_name"] == "small" and response["id"] == f"r-{binary}",
-            response,
+            output is not None
+            and output.shape == (1, 4)
+            and output.dtype == np.float32
+            and response["model_name"] == "small"
+            and response["id"] == f"r-{binary}",
+            (response, output),
         )
 
     # A timeout (the schedule policy's, in microseconds) no batch can meet: answered at once.
-    tensor = httpclient.InferInput("INPUT0", [1, 16], "UINT8")
+    tensor = httpclient.InferInput("INPUT0", [1, 16], "FP32")
     tensor.set_data_from_numpy(data)
     try:
         client.infer("small", [tensor], timeout=10)
@@ -77,6 +88,8 @@ def main():
     dropped = samples['symphony_requests_total{model="small",outcome="dropped"}']
     check("metrics: requests dropped", dropped == 1, dropped)
     check("metrics: batches", samples['symphony_batch_size_sum{model="small"}'] == 2, samples)
+    stats = client.get_inference_statistics("small")["model_stats"][0]
+    check("statistics", stats["inference_count"] == 2 and stats["inference_stats"]["fail"]["count"] == 1, stats)
 
 
 if __name__ == "__main__":

@@ -99,11 +99,12 @@ impl Serve {
             .arg("--config")
             .arg(&config_path)
             .args(args)
-            // A restart names its port: without this the HTTP front end and the metrics
-            // would take 8000 and 8002, shared by every test at once. Tests of them pass
-            // `--http 127.0.0.1:0`, `--metrics 127.0.0.1:0`.
+            // A restart names its port: without this the HTTP and gRPC front ends and the
+            // metrics would take 8000, 8001 and 8002, shared by every test at once. Tests of
+            // them pass `--http 127.0.0.1:0` and the like.
             .args(off_unless_given(args, "--http"))
             .args(off_unless_given(args, "--metrics"))
+            .args(off_unless_given(args, "--grpc"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

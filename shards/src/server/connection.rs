@@ -372,6 +372,8 @@ pub(super) enum Port {
     Http,
     /// `GET /metrics` only (HTTP/1.1, the client slots and limits too).
     Metrics,
+    /// KServe v2 over gRPC (HTTP/2, the client slots and limits too).
+    Grpc,
 }
 
 impl Port {
@@ -381,26 +383,27 @@ impl Port {
             Port::Links => "executor link",
             Port::Http => "HTTP",
             Port::Metrics => "metrics",
+            Port::Grpc => "gRPC",
         }
     }
 
     fn peer(self, key: ConnectionKey) -> Peer {
         match self {
-            Port::Clients | Port::Http | Port::Metrics => Peer::Client(key),
+            Port::Clients | Port::Http | Port::Metrics | Port::Grpc => Peer::Client(key),
             Port::Links => Peer::Link(key),
         }
     }
 
     pub(super) fn slots(self, shard: &Shard) -> &RefCell<Slots> {
         match self {
-            Port::Clients | Port::Http | Port::Metrics => &shard.clients,
+            Port::Clients | Port::Http | Port::Metrics | Port::Grpc => &shard.clients,
             Port::Links => &shard.link_conns,
         }
     }
 
     fn limit(self, shard: &Shard) -> usize {
         match self {
-            Port::Clients | Port::Http | Port::Metrics => shard.limits.connections_per_shard,
+            Port::Clients | Port::Http | Port::Metrics | Port::Grpc => shard.limits.connections_per_shard,
             Port::Links => shard.limits.links_per_shard,
         }
     }
@@ -410,13 +413,23 @@ impl Port {
 pub(super) async fn accept(shard: Rc<Shard>, listener: TcpListener, port: Port) {
     while let Some(stream) = accept_until_stop(&shard, &listener, port.name()).await {
         let why = match port {
-            Port::Clients | Port::Http | Port::Metrics => {
+            Port::Clients | Port::Http | Port::Metrics | Port::Grpc => {
                 "closed to make room for a new connection: this one sent nothing"
             }
             Port::Links => "closed to make room for a new link: this one never joined",
         };
         let admission = port.slots(&shard).borrow_mut().admit(why);
         match admission {
+            Admission::Serve(key, connection, receivers) if port == Port::Grpc => {
+                glommio::spawn_local(super::grpc::serve(
+                    Rc::clone(&shard),
+                    key,
+                    stream,
+                    connection,
+                    *receivers,
+                ))
+                .detach();
+            }
             Admission::Serve(key, connection, receivers) if matches!(port, Port::Http | Port::Metrics) => {
                 glommio::spawn_local(super::kserve::serve(
                     Rc::clone(&shard),

@@ -1,20 +1,23 @@
 //! The KServe v2 front end (the Open Inference Protocol over HTTP/1.1, as Triton speaks it),
 //! on every shard's own thread: hyper 1 drives each connection through its own IO traits on
-//! glommio's sockets, no tokio.
+//! glommio's sockets, no tokio. The gRPC front end (`grpc.rs`) shares its [`Session`] and its
+//! tensor checks.
 //!
 //! An HTTP connection is a client connection like a native one: it takes a slot of the
 //! shard's client table (the same `connections_per_shard` limit and eviction), and each
 //! infer request becomes a native REQUEST frame handed to the shard's core, so it takes the
 //! same path to its model's owning shard, under the same per-connection limits, and gets
 //! exactly one REPLY. Instead of a socket writer, a pump reads the replies the core queues
-//! on the connection and hands each to the request waiting for it. hyper serves one
-//! request of a connection at a time, so at most one reply is ever waiting.
+//! on the connection and hands each to the request waiting for it, by its id.
 //!
 //! What is served (see `docs/protocol.md`): health (`/v2/health/live`, `/v2/health/ready`),
-//! server metadata (`/v2`), model metadata and readiness (`/v2/models/{m}[/versions/{v}]`,
-//! `.../ready`) and inference (`.../infer`) with JSON tensors or the binary tensor extension.
+//! server metadata (`/v2`), model metadata, readiness, configuration and statistics
+//! (`/v2/models/{m}[/versions/{v}]`, `.../ready`, `.../config`, `.../stats`), inference
+//! (`.../infer`) with JSON tensors or the binary tensor extension, checked against the
+//! tensors the model declares, and `GET /metrics`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -30,21 +33,26 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use symphony_core::wire::{self, FrameDecoder, Kind, ModelRef, RequestRef, Status};
 
 use super::connection::{Connection, Receivers, REFUSAL_WRITE_TIMEOUT};
 use super::Shard;
 use crate::buffers::ReadBuffer;
 use crate::shard::{ConnectionKey, Input, Peer};
+use crate::tensors::TensorSpec;
 
 /// The header that says how much of a body is JSON when binary tensors follow it.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 /// The version every model has (the catalog has one of each).
-const MODEL_VERSION: &str = "1";
-/// The default input and output tensors of a model (until the config declares them).
-const INPUT_NAME: &str = "INPUT0";
-const OUTPUT_NAME: &str = "OUTPUT0";
+pub(super) const MODEL_VERSION: &str = "1";
+/// The protocol extensions served.
+pub(super) const EXTENSIONS: [&str; 4] = [
+    "binary_tensor_data",
+    "schedule_policy",
+    "model_configuration",
+    "statistics",
+];
 /// JSON around a request's tensors: an infer body may be this much larger than the largest
 /// input a frame carries (JSON numbers take several bytes per element).
 const JSON_BODY_FACTOR: usize = 8;
@@ -55,10 +63,9 @@ type Body = Full<Bytes>;
 
 /// A reply the core wrote for this connection, owned.
 #[derive(Debug)]
-struct OwnedReply {
-    client_request_id: u64,
-    status: Status,
-    output: Vec<u8>,
+pub(super) struct OwnedReply {
+    pub(super) status: Status,
+    pub(super) output: Vec<u8>,
 }
 
 /// Serves one HTTP connection until its peer closes it, the core ends it or the service
@@ -71,18 +78,11 @@ pub(super) async fn serve(
     receivers: Receivers,
     only_metrics: bool,
 ) {
-    let peer = Peer::Client(key);
     let _ = stream.set_nodelay(true);
-    shard.handle(Input::Opened(peer));
-    // One request is served at a time: one reply at most is ever waiting.
-    let (replies, waiting) = local_channel::new_bounded(1);
-    glommio::spawn_local(pump(Rc::clone(&connection), receivers.notify, replies)).detach();
+    let session = Session::open(&shard, key, connection, receivers.notify);
     let front = Rc::new(Front {
         shard: Rc::clone(&shard),
-        peer,
-        connection: Rc::clone(&connection),
-        waiting,
-        next_id: Cell::new(1),
+        session: Rc::clone(&session),
         only_metrics,
     });
     let service = hyper::service::service_fn(move |request| {
@@ -102,36 +102,163 @@ pub(super) async fn serve(
         },
     )
     .await;
-    connection.mark_dead();
-    shard.handle(Input::Closed {
-        peer,
-        writer_died: false,
-    });
-    super::connection::Port::Http.slots(&shard).borrow_mut().remove(key);
+    session.close(key);
 }
 
-/// Hands the replies the core queues on `connection` to the request waiting for them.
-async fn pump(connection: Rc<Connection>, notify: LocalReceiver<()>, replies: LocalSender<OwnedReply>) {
+/// A KServe connection (HTTP or gRPC) as a client of the shard's core: its requests go in as
+/// native REQUEST frames, and a pump hands each REPLY the core queues on the connection to
+/// the request waiting for it, by id.
+pub(super) struct Session {
+    shard: Rc<Shard>,
+    peer: Peer,
+    connection: Rc<Connection>,
+    /// Requests handed to the core and not answered yet, by their id on this connection.
+    waiters: RefCell<HashMap<u64, LocalSender<OwnedReply>>>,
+    next_id: Cell<u64>,
+}
+
+impl Session {
+    /// Tells the core of the connection and starts its reply pump.
+    pub(super) fn open(
+        shard: &Rc<Shard>,
+        key: ConnectionKey,
+        connection: Rc<Connection>,
+        notify: LocalReceiver<()>,
+    ) -> Rc<Session> {
+        let peer = Peer::Client(key);
+        shard.handle(Input::Opened(peer));
+        let session = Rc::new(Session {
+            shard: Rc::clone(shard),
+            peer,
+            connection,
+            waiters: RefCell::new(HashMap::new()),
+            next_id: Cell::new(1),
+        });
+        glommio::spawn_local(pump(Rc::clone(&session), notify)).detach();
+        session
+    }
+
+    /// The connection ended: the core forgets it (its queued requests are cancelled), the
+    /// pump stops, and requests still waiting are told.
+    pub(super) fn close(&self, key: ConnectionKey) {
+        self.connection.mark_dead();
+        self.connection.wake_writer();
+        self.shard.handle(Input::Closed {
+            peer: self.peer,
+            writer_died: false,
+        });
+        super::connection::Port::Http
+            .slots(&self.shard)
+            .borrow_mut()
+            .remove(key);
+        self.waiters.borrow_mut().clear();
+    }
+
+    /// Hands a native REQUEST for `model` to the core and waits for its one reply.
+    pub(super) async fn submit(&self, model: &str, slo_us: Option<u32>, input: &[u8]) -> Result<OwnedReply, Failure> {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let model = ModelRef::Name(model.to_owned());
+        let mut frame = Vec::new();
+        wire::encode_request(
+            &mut frame,
+            &RequestRef {
+                client_request_id: id,
+                model: &model,
+                slo_us,
+                input,
+            },
+        )
+        .map_err(|e| {
+            Failure(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request does not fit a frame: {e}"),
+            )
+        })?;
+        let mut buffer = ReadBuffer::new(frame.len(), frame.len());
+        let room = buffer.spare().expect("a buffer of the frame's size has room for it");
+        room.copy_from_slice(&frame);
+        buffer.advance(frame.len());
+        let (sender, receiver) = local_channel::new_bounded(1);
+        self.waiters.borrow_mut().insert(id, sender);
+        let decoder = FrameDecoder::default();
+        let mut frames = decoder.frames(buffer.filled());
+        let now_ns = self.shard.now_ns();
+        let turn = self
+            .shard
+            .handle_frames(self.peer, &self.connection, &mut frames, &buffer, now_ns);
+        self.shard.handle(Input::ReadDone);
+        if turn == super::connection::TurnEnd::AtLimit {
+            // The connection owes its limit of replies (`requests_per_connection`): the
+            // frame was not taken.
+            self.waiters.borrow_mut().remove(&id);
+            return Err(Failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded: this connection has its limit of requests in flight; retry later".into(),
+            ));
+        }
+        receiver
+            .recv()
+            .await
+            .ok_or_else(|| Failure(StatusCode::SERVICE_UNAVAILABLE, "the connection is closing".into()))
+    }
+
+    /// Metrics of this shard's front end.
+    pub(super) fn http_error(&self, code: u16) {
+        self.shard.core.borrow().metrics().http_error(code);
+    }
+
+    pub(super) fn shard(&self) -> &Rc<Shard> {
+        &self.shard
+    }
+
+    /// A request came (a connection that never sends one is evicted first).
+    pub(super) fn mark_active(&self) {
+        self.connection.active.set(true);
+    }
+
+    /// The model's index in the catalog, or the error Triton gives for an unknown one.
+    pub(super) fn model(&self, name: &str) -> Result<usize, Failure> {
+        let core = self.shard.core.borrow();
+        core.catalog()
+            .index_of(name)
+            .map(|index| index as usize)
+            .ok_or_else(|| {
+                Failure(
+                    StatusCode::NOT_FOUND,
+                    format!("Request for unknown model: '{name}' is not found"),
+                )
+            })
+    }
+}
+
+/// Hands the replies the core queues on the session's connection to the requests waiting
+/// for them.
+async fn pump(session: Rc<Session>, notify: LocalReceiver<()>) {
     let decoder = FrameDecoder::default();
+    let connection = Rc::clone(&session.connection);
     while notify.recv().await.is_some() {
+        if connection.is_dead() {
+            break;
+        }
         let bytes = std::mem::take(&mut *connection.out.borrow_mut());
-        let mut frames = decoder.frames(&bytes);
-        for frame in frames.by_ref() {
+        for frame in decoder.frames(&bytes).by_ref() {
             let Ok(frame) = frame else { break };
-            let reply = match frame.kind {
-                Kind::Reply => match wire::access_reply(frame.payload) {
-                    Ok(reply) => OwnedReply {
-                        client_request_id: reply.client_request_id.to_native(),
-                        status: reply.status,
-                        output: reply.output.as_slice().to_vec(),
-                    },
-                    Err(_) => continue,
-                },
-                // An ERROR frame ends a client connection (the core closes it too).
-                _ => continue,
+            // An ERROR frame ends a client connection (the core closes it too).
+            if frame.kind != Kind::Reply {
+                continue;
+            }
+            let Ok(reply) = wire::access_reply(frame.payload) else {
+                continue;
             };
-            // A reply nobody waits for any more (its HTTP peer left) is dropped.
-            let _ = replies.try_send(reply);
+            let id = reply.client_request_id.to_native();
+            // A reply nobody waits for any more (its peer left) is dropped.
+            if let Some(waiter) = session.waiters.borrow_mut().remove(&id) {
+                let _ = waiter.try_send(OwnedReply {
+                    status: reply.status,
+                    output: reply.output.as_slice().to_vec(),
+                });
+            }
         }
         connection.wake_waiting_reader();
         if connection.is_dead() || connection.is_ending() {
@@ -144,17 +271,14 @@ async fn pump(connection: Rc<Connection>, notify: LocalReceiver<()>, replies: Lo
 /// One HTTP connection's side of the shard.
 struct Front {
     shard: Rc<Shard>,
-    peer: Peer,
-    connection: Rc<Connection>,
-    waiting: LocalReceiver<OwnedReply>,
-    next_id: Cell<u64>,
+    session: Rc<Session>,
     /// The metrics port: `GET /metrics` and nothing else.
     only_metrics: bool,
 }
 
 /// An HTTP error: status and message, answered as `{"error": message}`.
 #[derive(Debug)]
-struct Failure(StatusCode, String);
+pub(super) struct Failure(pub(super) StatusCode, pub(super) String);
 
 impl Failure {
     fn bad(message: impl Into<String>) -> Failure {
@@ -164,11 +288,11 @@ impl Failure {
 
 impl Front {
     async fn answer(&self, request: Request<Incoming>) -> Response<Body> {
-        self.connection.active.set(true);
+        self.session.mark_active();
         match self.route(request).await {
             Ok(response) => response,
             Err(Failure(status, message)) => {
-                self.shard.core.borrow().metrics().http_error(status.as_u16());
+                self.session.http_error(status.as_u16());
                 json_response(status, &json!({ "error": message }))
             }
         }
@@ -196,14 +320,24 @@ impl Front {
                 &json!({
                     "name": "symphony",
                     "version": env!("CARGO_PKG_VERSION"),
-                    "extensions": ["binary_tensor_data", "schedule_policy"],
+                    "extensions": EXTENSIONS,
                 }),
             )),
+            ["v2", "models", "stats"] if get => {
+                let count = self.shard.core.borrow().catalog().models.len();
+                let stats: Vec<Value> = (0..count).map(|index| self.stats(index)).collect();
+                Ok(json_response(StatusCode::OK, &json!({ "model_stats": stats })))
+            }
             ["v2", "models", model, rest @ ..] => {
                 let (model, rest) = (*model, versioned(rest)?);
                 let index = self.model(model)?;
                 match rest {
                     [] if get => Ok(json_response(StatusCode::OK, &self.metadata(index))),
+                    ["config"] if get => Ok(json_response(StatusCode::OK, &self.config(index))),
+                    ["stats"] if get => Ok(json_response(
+                        StatusCode::OK,
+                        &json!({ "model_stats": [self.stats(index)] }),
+                    )),
                     ["ready"] if get => Ok(empty(if self.stopping() {
                         StatusCode::SERVICE_UNAVAILABLE
                     } else {
@@ -238,31 +372,93 @@ impl Front {
         self.shard.stop.load(Ordering::Relaxed)
     }
 
-    /// The model's index in the catalog, or the error Triton gives for an unknown one.
     fn model(&self, name: &str) -> Result<usize, Failure> {
-        let core = self.shard.core.borrow();
-        let catalog = core.catalog();
-        catalog.index_of(name).map(|index| index as usize).ok_or_else(|| {
-            Failure(
-                StatusCode::NOT_FOUND,
-                format!("Request for unknown model: '{name}' is not found"),
-            )
-        })
+        self.session.model(name)
     }
 
     fn metadata(&self, index: usize) -> Value {
         let core = self.shard.core.borrow();
         let catalog = core.catalog();
-        let input_shape = match catalog.models[index].input_bytes {
-            Some(bytes) => json!([bytes]),
-            None => json!([-1]),
+        // Every model batches: the shapes carry a leading batch dimension of any size, as
+        // Triton shows a model with max_batch_size > 0.
+        let list = |tensors: &[TensorSpec]| -> Vec<Value> {
+            tensors
+                .iter()
+                .map(|t| {
+                    let mut shape = vec![-1];
+                    shape.extend_from_slice(&t.shape);
+                    json!({ "name": t.name, "datatype": t.datatype, "shape": shape })
+                })
+                .collect()
         };
+        let tensors = &catalog.tensors[index];
         json!({
             "name": catalog.configs[index].name,
             "versions": [MODEL_VERSION],
             "platform": "symphony",
-            "inputs": [{ "name": INPUT_NAME, "datatype": "UINT8", "shape": input_shape }],
-            "outputs": [{ "name": OUTPUT_NAME, "datatype": "UINT8", "shape": [-1] }],
+            "inputs": list(&tensors.inputs),
+            "outputs": list(&tensors.outputs),
+        })
+    }
+
+    /// The model configuration extension: what `perf_analyzer` and clients read.
+    fn config(&self, index: usize) -> Value {
+        let core = self.shard.core.borrow();
+        let catalog = core.catalog();
+        let list = |tensors: &[TensorSpec]| -> Vec<Value> {
+            tensors
+                .iter()
+                .map(|t| json!({ "name": t.name, "data_type": t.config_type(), "dims": t.shape }))
+                .collect()
+        };
+        let config = &catalog.configs[index];
+        let tensors = &catalog.tensors[index];
+        json!({
+            "name": config.name,
+            "platform": "symphony",
+            "backend": "symphony",
+            "max_batch_size": config.profile.batch_size_max(),
+            "input": list(&tensors.inputs),
+            "output": list(&tensors.outputs),
+            // Batches form server-side, deferred to each model's schedulable window.
+            "dynamic_batching": {},
+            "parameters": { "slo_us": { "string_value": (config.slo_ns / 1000).to_string() } },
+        })
+    }
+
+    /// The statistics extension's entry for model `index` (batch sizes in power-of-two
+    /// buckets: each entry's `batch_size` is its bucket's upper bound).
+    fn stats(&self, index: usize) -> Value {
+        let snapshot = self.shard.metrics.model(index);
+        let name = self.shard.core.borrow().catalog().configs[index].name.clone();
+        let [success, late, dropped, failed] = snapshot.outcomes;
+        let ns = |us: u64| us.saturating_mul(1000);
+        let batch_stats: Vec<Value> = snapshot
+            .batch_sizes
+            .iter()
+            .filter(|&&(_, plans)| plans > 0)
+            .map(|&(bound, plans)| {
+                json!({
+                    "batch_size": if bound == u64::MAX { crate::metrics::BATCH_BOUNDS[crate::metrics::BATCH_BOUNDS.len() - 1] + 1 } else { bound },
+                    "compute_infer": { "count": plans, "ns": 0 },
+                })
+            })
+            .collect();
+        json!({
+            "name": name,
+            "version": MODEL_VERSION,
+            "last_inference": 0,
+            "inference_count": success + late,
+            "execution_count": snapshot.batches,
+            "inference_stats": {
+                "success": { "count": success + late, "ns": 0 },
+                "fail": { "count": dropped + failed, "ns": 0 },
+                "queue": { "count": snapshot.queue_count, "ns": ns(snapshot.queue_sum_us) },
+                "compute_input": { "count": 0, "ns": 0 },
+                "compute_infer": { "count": snapshot.compute_count, "ns": ns(snapshot.compute_sum_us) },
+                "compute_output": { "count": 0, "ns": 0 },
+            },
+            "batch_stats": batch_stats,
         })
     }
 
@@ -311,18 +507,16 @@ impl Front {
             .and_then(Value::as_array)
             .filter(|inputs| !inputs.is_empty())
             .ok_or_else(|| Failure::bad("the request has no 'inputs'"))?;
-        let mut input = Vec::new();
-        for tensor in inputs {
-            pack_tensor(tensor, &mut binary, &mut input)?;
-        }
+        let tensors = self.shard.core.borrow().catalog().tensors[index].clone();
+        let (input, batched) = pack_inputs(&tensors.inputs, inputs, &mut binary)?;
         if !binary.is_empty() {
             return Err(Failure::bad(format!(
                 "{} bytes of binary data belong to no input",
                 binary.len()
             )));
         }
-        let binary_output = wants_binary_output(&head);
-        let reply = self.submit(model, slo_us, &input).await?;
+        let requested = requested_outputs(&tensors.outputs, &head)?;
+        let reply = self.session.submit(model, slo_us, &input).await?;
         let output = match reply.status {
             Status::Ok => reply.output,
             status => {
@@ -331,10 +525,7 @@ impl Front {
                 return Ok(json_response(code, &json!({ "error": message })));
             }
         };
-        let mut outputs = Map::new();
-        outputs.insert("name".into(), json!(OUTPUT_NAME));
-        outputs.insert("datatype".into(), json!("UINT8"));
-        outputs.insert("shape".into(), json!([output.len()]));
+        let produced = split_outputs(&tensors.outputs, &output)?;
         let mut header = json!({
             "model_name": self.shard.core.borrow().catalog().configs[index].name,
             "model_version": MODEL_VERSION,
@@ -342,68 +533,35 @@ impl Front {
         if let Some(id) = id {
             header["id"] = json!(id);
         }
-        if binary_output {
-            outputs.insert("parameters".into(), json!({ "binary_data_size": output.len() }));
-            header["outputs"] = json!([Value::Object(outputs)]);
-            let mut body = serde_json::to_vec(&header).expect("a JSON value serializes");
-            let json_length = body.len();
-            body.extend_from_slice(&output);
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            headers.insert(HEADER_LENGTH, HeaderValue::from(json_length));
-            Ok(response)
-        } else {
-            outputs.insert("data".into(), json!(output));
-            header["outputs"] = json!([Value::Object(outputs)]);
-            Ok(json_response(StatusCode::OK, &header))
-        }
-    }
-
-    /// Hands a native REQUEST for `model` to the core and waits for its one reply.
-    async fn submit(&self, model: &str, slo_us: Option<u32>, input: &[u8]) -> Result<OwnedReply, Failure> {
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        let model = ModelRef::Name(model.to_owned());
-        let mut frame = Vec::new();
-        wire::encode_request(
-            &mut frame,
-            &RequestRef {
-                client_request_id: id,
-                model: &model,
-                slo_us,
-                input,
-            },
-        )
-        .map_err(|e| {
-            Failure(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request does not fit a frame: {e}"),
-            )
-        })?;
-        let mut buffer = ReadBuffer::new(frame.len(), frame.len());
-        let room = buffer.spare().expect("a buffer of the frame's size has room for it");
-        room.copy_from_slice(&frame);
-        buffer.advance(frame.len());
-        let decoder = FrameDecoder::default();
-        let mut frames = decoder.frames(buffer.filled());
-        let now_ns = self.shard.now_ns();
-        let _ = self
-            .shard
-            .handle_frames(self.peer, &self.connection, &mut frames, &buffer, now_ns);
-        self.shard.handle(Input::ReadDone);
-        loop {
-            let Some(reply) = self.waiting.recv().await else {
-                return Err(Failure(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the connection is closing".into(),
-                ));
-            };
-            // An older request's reply (its HTTP request was abandoned) is skipped.
-            if reply.client_request_id == id {
-                return Ok(reply);
+        let mut listed = Vec::new();
+        let mut blobs: Vec<u8> = Vec::new();
+        for (at, binary) in requested {
+            let (spec, shape, bytes) = &produced[at];
+            let mut shape = shape.clone();
+            if batched {
+                shape.insert(0, 1);
             }
+            let mut entry = json!({ "name": spec.name, "datatype": spec.datatype, "shape": shape });
+            if binary {
+                entry["parameters"] = json!({ "binary_data_size": bytes.len() });
+                blobs.extend_from_slice(bytes);
+            } else {
+                entry["data"] = unpack(spec, bytes)?;
+            }
+            listed.push(entry);
         }
+        header["outputs"] = Value::Array(listed);
+        let mut body = serde_json::to_vec(&header).expect("a JSON value serializes");
+        if blobs.is_empty() {
+            return Ok(json_response(StatusCode::OK, &header));
+        }
+        let json_length = body.len();
+        body.extend_from_slice(&blobs);
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(HEADER_LENGTH, HeaderValue::from(json_length));
+        Ok(response)
     }
 }
 
@@ -421,7 +579,7 @@ fn versioned<'a, 'b>(rest: &'b [&'a str]) -> Result<&'b [&'a str], Failure> {
 }
 
 /// What the client is told for a request that did not run.
-fn status_failure(status: Status, model: &str) -> Failure {
+pub(super) fn status_failure(status: Status, model: &str) -> Failure {
     let (code, message) = match status {
         Status::Dropped => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -453,69 +611,125 @@ fn status_failure(status: Status, model: &str) -> Failure {
     Failure(code, message)
 }
 
-/// Whether the response carries its outputs as binary data: asked for the whole request
-/// (`parameters.binary_data_output`) or for an output (`outputs[i].parameters.binary_data`).
-fn wants_binary_output(head: &Value) -> bool {
+/// The declared outputs the response carries, in order, each with whether it goes as
+/// binary data: the request's `outputs` (by name), else every declared output; binary when
+/// the output asks (`parameters.binary_data`) or the request does
+/// (`parameters.binary_data_output`).
+fn requested_outputs(declared: &[TensorSpec], head: &Value) -> Result<Vec<(usize, bool)>, Failure> {
     let whole = head
         .pointer("/parameters/binary_data_output")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let any = head.get("outputs").and_then(Value::as_array).is_some_and(|outputs| {
-        outputs
-            .iter()
-            .any(|o| o.pointer("/parameters/binary_data").and_then(Value::as_bool) == Some(true))
-    });
-    whole || any
+    let Some(asked) = head.get("outputs").and_then(Value::as_array) else {
+        return Ok((0..declared.len()).map(|at| (at, whole)).collect());
+    };
+    asked
+        .iter()
+        .map(|output| {
+            let name = output.get("name").and_then(Value::as_str).unwrap_or("");
+            let at = declared
+                .iter()
+                .position(|t| t.name == name)
+                .ok_or_else(|| Failure::bad(format!("unknown output '{name}'")))?;
+            let binary = output
+                .pointer("/parameters/binary_data")
+                .and_then(Value::as_bool)
+                .unwrap_or(whole);
+            Ok((at, binary))
+        })
+        .collect()
 }
 
-/// Bytes of one element of `datatype`; `None` for BYTES (length-prefixed) or an unknown one.
-fn element_size(datatype: &str) -> Option<usize> {
-    Some(match datatype {
-        "BOOL" | "UINT8" | "INT8" => 1,
-        "UINT16" | "INT16" | "FP16" | "BF16" => 2,
-        "UINT32" | "INT32" | "FP32" => 4,
-        "UINT64" | "INT64" | "FP64" => 8,
-        _ => return None,
-    })
+/// The request's inputs checked against the declared ones (name, datatype, shape with an
+/// optional leading batch dimension of 1) and packed in declared order; whether they had
+/// the batch dimension.
+fn pack_inputs(declared: &[TensorSpec], inputs: &[Value], binary: &mut &[u8]) -> Result<(Vec<u8>, bool), Failure> {
+    let mut packed: Vec<Option<Vec<u8>>> = vec![None; declared.len()];
+    let mut batched = false;
+    for tensor in inputs {
+        let name = tensor.get("name").and_then(Value::as_str).unwrap_or("");
+        let shape: Vec<u64> = tensor
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|dims| dims.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+            .ok_or_else(|| Failure::bad(format!("input '{name}': a 'shape' of whole numbers")))?;
+        let datatype = tensor.get("datatype").and_then(Value::as_str).unwrap_or("");
+        let (at, elements, with_batch) = check_input(declared, name, datatype, &shape)?;
+        batched |= with_batch;
+        let spec = &declared[at];
+        if packed[at].is_some() {
+            return Err(Failure::bad(format!("input '{name}' is there twice")));
+        }
+        let mut out = Vec::new();
+        pack_tensor(tensor, spec, elements, binary, &mut out)?;
+        packed[at] = Some(out);
+    }
+    let mut input = Vec::new();
+    for (spec, bytes) in declared.iter().zip(packed) {
+        let bytes = bytes.ok_or_else(|| Failure::bad(format!("input '{}' is missing", spec.name)))?;
+        input.extend_from_slice(&bytes);
+    }
+    Ok((input, batched))
 }
 
-/// Appends one input tensor's bytes (little-endian, row-major) to `out`: its binary data
-/// (taken off the front of `binary`) or its JSON `data`, checked against its shape.
-fn pack_tensor(tensor: &Value, binary: &mut &[u8], out: &mut Vec<u8>) -> Result<(), Failure> {
-    let name = tensor.get("name").and_then(Value::as_str).unwrap_or("");
-    if name.is_empty() {
-        return Err(Failure::bad("an input has no 'name'"));
+/// Checks one request input against the declared ones: its name, its datatype, its shape
+/// (the declared one, optionally after a batch dimension of 1). Returns the declared input's
+/// index, the elements of one item and whether the batch dimension was there.
+pub(super) fn check_input(
+    declared: &[TensorSpec],
+    name: &str,
+    datatype: &str,
+    shape: &[u64],
+) -> Result<(usize, usize, bool), Failure> {
+    let at = declared
+        .iter()
+        .position(|t| t.name == name)
+        .ok_or_else(|| Failure::bad(format!("unknown input '{name}'")))?;
+    let spec = &declared[at];
+    if datatype != spec.datatype {
+        return Err(Failure::bad(format!(
+            "input '{name}': datatype {datatype}, the model takes {}",
+            spec.datatype
+        )));
     }
-    let datatype = tensor
-        .get("datatype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Failure::bad(format!("input '{name}' has no 'datatype'")))?;
-    let shape = tensor
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or_else(|| Failure::bad(format!("input '{name}' has no 'shape'")))?;
-    let mut elements: usize = 1;
-    for dim in shape {
-        let dim = dim.as_u64().ok_or_else(|| {
-            Failure::bad(format!(
-                "input '{name}': shape {} is not of whole numbers",
-                Value::Array(shape.clone())
-            ))
-        })?;
-        elements = elements
-            .checked_mul(dim as usize)
-            .filter(|&n| n <= wire::INPUT_LIMIT)
-            .ok_or_else(|| {
-                Failure::bad(format!(
-                    "input '{name}': shape {} is too large",
-                    Value::Array(shape.clone())
-                ))
-            })?;
+    let (item, batched) = if shape.len() == spec.shape.len() + 1 {
+        if shape[0] != 1 {
+            return Err(Failure::bad(format!(
+                "input '{name}': a batch of {} in one request; send one item per request (the scheduler batches them)",
+                shape[0]
+            )));
+        }
+        (&shape[1..], true)
+    } else {
+        (shape, false)
+    };
+    if !spec.accepts(item) {
+        return Err(Failure::bad(format!(
+            "input '{name}': shape {} does not fit the model's {}",
+            json!(shape),
+            json!(spec.shape)
+        )));
     }
-    let size = element_size(datatype);
-    if datatype != "BYTES" && size.is_none() {
-        return Err(Failure::bad(format!("input '{name}': unknown datatype '{datatype}'")));
-    }
+    let elements = item
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+        .filter(|&n| n <= wire::INPUT_LIMIT)
+        .ok_or_else(|| Failure::bad(format!("input '{name}': shape {} is too large", json!(shape))))?;
+    Ok((at, elements, batched))
+}
+
+/// Appends one input's bytes (little-endian, row-major): its binary data (taken off the
+/// front of `binary`) or its JSON `data`.
+fn pack_tensor(
+    tensor: &Value,
+    spec: &TensorSpec,
+    elements: usize,
+    binary: &mut &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Failure> {
+    let name = &spec.name;
+    let datatype = spec.datatype.as_str();
+    let size = spec.element_size();
     if let Some(length) = tensor.pointer("/parameters/binary_data_size") {
         let length = length
             .as_u64()
@@ -546,15 +760,112 @@ fn pack_tensor(tensor: &Value, binary: &mut &[u8], out: &mut Vec<u8>) -> Result<
     flatten(data, &mut values);
     if values.len() != elements {
         return Err(Failure::bad(format!(
-            "input '{name}': {} elements of data for shape {}",
-            values.len(),
-            Value::Array(shape.clone())
+            "input '{name}': {} elements of data for {elements}",
+            values.len()
         )));
     }
     for value in values {
         pack_element(name, datatype, value, out)?;
     }
     Ok(())
+}
+
+/// One output as produced: its declaration, its concrete per-item shape, its bytes.
+pub(super) type Produced<'a> = (&'a TensorSpec, Vec<u64>, Vec<u8>);
+
+/// The reply's output bytes as the declared outputs. An empty output (the simulated backend
+/// computes nothing) becomes zeros of each declared shape (`-1` as 1); real bytes are split
+/// in declared order, a `-1` dimension taking what is left when one output has one.
+pub(super) fn split_outputs<'a>(declared: &'a [TensorSpec], output: &[u8]) -> Result<Vec<Produced<'a>>, Failure> {
+    let concrete = |spec: &TensorSpec| -> Vec<u64> { spec.shape.iter().map(|&d| d.max(1) as u64).collect() };
+    if output.is_empty() {
+        return Ok(declared
+            .iter()
+            .map(|spec| {
+                let shape = concrete(spec);
+                let elements: u64 = shape.iter().product();
+                let bytes = vec![0u8; elements as usize * spec.element_size().unwrap_or(4)];
+                (spec, shape, bytes)
+            })
+            .collect());
+    }
+    let unfit = || {
+        Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "the executor's output ({} bytes) does not fit the model's declared outputs",
+                output.len()
+            ),
+        )
+    };
+    if let [spec] = declared {
+        if let Some(fixed) = spec.fixed_bytes() {
+            return if fixed == output.len() {
+                Ok(vec![(spec, concrete(spec), output.to_vec())])
+            } else {
+                Err(unfit())
+            };
+        }
+        let open = spec.shape.iter().filter(|&&d| d < 0).count();
+        let (Some(size), 1) = (spec.element_size(), open) else {
+            return Err(unfit());
+        };
+        let known: u64 = spec.shape.iter().filter(|&&d| d >= 0).map(|&d| d as u64).product();
+        let per = known as usize * size;
+        if per == 0 || output.len() % per != 0 {
+            return Err(unfit());
+        }
+        let shape = spec
+            .shape
+            .iter()
+            .map(|&d| if d < 0 { (output.len() / per) as u64 } else { d as u64 })
+            .collect();
+        return Ok(vec![(spec, shape, output.to_vec())]);
+    }
+    let mut at = 0;
+    let mut split = Vec::new();
+    for spec in declared {
+        let size = spec.fixed_bytes().ok_or_else(unfit)?;
+        let bytes = output.get(at..at + size).ok_or_else(unfit)?;
+        split.push((spec, concrete(spec), bytes.to_vec()));
+        at += size;
+    }
+    if at != output.len() {
+        return Err(unfit());
+    }
+    Ok(split)
+}
+
+/// An output's bytes as JSON `data`.
+fn unpack(spec: &TensorSpec, bytes: &[u8]) -> Result<Value, Failure> {
+    macro_rules! each {
+        ($t:ty, $n:expr) => {
+            bytes
+                .chunks_exact($n)
+                .map(|c| json!(<$t>::from_le_bytes(c.try_into().expect("chunks_exact"))))
+                .collect()
+        };
+    }
+    let values: Vec<Value> = match spec.datatype.as_str() {
+        "BOOL" => bytes.iter().map(|&b| json!(b != 0)).collect(),
+        "UINT8" => bytes.iter().map(|&b| json!(b)).collect(),
+        "INT8" => bytes.iter().map(|&b| json!(b as i8)).collect(),
+        "UINT16" => each!(u16, 2),
+        "INT16" => each!(i16, 2),
+        "UINT32" => each!(u32, 4),
+        "INT32" => each!(i32, 4),
+        "UINT64" => each!(u64, 8),
+        "INT64" => each!(i64, 8),
+        "FP32" => each!(f32, 4),
+        "FP64" => each!(f64, 8),
+        other => {
+            return Err(Failure::bad(format!(
+                "output '{}': {other} data cannot be given as JSON; ask for it as binary data",
+                spec.name
+            )))
+        }
+    };
+    Ok(Value::Array(values))
 }
 
 /// The leaves of a nested JSON array, in row-major order.
@@ -638,7 +949,7 @@ pub(super) async fn refuse(stream: TcpStream, message: String) {
 }
 
 /// glommio's socket under hyper's IO traits.
-struct Io(TcpStream);
+pub(super) struct Io(pub(super) TcpStream);
 
 impl hyper::rt::Read for Io {
     fn poll_read(

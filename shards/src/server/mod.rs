@@ -39,6 +39,7 @@ use crate::config::Limits;
 use crate::shard::{Effect, Effects, Input, Peer, ShardCore, TimeoutsNs};
 
 mod connection;
+mod grpc;
 mod kserve;
 mod mesh;
 mod startup;

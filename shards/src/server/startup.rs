@@ -44,6 +44,7 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
     executors: Arc<Executors>,
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     stats: Arc<Stats>,
@@ -65,6 +66,11 @@ impl ServerHandle {
     /// The address of the KServe v2 HTTP front end (`None`: off).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The address of the KServe v2 gRPC front end (`None`: off).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// The address of the metrics port (`None`: off).
@@ -150,7 +156,8 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut limits = config.limits;
     limits.connections_per_shard = nofile.connections_per_shard;
     limits.links_per_shard = nofile.links_per_shard;
-    let catalog = Arc::new(Catalog::new(&config.models, &config.input_bytes, shard_count));
+    let catalog =
+        Arc::new(Catalog::new(&config.models, &config.input_bytes, shard_count).with_tensors(&config.tensors));
     let table = Arc::new(GpuTable::with_offline(
         config.gpus as usize,
         config.executor_gpus as usize,
@@ -176,6 +183,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut metrics = config
         .metrics
         .resolve(&config.listen, crate::config::METRICS_PORT_DEFAULT);
+    let mut grpc = config.grpc.resolve(&config.listen, crate::config::GRPC_PORT_DEFAULT);
     let registry = Arc::new(crate::metrics::Registry {
         shards: (0..shard_count).map(|_| std::sync::OnceLock::new()).collect(),
         catalog: Arc::clone(&catalog),
@@ -185,6 +193,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
     let mut local_addr = None;
     let mut http_addr = None;
     let mut metrics_addr = None;
+    let mut grpc_addr = None;
     for (shard, &runtime::ShardPlace { cpu, .. }) in cpus.iter().enumerate() {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Bound, ServeError>>();
         let setup = ShardSetup {
@@ -192,6 +201,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             listen: listen.clone(),
             http: http.clone(),
             metrics: metrics.clone(),
+            grpc: grpc.clone(),
             registry: Arc::clone(&registry),
             catalog: Arc::clone(&catalog),
             policy: Config::of(config.policy, &config.knobs),
@@ -217,6 +227,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
                 link_addr,
                 http: bound_http,
                 metrics: bound_metrics,
+                grpc: bound_grpc,
             })) => {
                 // Shard 0 may have been given port 0: the others bind the port it got.
                 listen = addr.to_string();
@@ -228,6 +239,10 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
                 if let Some(bound_metrics) = bound_metrics {
                     metrics = Some(bound_metrics.to_string());
                     metrics_addr.get_or_insert(bound_metrics);
+                }
+                if let Some(bound_grpc) = bound_grpc {
+                    grpc = Some(bound_grpc.to_string());
+                    grpc_addr.get_or_insert(bound_grpc);
                 }
                 shard_link_addrs.extend(link_addr.map(|a| a.to_string()));
             }
@@ -246,6 +261,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
         local_addr: local_addr.expect("at least one shard"),
         http_addr,
         metrics_addr,
+        grpc_addr,
         executors,
         link_addrs,
         stats,
@@ -266,6 +282,8 @@ struct ShardSetup {
     http: Option<String>,
     /// The metrics port's address (`None`: off).
     metrics: Option<String>,
+    /// The KServe v2 gRPC address (`None`: off).
+    grpc: Option<String>,
     registry: Arc<crate::metrics::Registry>,
     catalog: Arc<Catalog>,
     policy: Config,
@@ -290,6 +308,7 @@ struct Bound {
     link_addr: Option<SocketAddr>,
     http: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
+    grpc: Option<SocketAddr>,
 }
 
 type Ready = std::sync::mpsc::Sender<Result<Bound, ServeError>>;
@@ -326,7 +345,11 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         .as_ref()
         .map(|l| l.local_addr().expect("a bound listener has an address"));
     let mut extra = Vec::new();
-    for (what, at) in [("HTTP", &setup.http), ("metrics", &setup.metrics)] {
+    for (what, at) in [
+        ("HTTP", &setup.http),
+        ("metrics", &setup.metrics),
+        ("gRPC", &setup.grpc),
+    ] {
         match at.as_deref().map(TcpListener::bind) {
             None => extra.push(None),
             Some(Ok(listener)) => extra.push(Some(listener)),
@@ -339,6 +362,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
             }
         }
     }
+    let grpc_listener = extra.pop().flatten();
     let metrics_listener = extra.pop().flatten();
     let http_listener = extra.pop().flatten();
     let bound = |l: &Option<TcpListener>| {
@@ -350,6 +374,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         link_addr,
         http: bound(&http_listener),
         metrics: bound(&metrics_listener),
+        grpc: bound(&grpc_listener),
     }));
     let (senders, mut receivers) = match setup.mesh.join().await {
         Ok(joined) => joined,
@@ -424,6 +449,9 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
     }
     if let Some(listener) = http_listener {
         glommio::spawn_local(connection::accept(Rc::clone(&shard), listener, connection::Port::Http)).detach();
+    }
+    if let Some(listener) = grpc_listener {
+        glommio::spawn_local(connection::accept(Rc::clone(&shard), listener, connection::Port::Grpc)).detach();
     }
     if let Some(listener) = metrics_listener {
         glommio::spawn_local(connection::accept(

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use symphony_core::policy::ModelConfig;
 use symphony_core::wire;
 
+use crate::tensors::ModelTensors;
+
 /// One model as every shard knows it.
 #[derive(Debug)]
 pub struct CatalogEntry {
@@ -26,6 +28,8 @@ pub struct Catalog {
     pub owned: Vec<Vec<u32>>,
     /// The models as configured (what executors are told at the handshake).
     pub configs: Vec<ModelConfig>,
+    /// Per model: its declared tensors (the KServe v2 front end's).
+    pub tensors: Vec<ModelTensors>,
 }
 
 impl Catalog {
@@ -46,11 +50,24 @@ impl Catalog {
             });
         }
         Catalog {
+            tensors: entries
+                .iter()
+                .map(|e| ModelTensors::default_for(e.input_bytes))
+                .collect(),
             models: entries,
             by_name,
             owned,
             configs: models.to_vec(),
         }
+    }
+
+    /// The same, with the models' declared tensors (`tensors[i]` for model `i`; a model
+    /// past the list keeps its defaults).
+    pub fn with_tensors(mut self, tensors: &[ModelTensors]) -> Catalog {
+        for (into, declared) in self.tensors.iter_mut().zip(tensors) {
+            into.clone_from(declared);
+        }
+        self
     }
 
     pub fn lookup(&self, model: &wire::ArchivedModelRef) -> Option<u32> {

@@ -1,0 +1,89 @@
+"""The real tritonclient (gRPC) against a running `symphony serve`.
+
+Usage: python tritonclient_grpc.py HOST:PORT
+Prints one line per check and exits non-zero on the first failure.
+"""
+
+import os
+import queue
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+def check(name, condition, detail=""):
+    if not condition:
+        print(f"FAIL {name}: {detail}", flush=True)
+        # The stream's thread would keep the interpreter alive: leave at once.
+        os._exit(1)
+    print(f"ok {name}", flush=True)
+
+
+def main():
+    client = grpcclient.InferenceServerClient(url=sys.argv[1])
+
+    check("server live", client.is_server_live())
+    check("server ready", client.is_server_ready())
+    metadata = client.get_server_metadata()
+    check("server metadata", metadata.name == "symphony", metadata)
+    check("model ready", client.is_model_ready("small"))
+    model = client.get_model_metadata("small")
+    check(
+        "model metadata",
+        model.inputs[0].name == "INPUT0" and model.inputs[0].datatype == "FP32" and list(model.inputs[0].shape) == [-1, 16],
+        model,
+    )
+
+    data = np.arange(16, dtype=np.float32).reshape(1, 16)
+    tensor = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    tensor.set_data_from_numpy(data)
+    result = client.infer("small", [tensor], request_id="unary-1")
+    output = result.as_numpy("OUTPUT0")
+    check(
+        "infer (raw_input_contents)",
+        output is not None and output.shape == (1, 4) and output.dtype == np.float32
+        and result.get_response().id == "unary-1",
+        result.get_response(),
+    )
+
+    try:
+        client.infer("small", [tensor], timeout=10)
+        check("an unmeetable timeout is refused", False, "it was served")
+    except InferenceServerException as error:
+        check("an unmeetable timeout is refused", "dropped" in str(error), str(error))
+    try:
+        client.infer("no_such_model", [tensor])
+        check("an unknown model is an error", False, "it was served")
+    except InferenceServerException as error:
+        check("an unknown model is an error", "unknown model" in str(error), str(error))
+
+    try:
+        client.get_model_config("small")
+        check("a method not served is UNIMPLEMENTED", False, "it answered")
+    except InferenceServerException as error:
+        check("a method not served is UNIMPLEMENTED", "UNIMPLEMENTED" in str(error.status()), str(error))
+
+    # A stream: many requests on one call, each answered on it (in any order).
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(8):
+        client.async_stream_infer("small", [tensor], request_id=f"s-{i}")
+    client.async_stream_infer("small", [tensor], request_id="s-late", timeout=10)
+    got, errors = set(), []
+    for _ in range(9):
+        result, error = answers.get(timeout=10)
+        if error is not None:
+            errors.append(str(error))
+        else:
+            got.add(result.get_response().id)
+            output = result.as_numpy("OUTPUT0")
+            check("stream output", output is not None and output.shape == (1, 4), result.get_response())
+    client.stop_stream()
+    check("stream answers every request", got == {f"s-{i}" for i in range(8)}, got)
+    check("stream tells a dropped request", len(errors) == 1 and "dropped" in errors[0], errors)
+
+
+if __name__ == "__main__":
+    main()
