@@ -184,8 +184,12 @@ struct ExecutorArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     scheduler: Vec<String>,
     /// The scheduler's executor token.
-    #[arg(long)]
-    token: String,
+    #[arg(long, required_unless_present = "token_file", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the token (a mounted Secret: the token stays out of the process list);
+    /// its surrounding whitespace is not part of it.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
     /// GPUs this executor runs.
     #[arg(long, default_value_t = 1)]
     gpus: u32,
@@ -722,7 +726,12 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
         (1..=60_000).contains(&args.heartbeat_ms),
         "--heartbeat-ms must be 1 to 60000"
     );
-    let mut config = ExecutorConfig::new(args.scheduler, args.token, args.gpus, backend);
+    let token = match (args.token, &args.token_file) {
+        (Some(token), _) => token,
+        (None, Some(path)) => symphony_shards::config::read_token_file(path).map_err(anyhow::Error::msg)?,
+        (None, None) => anyhow::bail!("--token or --token-file is required"),
+    };
+    let mut config = ExecutorConfig::new(args.scheduler, token, args.gpus, backend);
     if let Some(name) = args.name {
         config.name = name;
     }

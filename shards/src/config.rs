@@ -99,6 +99,8 @@ struct RawConfig {
     #[serde(default)]
     limits: Limits,
     executor_token: Option<String>,
+    /// A file holding the token (a mounted Secret), relative to the config's directory.
+    executor_token_file: Option<String>,
     executor_gpus: Option<u32>,
     heartbeat_timeout_ms: Option<u64>,
     plan_timeout_ms: Option<u64>,
@@ -152,6 +154,18 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// The executor token in the file at `path` (a mounted Secret), its surrounding whitespace
+/// trimmed; an error that says what is wrong with the file otherwise.
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("a readable token file, not {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("a token in {}, not an empty file", path.display()));
+    }
+    Ok(token.to_string())
 }
 
 /// Triton's port for KServe v2 over HTTP.
@@ -542,7 +556,19 @@ impl ServeConfig {
                 return Err(invalid(field, format!("at least {least}")));
             }
         }
-        let executor_gpus = match (&raw.executor_token, raw.executor_gpus) {
+        let executor_token = match (&raw.executor_token, &raw.executor_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "executor_token_file",
+                    "no executor_token beside it (one of the two)".to_string(),
+                ))
+            }
+            (_, Some(path)) => {
+                Some(read_token_file(&base_dir.join(path)).map_err(|e| invalid("executor_token_file", e))?)
+            }
+            (token, None) => token.clone(),
+        };
+        let executor_gpus = match (&executor_token, raw.executor_gpus) {
             (Some(_), None) => EXECUTOR_GPUS_DEFAULT,
             (_, gpus) => gpus.unwrap_or(0),
         };
@@ -576,7 +602,7 @@ impl ServeConfig {
             policy,
             knobs,
             limits,
-            executor_token: raw.executor_token,
+            executor_token,
         };
         config.check_gpus(source, "")?;
         Ok(config)
@@ -637,6 +663,34 @@ mod tests {
         assert_eq!(c.models.len(), 3);
         assert_eq!(c.gpus, 8);
         assert_eq!(c.policy, PolicyKind::Symphony);
+    }
+
+    #[test]
+    fn the_executor_token_may_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("symphony-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), "s3cret\n").unwrap();
+        std::fs::write(dir.join("empty"), "  \n").unwrap();
+        let models = "[[models]]\nname = \"m\"\nprofile = \"sleep#100,100,0,0\"\nslo_ms = 100\n";
+        let config = ServeConfig::parse(
+            &format!("gpus = 0\nexecutor_token_file = \"token\"\n{models}"),
+            &dir,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.executor_token.as_deref(), Some("s3cret"));
+        assert_eq!(config.executor_gpus, EXECUTOR_GPUS_DEFAULT);
+        let empty = ServeConfig::parse(&format!("executor_token_file = \"empty\"\n{models}"), &dir, "t");
+        assert!(empty.unwrap_err().to_string().contains("not an empty file"));
+        let missing = ServeConfig::parse(&format!("executor_token_file = \"nope\"\n{models}"), &dir, "t");
+        assert!(missing.unwrap_err().to_string().contains("a readable token file"));
+        let both = ServeConfig::parse(
+            &format!("executor_token = \"a\"\nexecutor_token_file = \"token\"\n{models}"),
+            &dir,
+            "t",
+        );
+        assert!(both.unwrap_err().to_string().contains("one of the two"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
