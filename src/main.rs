@@ -607,6 +607,33 @@ fn run_loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A model that declares no tensors and runs on a cpu network (`mlp*`, `resnet*`: see
+/// `gpu-exec/src/nets.rs`) shows KServe clients that network's own: FP32 `input` of its shape,
+/// FP32 `output` of its logits (unless its `input_bytes` says otherwise).
+fn give_cpu_networks_their_tensors(config: &mut symphony_shards::config::ServeConfig) {
+    use symphony_gpu_exec::nets::{Network, OUTPUTS};
+    use symphony_shards::tensors::{ModelTensors, TensorSpec};
+    for ((model, tensors), input_bytes) in config
+        .models
+        .iter()
+        .zip(config.tensors.iter_mut())
+        .zip(&config.input_bytes)
+    {
+        let Some(network) = Network::for_model(&model.name) else {
+            continue;
+        };
+        let bytes = network.input_len() * 4;
+        if tensors.declared || input_bytes.is_some_and(|b| b as usize != bytes) {
+            continue;
+        }
+        *tensors = ModelTensors {
+            inputs: vec![TensorSpec::new("input", "FP32", &network.input_shape())],
+            outputs: vec![TensorSpec::new("output", "FP32", &[OUTPUTS as i64])],
+            declared: false,
+        };
+    }
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     use symphony_shards::config::ServeConfig;
     // Buffers of 128 KiB and more (receive buffers, write queues) come straight from mmap and
@@ -644,6 +671,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         config.cpus = Some(cpus);
     }
     config.apply_executor_overrides(args.gpus, args.executor_token, args.executor_gpus)?;
+    give_cpu_networks_their_tensors(&mut config);
     let server = symphony_shards::server::start(&config)?;
     let fds = server.fd_budget();
     if fds.lowered {

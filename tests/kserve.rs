@@ -12,9 +12,21 @@ use std::time::Duration;
 use support::{example_config, Serve};
 use symphony_core::wire::{ModelRef, Status};
 
-/// `serve` with the example's models and its HTTP front end on a free port.
+/// The example's models and `steady` (FP32 [16] to [4] like the example's `small`, SLO 1 s),
+/// scheduled eagerly: these tests are of the front ends, and a deferred batch waits for most
+/// of its SLO (and, on a machine busy with other tests, a late timer drops it: the
+/// scheduler's business, tested elsewhere).
+fn kserve_config(extra: &str) -> String {
+    example_config(extra)
+        + "\n[[models]]\nname = \"steady\"\nprofile = \"sleep#400,2000,0,0\"\nslo_ms = 1000\n\
+           inputs = [{ name = \"INPUT0\", datatype = \"FP32\", shape = [16] }]\n\
+           outputs = [{ name = \"OUTPUT0\", datatype = \"FP32\", shape = [4] }]\n\
+           [policy]\nkind = \"eager\"\n"
+}
+
+/// `serve` with [`kserve_config`] (2 shards, 4 GPUs) and its HTTP front end on a free port.
 fn serve_http() -> (Serve, SocketAddr) {
-    let serve = Serve::start(&example_config("shards = 2\ngpus = 4"), &["--http", "127.0.0.1:0"]);
+    let serve = Serve::start(&kserve_config("shards = 2\ngpus = 4"), &["--http", "127.0.0.1:0"]);
     let addr = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
     (serve, addr)
 }
@@ -80,7 +92,7 @@ fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
         println!("skipped: no Python with tritonclient (python3 -m venv .venv && .venv/bin/pip install 'tritonclient[http,grpc]')");
         return;
     };
-    let mut serve = Serve::start(&example_config("shards = 2\ngpus = 4"), &["--grpc", "127.0.0.1:0"]);
+    let mut serve = Serve::start(&kserve_config("shards = 2\ngpus = 4"), &["--grpc", "127.0.0.1:0"]);
     assert!(
         serve.wait_log("KServe v2 over gRPC at", Duration::from_secs(10)),
         "{}",
@@ -103,7 +115,7 @@ fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
     serve.assert_alive("the tritonclient gRPC checks");
 }
 
-/// One valid request body for the example's `small` (FP32 [16]).
+/// One valid request body for `steady` (FP32 [16]).
 const SMALL_INPUT: &str =
     r#"{"inputs":[{"name":"INPUT0","datatype":"FP32","shape":[1,16],"data":[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]}]}"#;
 
@@ -156,8 +168,13 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 }
 
 fn post(path: &str, body: &str) -> Vec<u8> {
+    post_on(path, body, "connection: close\r\n")
+}
+
+/// A POST with extra header lines (`connection: close`, or nothing to keep it alive).
+fn post_on(path: &str, body: &str, headers: &str) -> Vec<u8> {
     format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: x\r\n{headers}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -171,13 +188,13 @@ fn bad_http_requests_get_typed_errors_and_the_service_lives_on() {
         b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
     );
     assert_eq!((status, body.as_str()), (200, ""));
-    let infer = "/v2/models/small/infer";
+    let infer = "/v2/models/steady/infer";
     let tensor = SMALL_INPUT;
     let (status, body) = exchange(addr, &post(infer, tensor));
     assert_eq!(status, 200, "{body}");
     // The simulated backend computes nothing: the declared output, zeros, batch dimension
     // and all.
-    assert!(body.contains(r#""model_name":"small""#), "{body}");
+    assert!(body.contains(r#""model_name":"steady""#), "{body}");
     assert!(
         body.contains(r#""datatype":"FP32","name":"OUTPUT0","shape":[1,4]"#),
         "{body}"
@@ -265,17 +282,22 @@ fn scrape(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
 #[test]
 fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
     let serve = Serve::start(
-        &example_config("shards = 2\ngpus = 4"),
+        &kserve_config("shards = 2\ngpus = 4"),
         &["--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
     );
     let http = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
     let metrics = logged_addr(&serve, "Prometheus metrics at", "/metrics");
-    let infer = "/v2/models/small/infer";
+    let infer = "/v2/models/steady/infer";
     let tensor = SMALL_INPUT;
     let hopeless = &format!(r#"{{"parameters":{{"timeout":10}},{}"#, &SMALL_INPUT[1..]);
-    for _ in 0..30 {
-        assert_eq!(exchange(http, &post(infer, tensor)).0, 200);
-    }
+    // At once (deferral holds each for most of its SLO), each on its own connection.
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..30)
+            .map(|_| scope.spawn(move || exchange(http, &post(infer, tensor)).0))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, [200; 30]);
     for _ in 0..5 {
         assert_eq!(exchange(http, &post(infer, hopeless)).0, 503);
     }
@@ -283,9 +305,12 @@ fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
         assert_eq!(exchange(http, &post("/v2/models/nope/infer", tensor)).0, 404);
     }
     let mut client = serve.client();
-    let model = ModelRef::Name("resnet_a".into());
+    let model = ModelRef::Name("steady".into());
+    for id in 0..10 {
+        client.send(id, &model, None, &[0u8; 64]).unwrap();
+    }
     for _ in 0..10 {
-        assert_eq!(client.call(&model, None, b"x").unwrap().status, Status::Ok);
+        assert_eq!(client.recv().unwrap().status, Status::Ok);
     }
     let m = scrape(metrics);
     let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in the scrape"));
@@ -296,21 +321,23 @@ fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
             "symphony_requests_total{{model=\"{model}\",outcome=\"late\"}}"
         ))
     };
-    assert_eq!(ran("small"), 30.0);
-    assert_eq!(ran("resnet_a"), 10.0);
-    assert_eq!(get("symphony_requests_total{model=\"small\",outcome=\"dropped\"}"), 5.0);
+    assert_eq!(ran("steady"), 40.0, "30 over HTTP, 10 native");
+    assert_eq!(
+        get("symphony_requests_total{model=\"steady\",outcome=\"dropped\"}"),
+        5.0
+    );
     assert_eq!(get("symphony_replies_total{status=\"ok\"}"), 40.0);
     assert_eq!(get("symphony_replies_total{status=\"dropped\"}"), 5.0);
     assert_eq!(get("symphony_http_errors_total{code=\"404\"}"), 3.0);
-    assert_eq!(get("symphony_queue_duration_seconds_count{model=\"small\"}"), 30.0);
-    assert_eq!(get("symphony_compute_duration_seconds_count{model=\"small\"}"), 30.0);
+    assert_eq!(get("symphony_queue_duration_seconds_count{model=\"steady\"}"), 40.0);
+    assert_eq!(get("symphony_compute_duration_seconds_count{model=\"steady\"}"), 40.0);
     assert_eq!(
-        get("symphony_queue_duration_seconds_bucket{model=\"small\",le=\"+Inf\"}"),
-        30.0
+        get("symphony_queue_duration_seconds_bucket{model=\"steady\",le=\"+Inf\"}"),
+        40.0
     );
-    // Every batch of `small` is counted once; together they hold its 30 requests.
-    assert_eq!(get("symphony_batch_size_sum{model=\"small\"}"), 30.0);
-    assert!(get("symphony_batch_size_count{model=\"small\"}") >= 1.0);
+    // Every batch of `steady` is counted once; together they hold its 40 requests.
+    assert_eq!(get("symphony_batch_size_sum{model=\"steady\"}"), 40.0);
+    assert!(get("symphony_batch_size_count{model=\"steady\"}") >= 1.0);
     assert_eq!(get("symphony_gpus"), 4.0);
     let busy: f64 = (0..4)
         .map(|g| get(&format!("symphony_gpu_busy_seconds_total{{gpu=\"{g}\"}}")))
@@ -321,4 +348,84 @@ fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
     assert!(scrape(http).contains_key("symphony_gpus"));
     let (status, _) = exchange(metrics, b"GET /v2 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     assert_eq!(status, 404);
+}
+
+/// One exchange on a kept-alive connection: (status, body), reading exactly the body.
+fn keepalive_exchange(stream: &mut TcpStream, request: &[u8]) -> (u16, String) {
+    stream.write_all(request).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "the connection closed mid-answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn http_connections_past_the_limit_are_refused_with_503_and_the_open_ones_served() {
+    let mut serve = Serve::start(
+        &kserve_config("gpus = 2\nshards = 1\n[limits]\nconnections_per_shard = 4"),
+        &["--http", "127.0.0.1:0"],
+    );
+    let addr = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
+    let live = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n";
+    // Four connections, each with a request answered: open, and none idle to evict.
+    let mut open: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(keepalive_exchange(&mut stream, live).0, 200);
+            stream
+        })
+        .collect();
+    let (status, body) = exchange(
+        addr,
+        b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"error\"") && body.contains("limit"), "{body}");
+    // The open connections are still served, inference included.
+    for stream in &mut open {
+        let (status, body) = keepalive_exchange(stream, &post_on("/v2/models/steady/infer", SMALL_INPUT, ""));
+        assert_eq!(status, 200, "{body}");
+    }
+    serve.assert_alive("connections past the limit");
+}
+
+#[test]
+fn a_model_named_for_a_cpu_network_shows_that_networks_tensors() {
+    let config = "listen = \"127.0.0.1:0\"\ngpus = 1\n\
+        [[models]]\nname = \"mlp-a\"\nprofile = \"sleep#100,100,0,0\"\nslo_ms = 100\n\
+        [[models]]\nname = \"other\"\nprofile = \"sleep#100,100,0,0\"\nslo_ms = 100\n";
+    let serve = Serve::start(config, &["--http", "127.0.0.1:0"]);
+    let addr = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
+    let get = |path: &str| {
+        exchange(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+    };
+    let (status, body) = get("/v2/models/mlp-a");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(r#""inputs":[{"datatype":"FP32","name":"input","shape":[-1,256]}]"#)
+            && body.contains(r#""outputs":[{"datatype":"FP32","name":"output","shape":[-1,10]}]"#),
+        "{body}"
+    );
+    // A model of no network keeps the defaults: one UINT8 input and output of any length.
+    let (_, body) = get("/v2/models/other");
+    assert!(
+        body.contains(r#"{"datatype":"UINT8","name":"INPUT0","shape":[-1,-1]}"#),
+        "{body}"
+    );
 }

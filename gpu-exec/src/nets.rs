@@ -57,6 +57,15 @@ impl Network {
         })
     }
 
+    /// One request's input tensor: FP32 of this shape (what the KServe front ends declare
+    /// for a model that runs on this network); the output is FP32 `[OUTPUTS]`.
+    pub fn input_shape(self) -> Vec<i64> {
+        match self {
+            Network::Mlp => vec![MLP_INPUT as i64],
+            Network::ResNet => vec![RESNET_CHANNELS as i64, RESNET_SIDE as i64, RESNET_SIDE as i64],
+        }
+    }
+
     /// `f32` values of one request's input.
     pub fn input_len(self) -> usize {
         match self {

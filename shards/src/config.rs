@@ -19,15 +19,15 @@ gpus = 8
 name = "resnet_a"
 profile = "sleep#1082,5204,0,0"
 slo_ms = 100
-inputs = [{ name = "input", datatype = "FP32", shape = [3, 224, 224] }]
-outputs = [{ name = "output", datatype = "FP32", shape = [1000] }]
+inputs = [{ name = "input", datatype = "FP32", shape = [3, 32, 32] }]
+outputs = [{ name = "output", datatype = "FP32", shape = [10] }]
 
 [[models]]
 name = "resnet_b"
 profile = "sleep#1082,5204,0,0"
 slo_ms = 100
-inputs = [{ name = "input", datatype = "FP32", shape = [3, 224, 224] }]
-outputs = [{ name = "output", datatype = "FP32", shape = [1000] }]
+inputs = [{ name = "input", datatype = "FP32", shape = [3, 32, 32] }]
+outputs = [{ name = "output", datatype = "FP32", shape = [10] }]
 
 [[models]]
 name = "small"

@@ -102,6 +102,9 @@ pub fn element_size(datatype: &str) -> Option<usize> {
 pub struct ModelTensors {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// The config declared them (else they are defaults another part may refine: the serve
+    /// command gives a model named for a cpu network that network's tensors).
+    pub declared: bool,
 }
 
 /// The input a model has when it declares none.
@@ -117,6 +120,7 @@ impl ModelTensors {
         ModelTensors {
             inputs: vec![TensorSpec::new(DEFAULT_INPUT, "UINT8", &[input_shape])],
             outputs: vec![TensorSpec::new(DEFAULT_OUTPUT, "UINT8", &[-1])],
+            declared: false,
         }
     }
 
@@ -128,9 +132,11 @@ impl ModelTensors {
         input_bytes: Option<u32>,
     ) -> Result<ModelTensors, (&'static str, String)> {
         let default = ModelTensors::default_for(input_bytes);
+        let declared = inputs.is_some() || outputs.is_some();
         let tensors = ModelTensors {
             inputs: inputs.unwrap_or(default.inputs),
             outputs: outputs.unwrap_or(default.outputs),
+            declared,
         };
         for (side, list) in [("inputs", &tensors.inputs), ("outputs", &tensors.outputs)] {
             if list.is_empty() || list.len() > TENSORS_LIMIT {

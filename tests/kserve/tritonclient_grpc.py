@@ -28,8 +28,8 @@ def main():
     check("server ready", client.is_server_ready())
     metadata = client.get_server_metadata()
     check("server metadata", metadata.name == "symphony", metadata)
-    check("model ready", client.is_model_ready("small"))
-    model = client.get_model_metadata("small")
+    check("model ready", client.is_model_ready("steady"))
+    model = client.get_model_metadata("steady")
     check(
         "model metadata",
         model.inputs[0].name == "INPUT0" and model.inputs[0].datatype == "FP32" and list(model.inputs[0].shape) == [-1, 16],
@@ -39,7 +39,7 @@ def main():
     data = np.arange(16, dtype=np.float32).reshape(1, 16)
     tensor = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
     tensor.set_data_from_numpy(data)
-    result = client.infer("small", [tensor], request_id="unary-1")
+    result = client.infer("steady", [tensor], request_id="unary-1")
     output = result.as_numpy("OUTPUT0")
     check(
         "infer (raw_input_contents)",
@@ -49,7 +49,7 @@ def main():
     )
 
     try:
-        client.infer("small", [tensor], timeout=10)
+        client.infer("steady", [tensor], timeout=10)
         check("an unmeetable timeout is refused", False, "it was served")
     except InferenceServerException as error:
         check("an unmeetable timeout is refused", "dropped" in str(error), str(error))
@@ -60,7 +60,7 @@ def main():
         check("an unknown model is an error", "unknown model" in str(error), str(error))
 
     try:
-        client.get_model_config("small")
+        client.get_model_config("steady")
         check("a method not served is UNIMPLEMENTED", False, "it answered")
     except InferenceServerException as error:
         check("a method not served is UNIMPLEMENTED", "UNIMPLEMENTED" in str(error.status()), str(error))
@@ -69,8 +69,8 @@ def main():
     answers = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     for i in range(8):
-        client.async_stream_infer("small", [tensor], request_id=f"s-{i}")
-    client.async_stream_infer("small", [tensor], request_id="s-late", timeout=10)
+        client.async_stream_infer("steady", [tensor], request_id=f"s-{i}")
+    client.async_stream_infer("steady", [tensor], request_id="s-late", timeout=10)
     got, errors = set(), []
     for _ in range(9):
         result, error = answers.get(timeout=10)

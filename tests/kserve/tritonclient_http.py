@@ -29,15 +29,15 @@ def main():
     check("server metadata", metadata["name"] == "symphony", metadata)
     check("binary extension listed", "binary_tensor_data" in metadata["extensions"], metadata)
 
-    check("model ready", client.is_model_ready("small"))
-    model = client.get_model_metadata("small")
+    check("model ready", client.is_model_ready("steady"))
+    model = client.get_model_metadata("steady")
     declared = model["inputs"][0]
     check(
         "model metadata",
         declared == {"name": "INPUT0", "datatype": "FP32", "shape": [-1, 16]},
         model,
     )
-    config = client.get_model_config("small")
+    config = client.get_model_config("steady")
     check("model config", config["max_batch_size"] > 1 and config["input"][0]["dims"] == [16], config)
 
     data = np.arange(16, dtype=np.float32).reshape(1, 16)
@@ -46,7 +46,7 @@ def main():
         tensor = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
         tensor.set_data_from_numpy(data, binary_data=binary)
         outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]
-        result = client.infer("small", [tensor], outputs=outputs, request_id=f"r-{binary}")
+        result = client.infer("steady", [tensor], outputs=outputs, request_id=f"r-{binary}")
         output = result.as_numpy("OUTPUT0")
         response = result.get_response()
         check(
@@ -54,7 +54,7 @@ def main():
             output is not None
             and output.shape == (1, 4)
             and output.dtype == np.float32
-            and response["model_name"] == "small"
+            and response["model_name"] == "steady"
             and response["id"] == f"r-{binary}",
             (response, output),
         )
@@ -63,7 +63,7 @@ def main():
     tensor = httpclient.InferInput("INPUT0", [1, 16], "FP32")
     tensor.set_data_from_numpy(data)
     try:
-        client.infer("small", [tensor], timeout=10)
+        client.infer("steady", [tensor], timeout=10)
         check("an unmeetable timeout is refused", False, "it was served")
     except InferenceServerException as error:
         check("an unmeetable timeout is refused", "dropped" in str(error), str(error))
@@ -83,12 +83,12 @@ def main():
             if line and not line.startswith("#"):
                 key, value = line.rsplit(" ", 1)
                 samples[key] = float(value)
-    ran = sum(samples[f'symphony_requests_total{{model="small",outcome="{o}"}}'] for o in ("success", "late"))
+    ran = sum(samples[f'symphony_requests_total{{model="steady",outcome="{o}"}}'] for o in ("success", "late"))
     check("metrics: requests that ran", ran == 2, ran)
-    dropped = samples['symphony_requests_total{model="small",outcome="dropped"}']
+    dropped = samples['symphony_requests_total{model="steady",outcome="dropped"}']
     check("metrics: requests dropped", dropped == 1, dropped)
-    check("metrics: batches", samples['symphony_batch_size_sum{model="small"}'] == 2, samples)
-    stats = client.get_inference_statistics("small")["model_stats"][0]
+    check("metrics: batches", samples['symphony_batch_size_sum{model="steady"}'] == 2, samples)
+    stats = client.get_inference_statistics("steady")["model_stats"][0]
     check("statistics", stats["inference_count"] == 2 and stats["inference_stats"]["fail"]["count"] == 1, stats)
 
 
