@@ -403,6 +403,29 @@ fn http_connections_past_the_limit_are_refused_with_503_and_the_open_ones_served
 }
 
 #[test]
+fn an_http_body_past_its_limit_is_answered_413() {
+    let serve = Serve::start(
+        &kserve_config("shards = 1\ngpus = 2\n[limits]\nhttp_body_bytes = 2048"),
+        &["--http", "127.0.0.1:0"],
+    );
+    let addr = logged_addr(&serve, "KServe v2 over HTTP at", "/v2");
+    // Just under the limit: served; past it: 413, and the service goes on.
+    let data = vec!["1"; 16].join(",");
+    let padded = format!(
+        r#"{{"id":"{}","inputs":[{{"name":"INPUT0","datatype":"FP32","shape":[16],"data":[{data}]}}]}}"#,
+        "x".repeat(1800)
+    );
+    assert!(padded.len() < 2048);
+    let (status, body) = exchange(addr, &post("/v2/models/steady/infer", &padded));
+    assert_eq!(status, 200, "{body}");
+    let big = padded.replace(&"x".repeat(1800), &"x".repeat(3000));
+    let (status, body) = exchange(addr, &post("/v2/models/steady/infer", &big));
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("limits.http_body_bytes"), "{body}");
+    assert_eq!(exchange(addr, &post("/v2/models/steady/infer", SMALL_INPUT)).0, 200);
+}
+
+#[test]
 fn a_model_named_for_a_cpu_network_shows_that_networks_tensors() {
     let config = "listen = \"127.0.0.1:0\"\ngpus = 1\n\
         [[models]]\nname = \"mlp-a\"\nprofile = \"sleep#100,100,0,0\"\nslo_ms = 100\n\

@@ -47,6 +47,8 @@ pub const WRITE_BUFFER_BYTES_MIN: usize = 64 << 10;
 /// The least `limits.link_write_buffer_bytes`: one plan of the largest frame, twice.
 pub const LINK_WRITE_BUFFER_BYTES_MIN: usize = 2 * (symphony_core::wire::FRAME_PAYLOAD_LIMIT as usize + 64);
 
+/// The least `limits.http_body_bytes`: a small JSON request.
+pub const HTTP_BODY_BYTES_MIN: usize = 1024;
 /// Models one service may serve.
 pub const MODELS_LIMIT: usize = 65_536;
 /// Embedded simulated GPUs one service may run.
@@ -242,6 +244,12 @@ pub struct Limits {
     /// Messages a cross-shard channel holds; when it is full the sending shard queues its
     /// messages in order and stops reading its sockets until the channel has room.
     pub mesh_channel: usize,
+    /// Bytes of one KServe HTTP request body (JSON takes several bytes per element); past it
+    /// the request is answered 413 and its body not read further.
+    pub http_body_bytes: usize,
+    /// Calls one gRPC connection may have open at once (HTTP/2 streams); a client waits for
+    /// one to end before it opens more.
+    pub grpc_streams_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -257,6 +265,8 @@ impl Default for Limits {
             link_write_buffer_bytes: 64 << 20,
             routed_batch: 1024,
             mesh_channel: 32,
+            http_body_bytes: 8 * symphony_core::wire::INPUT_LIMIT,
+            grpc_streams_per_connection: 256,
         }
     }
 }
@@ -541,6 +551,12 @@ impl ServeConfig {
             ),
             ("limits.routed_batch", limits.routed_batch, 1),
             ("limits.mesh_channel", limits.mesh_channel, 2),
+            ("limits.http_body_bytes", limits.http_body_bytes, HTTP_BODY_BYTES_MIN),
+            (
+                "limits.grpc_streams_per_connection",
+                limits.grpc_streams_per_connection,
+                1,
+            ),
             (
                 "limits.write_buffer_bytes",
                 limits.write_buffer_bytes,

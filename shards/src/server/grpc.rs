@@ -7,7 +7,7 @@
 //! A gRPC connection is a client connection like an HTTP one ([`Session`]): its slot, its
 //! limits, and each inference a native REQUEST through the owning shard's scheduler with one
 //! reply. HTTP/2 carries many calls at once on one connection (at most
-//! [`STREAMS_PER_CONNECTION`]); `ModelStreamInfer` carries many requests on one call, each
+//! `limits.grpc_streams_per_connection`); `ModelStreamInfer` carries many requests on one call, each
 //! answered on the stream as its reply comes, in any order (by `id`).
 
 use std::convert::Infallible;
@@ -40,8 +40,6 @@ pub mod pb {
 
 /// The service's path prefix: `/inference.GRPCInferenceService/{Method}`.
 const SERVICE: &str = "/inference.GRPCInferenceService/";
-/// Calls one connection may have open at once (HTTP/2 streams).
-pub const STREAMS_PER_CONNECTION: u32 = 256;
 /// Bytes of one message: the largest input a frame carries, and room for its framing.
 const MESSAGE_LIMIT: usize = wire::INPUT_LIMIT + (64 << 10);
 
@@ -120,8 +118,9 @@ pub(super) async fn serve(
         let session = Rc::clone(&calls);
         async move { Ok::<_, Infallible>(answer(session, request).await) }
     });
+    let streams = u32::try_from(shard.limits.grpc_streams_per_connection).unwrap_or(u32::MAX);
     let http = hyper::server::conn::http2::Builder::new(LocalExec)
-        .max_concurrent_streams(STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(streams)
         .serve_connection(kserve::Io(stream), service);
     let stop_reading = receivers.stop_reading;
     futures_lite::future::or(

@@ -53,9 +53,6 @@ pub(super) const EXTENSIONS: [&str; 4] = [
     "model_configuration",
     "statistics",
 ];
-/// JSON around a request's tensors: an infer body may be this much larger than the largest
-/// input a frame carries (JSON numbers take several bytes per element).
-const JSON_BODY_FACTOR: usize = 8;
 /// How long a refused connection's answer may take to write.
 const REFUSAL_TIMEOUT: Duration = REFUSAL_WRITE_TIMEOUT;
 
@@ -473,11 +470,16 @@ impl Front {
             ),
             None => None,
         };
-        let limit = wire::INPUT_LIMIT * JSON_BODY_FACTOR;
+        let limit = self.shard.limits.http_body_bytes;
         let body = Limited::new(request.into_body(), limit)
             .collect()
             .await
-            .map_err(|e| Failure(StatusCode::PAYLOAD_TOO_LARGE, format!("reading the body: {e}")))?
+            .map_err(|e| {
+                Failure(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("reading the body: {e} (limits.http_body_bytes: {limit})"),
+                )
+            })?
             .to_bytes();
         let (head, mut binary) = match header_length {
             Some(n) if n <= body.len() => (&body[..n], &body[n..]),
