@@ -31,15 +31,20 @@ fn serve_http() -> (Serve, SocketAddr) {
     (serve, addr)
 }
 
-/// The address in serve's start-up line that says `what`, before `suffix`.
+/// The address in serve's start-up line that says `what` (`http://ADDR{suffix}`).
 fn logged_addr(serve: &Serve, what: &str, suffix: &str) -> SocketAddr {
+    logged_url(serve, what, "http://", suffix)
+}
+
+/// The address in serve's start-up line that says `what`, between `scheme` and `suffix`.
+fn logged_url(serve: &Serve, what: &str, scheme: &str, suffix: &str) -> SocketAddr {
     assert!(
         serve.wait_log(what, Duration::from_secs(10)),
         "no {what:?} in: {}",
         serve.log_text()
     );
     let line = serve.log_lines().into_iter().find(|l| l.contains(what)).unwrap();
-    line.split("http://")
+    line.split(scheme)
         .nth(1)
         .and_then(|rest| rest.strip_suffix(suffix))
         .and_then(|addr| addr.parse().ok())
@@ -59,60 +64,70 @@ fn python() -> Option<PathBuf> {
     usable.then_some(path)
 }
 
-#[test]
-fn the_python_tritonclient_gets_health_metadata_and_inference_over_http() {
-    let Some(python) = python() else {
-        // CI installs it (`.ci/run`): there its absence is a failure, not a skip.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "no Python with tritonclient at .venv (see .ci/run)"
-        );
-        println!("skipped: no Python with tritonclient (python3 -m venv .venv && .venv/bin/pip install 'tritonclient[http]')");
-        return;
-    };
-    let (mut serve, addr) = serve_http();
-    let (passed, stdout, stderr) = run_python(&python, "tests/kserve/tritonclient_http.py", &addr.to_string());
-    println!("{stdout}");
-    assert!(
-        passed,
-        "tritonclient failed:\n{stdout}\n{stderr}\nserve: {}",
-        serve.log_text()
-    );
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 16, "{stdout}");
-    serve.assert_alive("the tritonclient checks");
-}
-
-#[test]
-fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
-    let Some(python) = python() else {
+/// [`python`], or `None` after saying the test is skipped (outside CI: CI installs it with
+/// `.ci/run`, and there its absence is a failure).
+fn python_or_skip() -> Option<PathBuf> {
+    let found = python();
+    if found.is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
             "no Python with tritonclient at .venv (see .ci/run)"
         );
         println!("skipped: no Python with tritonclient (python3 -m venv .venv && .venv/bin/pip install 'tritonclient[http,grpc]')");
-        return;
-    };
-    let mut serve = Serve::start(&kserve_config("shards = 2\ngpus = 4"), &["--grpc", "127.0.0.1:0"]);
-    assert!(
-        serve.wait_log("KServe v2 over gRPC at", Duration::from_secs(10)),
-        "{}",
-        serve.log_text()
+    }
+    found
+}
+
+#[test]
+fn the_python_tritonclient_gets_health_metadata_and_inference_over_http() {
+    let Some(python) = python_or_skip() else { return };
+    let (mut serve, addr) = serve_http();
+    client_script_passes(
+        &python,
+        "tests/kserve/tritonclient_http.py",
+        &addr.to_string(),
+        &mut serve,
+        16,
     );
-    let line = serve
-        .log_lines()
-        .into_iter()
-        .find(|l| l.contains("KServe v2 over gRPC at"))
-        .unwrap();
-    let addr = line.split("grpc://").nth(1).unwrap().to_string();
-    let (passed, stdout, stderr) = run_python(&python, "tests/kserve/tritonclient_grpc.py", &addr);
+}
+
+#[test]
+fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
+    let Some(python) = python_or_skip() else { return };
+    // With the default limits, and with a stream's requests held to 2 at a time (the limit
+    // reached by the stream's 9: the call must still answer every one, then end).
+    for extra in ["", "[limits]\ngrpc_stream_requests = 2"] {
+        let mut serve = Serve::start(
+            &kserve_config(&format!("shards = 2\ngpus = 4\n{extra}")),
+            &["--grpc", "127.0.0.1:0"],
+        );
+        let addr = logged_url(&serve, "KServe v2 over gRPC at", "grpc://", "");
+        client_script_passes(
+            &python,
+            "tests/kserve/tritonclient_grpc.py",
+            &addr.to_string(),
+            &mut serve,
+            19,
+        );
+    }
+}
+
+/// Runs a client script against `addr`: it passes, says `ok` `checks` times, and the service
+/// is alive after it.
+fn client_script_passes(python: &PathBuf, script: &str, addr: &str, serve: &mut Serve, checks: usize) {
+    let (passed, stdout, stderr) = run_python(python, script, addr);
     println!("{stdout}");
     assert!(
         passed,
-        "tritonclient (gRPC) failed:\n{stdout}\n{stderr}\nserve: {}",
+        "{script} failed:\n{stdout}\n{stderr}\nserve: {}",
         serve.log_text()
     );
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 19, "{stdout}");
-    serve.assert_alive("the tritonclient gRPC checks");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        checks,
+        "{stdout}"
+    );
+    serve.assert_alive(script);
 }
 
 /// One valid request body for `steady` (FP32 [16]).

@@ -250,6 +250,9 @@ pub struct Limits {
     /// Calls one gRPC connection may have open at once (HTTP/2 streams); a client waits for
     /// one to end before it opens more.
     pub grpc_streams_per_connection: usize,
+    /// Requests of one `ModelStreamInfer` call not yet answered, with answers the client has
+    /// not taken yet; at it the call's requests are not read until answers go out.
+    pub grpc_stream_requests: usize,
 }
 
 impl Default for Limits {
@@ -267,6 +270,7 @@ impl Default for Limits {
             mesh_channel: 32,
             http_body_bytes: 8 * symphony_core::wire::INPUT_LIMIT,
             grpc_streams_per_connection: 256,
+            grpc_stream_requests: 1024,
         }
     }
 }
@@ -557,6 +561,7 @@ impl ServeConfig {
                 limits.grpc_streams_per_connection,
                 1,
             ),
+            ("limits.grpc_stream_requests", limits.grpc_stream_requests, 1),
             (
                 "limits.write_buffer_bytes",
                 limits.write_buffer_bytes,

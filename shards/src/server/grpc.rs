@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use glommio::channels::local_channel;
 use glommio::net::TcpStream;
+use glommio::sync::Semaphore;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
@@ -122,17 +123,7 @@ pub(super) async fn serve(
     let http = hyper::server::conn::http2::Builder::new(LocalExec)
         .max_concurrent_streams(streams)
         .serve_connection(kserve::Io(stream), service);
-    let stop_reading = receivers.stop_reading;
-    futures_lite::future::or(
-        async {
-            let _ = http.await;
-        },
-        async {
-            let _ = stop_reading.recv().await;
-        },
-    )
-    .await;
-    session.close(key);
+    session.run(key, http, receivers.stop_reading).await;
 }
 
 async fn answer(session: Rc<Session>, request: Request<Incoming>) -> Response<Body> {
@@ -482,12 +473,16 @@ fn contents_bytes(spec: &TensorSpec, contents: Option<&pb::InferTensorContents>)
 /// on the stream when it comes (a failed request as an `error_message`); the call ends with
 /// status OK once the client has closed its side and every request is answered.
 fn stream_infer(session: Rc<Session>, body: Incoming) -> Response<Body> {
-    let (sender, receiver) = local_channel::new_unbounded::<Frame<Bytes>>();
+    // `limits.grpc_stream_requests` bounds the call's requests not yet answered and its answers
+    // not yet taken by the client: past it the call's body is not read (HTTP/2 flow control
+    // holds the client), so a client that sends and never reads holds bounded memory.
+    let limit = session.shard().limits.grpc_stream_requests.max(1);
+    let (sender, receiver) = local_channel::new_bounded::<Frame<Bytes>>(limit);
     let sender = Rc::new(sender);
+    let room = Rc::new(Semaphore::new(limit as u64));
     glommio::spawn_local(async move {
         let mut body = body;
         let mut buffer: Vec<u8> = Vec::new();
-        let mut calls = Vec::new();
         let mut failure = None;
         loop {
             let frame = match body.frame().await {
@@ -510,9 +505,12 @@ fn stream_infer(session: Rc<Session>, body: Incoming) -> Response<Body> {
             };
             buffer = rest;
             for message in messages {
+                let Ok(permit) = room.acquire_static_permit(1).await else {
+                    break;
+                };
                 let session = Rc::clone(&session);
                 let sender = Rc::clone(&sender);
-                calls.push(glommio::spawn_local(async move {
+                glommio::spawn_local(async move {
                     let reply = match pb::ModelInferRequest::decode(message.as_slice()) {
                         Err(e) => pb::ModelStreamInferResponse {
                             error_message: format!("not a valid ModelInferRequest: {e}"),
@@ -535,14 +533,15 @@ fn stream_infer(session: Rc<Session>, body: Incoming) -> Response<Body> {
                             }
                         }
                     };
-                    let _ = sender.try_send(Frame::data(frame_message(&reply)));
-                }));
+                    let _ = sender.send(Frame::data(frame_message(&reply))).await;
+                    drop(permit);
+                })
+                .detach();
             }
         }
-        for call in calls {
-            call.await;
-        }
-        let _ = sender.try_send(Frame::trailers(trailers(failure)));
+        // Every request answered (each holds a unit until its answer is queued), then the status.
+        let _ = room.acquire(limit as u64).await;
+        let _ = sender.send(Frame::trailers(trailers(failure))).await;
     })
     .detach();
     let frames = futures_lite::stream::unfold(receiver, |receiver| async move {

@@ -23,7 +23,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -53,8 +52,6 @@ pub(super) const EXTENSIONS: [&str; 4] = [
     "model_configuration",
     "statistics",
 ];
-/// How long a refused connection's answer may take to write.
-const REFUSAL_TIMEOUT: Duration = REFUSAL_WRITE_TIMEOUT;
 
 type Body = Full<Bytes>;
 
@@ -89,17 +86,7 @@ pub(super) async fn serve(
     let http = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .serve_connection(Io(stream), service);
-    let stop_reading = receivers.stop_reading;
-    futures_lite::future::or(
-        async {
-            let _ = http.await;
-        },
-        async {
-            let _ = stop_reading.recv().await;
-        },
-    )
-    .await;
-    session.close(key);
+    session.run(key, http, receivers.stop_reading).await;
 }
 
 /// A KServe connection (HTTP or gRPC) as a client of the shard's core: its requests go in as
@@ -133,6 +120,26 @@ impl Session {
         });
         glommio::spawn_local(pump(Rc::clone(&session), notify)).detach();
         session
+    }
+
+    /// Drives the connection (`http`, hyper's) until its peer ends it or the core stops its
+    /// reader (a close, the drain), then closes the session.
+    pub(super) async fn run<T>(
+        &self,
+        key: ConnectionKey,
+        http: impl std::future::Future<Output = T>,
+        stop_reading: LocalReceiver<()>,
+    ) {
+        futures_lite::future::or(
+            async {
+                let _ = http.await;
+            },
+            async {
+                let _ = stop_reading.recv().await;
+            },
+        )
+        .await;
+        self.close(key);
     }
 
     /// The connection ended: the core forgets it (its queued requests are cancelled), the
@@ -945,7 +952,7 @@ pub(super) async fn refuse(stream: TcpStream, message: String) {
             let _ = stream.write_all(answer.as_bytes()).await;
             let _ = stream.close().await;
         },
-        glommio::timer::sleep(REFUSAL_TIMEOUT),
+        glommio::timer::sleep(REFUSAL_WRITE_TIMEOUT),
     )
     .await;
 }
