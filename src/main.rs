@@ -91,6 +91,21 @@ struct ClientArgs {
     /// Print the models the service serves (id, name, SLO, input size, largest batch) instead.
     #[arg(long, conflicts_with_all = ["model", "model_id"])]
     list_models: bool,
+    /// Connect with TLS, trusting the certificates in this PEM file (a service with `[tls]`).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+}
+
+/// `symphony client`'s connection: plain, or TLS with `--tls-ca`.
+fn client_connection(args: &ClientArgs) -> anyhow::Result<symphony_shards::client::Client> {
+    let connected = match &args.tls_ca {
+        None => symphony_shards::client::Client::connect(args.target.as_str()),
+        Some(ca) => {
+            let tls = symphony_shards::tls::ClientTls::load(ca, None).map_err(|e| anyhow::anyhow!("--tls-ca: {e}"))?;
+            symphony_shards::client::Client::connect_tls(&args.target, &tls)
+        }
+    };
+    connected.with_context(|| format!("connecting to {}", args.target))
 }
 
 #[derive(clap::Args, Debug)]
@@ -156,6 +171,13 @@ struct ServeArgs {
     /// GPU slots for external executors (overrides `executor_gpus`; default 64 with a token).
     #[arg(long)]
     executor_gpus: Option<u32>,
+    /// TLS on every port with this PEM certificate chain (overrides the config's `[tls]`;
+    /// needs --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -216,6 +238,15 @@ struct ExecutorArgs {
     /// milliseconds (the wait doubles from 100 ms, with jitter).
     #[arg(long, default_value_t = 5000)]
     reconnect_max_ms: u64,
+    /// Connect with TLS, trusting the certificates in this PEM file (the scheduler's own
+    /// certificate, or the CA that signed it). Without it the executor connects in plain text
+    /// and its token crosses the network readable.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// The name the scheduler's certificate must carry (default: the host of each address
+    /// connected to).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_name: Option<String>,
     /// Testing only: run this executor's clock fast (> 0) or slow (< 0) by this many ppm.
     #[arg(long, default_value_t = 0.0, hide = true, allow_hyphen_values = true)]
     clock_skew_ppm: f64,
@@ -487,8 +518,7 @@ fn run_stress(args: StressArgs) -> anyhow::Result<()> {
 fn run_client(args: ClientArgs) -> anyhow::Result<()> {
     use symphony_core::wire::ModelRef;
     if args.list_models {
-        let mut client = symphony_shards::client::Client::connect(args.target.as_str())
-            .with_context(|| format!("connecting to {}", args.target))?;
+        let mut client = client_connection(&args)?;
         let models = client.list_models()?;
         println!(
             "{:>5}  {:<32} {:>10} {:>12} {:>10}",
@@ -506,7 +536,7 @@ fn run_client(args: ClientArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let model = match (args.model, args.model_id) {
+    let model = match (args.model.clone(), args.model_id) {
         (Some(name), None) => ModelRef::Name(name),
         (None, Some(id)) => ModelRef::Id(id),
         _ => anyhow::bail!("name the model with exactly one of --model NAME or --model-id ID"),
@@ -523,8 +553,7 @@ fn run_client(args: ClientArgs) -> anyhow::Result<()> {
         None => None,
     };
     let input = vec![0u8; args.input_bytes];
-    let mut client = symphony_shards::client::Client::connect(args.target.as_str())
-        .with_context(|| format!("connecting to {}", args.target))?;
+    let mut client = client_connection(&args)?;
     let started = std::time::Instant::now();
     for id in 0..u64::from(args.count) {
         client.send(id, &model, slo_us, &input)?;
@@ -671,6 +700,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         config.cpus = Some(cpus);
     }
     config.apply_executor_overrides(args.gpus, args.executor_token, args.executor_gpus)?;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.apply_tls_override(cert, key)?;
+    }
     give_cpu_networks_their_tensors(&mut config);
     let server = symphony_shards::server::start(&config)?;
     let fds = server.fd_budget();
@@ -711,16 +743,39 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .collect();
     eprintln!("symphony serve: {}", places.join(", "));
+    let ports = config.tls.as_ref().map(|tls| tls.ports);
+    let secure = |on: fn(&symphony_shards::tls::TlsPorts) -> bool| ports.as_ref().is_some_and(on);
+    if let Some(tls) = &config.tls {
+        let names: Vec<&str> = symphony_shards::tls::PORT_NAMES
+            .iter()
+            .copied()
+            .filter(|name| tls.ports.covers(name))
+            .collect();
+        eprintln!(
+            "symphony serve: TLS with {} on the {} port(s); the rest are plain",
+            tls.cert_file,
+            names.join(", ")
+        );
+    }
     match server.http_addr() {
-        Some(addr) => eprintln!("symphony serve: KServe v2 over HTTP at http://{addr}/v2"),
+        Some(addr) => eprintln!(
+            "symphony serve: KServe v2 over HTTP at {}://{addr}/v2",
+            if secure(|p| p.http) { "https" } else { "http" }
+        ),
         None => eprintln!("symphony serve: KServe v2 over HTTP is off"),
     }
     match server.grpc_addr() {
-        Some(addr) => eprintln!("symphony serve: KServe v2 over gRPC at grpc://{addr}"),
+        Some(addr) => eprintln!(
+            "symphony serve: KServe v2 over gRPC at {}://{addr}",
+            if secure(|p| p.grpc) { "grpcs" } else { "grpc" }
+        ),
         None => eprintln!("symphony serve: KServe v2 over gRPC is off"),
     }
     match server.metrics_addr() {
-        Some(addr) => eprintln!("symphony serve: Prometheus metrics at http://{addr}/metrics"),
+        Some(addr) => eprintln!(
+            "symphony serve: Prometheus metrics at {}://{addr}/metrics",
+            if secure(|p| p.metrics) { "https" } else { "http" }
+        ),
         None => eprintln!("symphony serve: the metrics port is off"),
     }
     let stop = server.stop_flag();
@@ -760,6 +815,11 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("--token or --token-file is required"),
     };
     let mut config = ExecutorConfig::new(args.scheduler, token, args.gpus, backend);
+    if let Some(ca) = &args.tls_ca {
+        let tls = symphony_shards::tls::ClientTls::load(ca, args.tls_name.as_deref())
+            .map_err(|e| anyhow::anyhow!("--tls-ca: {e}"))?;
+        config.tls = Some(tls);
+    }
     if let Some(name) = args.name {
         config.name = name;
     }

@@ -93,6 +93,11 @@ fn containers(workload: &Value) -> &Vec<Value> {
 
 /// `workload` mounts the Secret `secret` at the token's path in its first container.
 fn mounts_token(workload: &Value, secret: &str) -> bool {
+    mounts_secret(workload, secret, TOKEN_DIR)
+}
+
+/// `workload` mounts the Secret `secret` at `path` in its first container.
+fn mounts_secret(workload: &Value, secret: &str, path: &str) -> bool {
     let spec = &workload["spec"]["template"]["spec"];
     let volume = spec["volumes"]
         .as_sequence()
@@ -106,7 +111,7 @@ fn mounts_token(workload: &Value, secret: &str) -> bool {
         .as_sequence()
         .into_iter()
         .flatten()
-        .any(|m| m["name"].as_str() == Some(name) && m["mountPath"].as_str() == Some(TOKEN_DIR))
+        .any(|m| m["name"].as_str() == Some(name) && m["mountPath"].as_str() == Some(path))
 }
 
 /// Where the scheduler and the executors find the token (`token` in it).
@@ -135,7 +140,7 @@ fn every_overlay_renders_validates_and_fits_together() {
     let _ = std::fs::remove_dir_all(&scratch);
     assert_eq!(config.gpus, 0, "external executors only");
     assert_eq!(config.executor_token.as_deref(), Some("t0ken"));
-    for overlay in ["daemonset", "hpa", "keda"] {
+    for overlay in ["daemonset", "hpa", "keda", "daemonset-tls"] {
         let Some(yaml) = render(overlay) else { return };
         validate(overlay, &yaml);
         let objects = objects(&yaml);
@@ -144,7 +149,7 @@ fn every_overlay_renders_validates_and_fits_together() {
         let scheduler = named(&objects, "Deployment", "symphony-scheduler");
         assert!(mounts_token(scheduler, secret_name), "{overlay}: the scheduler's token");
         let executors = match overlay {
-            "daemonset" => named(&objects, "DaemonSet", "symphony-executor"),
+            "daemonset" | "daemonset-tls" => named(&objects, "DaemonSet", "symphony-executor"),
             _ => named(&objects, "Deployment", "symphony-executor-pool"),
         };
         assert!(mounts_token(executors, secret_name), "{overlay}: the executors' token");
@@ -206,6 +211,43 @@ fn every_overlay_renders_validates_and_fits_together() {
                     .unwrap()
                     .contains("symphony_desired_gpus"));
                 assert!(trigger["metadata"]["threshold"].as_str().is_some());
+            }
+            "daemonset-tls" => {
+                // Every port TLS with the Secret's certificate, the executors checking it.
+                let scheduler_args = args(scheduler);
+                for pair in [
+                    ["--tls-cert", "/etc/symphony/tls/tls.crt"],
+                    ["--tls-key", "/etc/symphony/tls/tls.key"],
+                ] {
+                    assert!(scheduler_args.windows(2).any(|w| w == pair), "{scheduler_args:?}");
+                }
+                assert!(
+                    executor_args
+                        .windows(2)
+                        .any(|w| w == ["--tls-ca", "/etc/symphony/tls/ca.crt"]),
+                    "{executor_args:?}"
+                );
+                for workload in [scheduler, executors] {
+                    assert!(mounts_secret(workload, "symphony-tls", "/etc/symphony/tls"));
+                }
+                let probes = &containers(scheduler)[0];
+                for probe in ["readinessProbe", "livenessProbe"] {
+                    assert_eq!(probes[probe]["httpGet"]["scheme"].as_str(), Some("HTTPS"), "{probe}");
+                }
+                // The executors connect to the name the certificate must carry.
+                assert!(executor_args.contains(&"symphony-scheduler:7070".to_string()));
+                // And serve takes the arguments: the config with a certificate made here.
+                let dir = std::env::temp_dir().join(format!("symphony-deploy-tls-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let made = rcgen::generate_simple_self_signed(vec!["symphony-scheduler".to_string()]).unwrap();
+                std::fs::write(dir.join("tls.crt"), made.cert.pem()).unwrap();
+                std::fs::write(dir.join("tls.key"), made.signing_key.serialize_pem()).unwrap();
+                let mut tls_config = config.clone();
+                tls_config
+                    .apply_tls_override(&dir.join("tls.crt"), &dir.join("tls.key"))
+                    .unwrap();
+                assert!(tls_config.tls.is_some());
+                let _ = std::fs::remove_dir_all(&dir);
             }
             _ => {}
         }

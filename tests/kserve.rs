@@ -112,10 +112,49 @@ fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
     }
 }
 
+/// Every front end with `[tls]`: the real tritonclient over HTTPS (binary and JSON) and gRPC
+/// with TLS (unary and streaming) trusting the service's certificate (made here), `/metrics`
+/// over HTTPS counting what it sent; plain HTTP to the TLS port answered 400 with the reason;
+/// a client that does not trust the certificate stopped.
+#[test]
+fn the_python_tritonclient_speaks_https_and_grpc_over_tls() {
+    let Some(python) = python_or_skip() else { return };
+    let dir = support::scratch("kserve-tls");
+    let (cert, key) = support::self_signed(&dir);
+    let tls = format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display());
+    let mut serve = Serve::start(
+        &kserve_config(&format!("shards = 2\ngpus = 4\n{tls}")),
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let http = logged_url(&serve, "KServe v2 over HTTP at", "https://", "/v2").to_string();
+    let grpc = logged_url(&serve, "KServe v2 over gRPC at", "grpcs://", "").to_string();
+    let metrics = logged_url(&serve, "Prometheus metrics at", "https://", "/metrics").to_string();
+    let ca = cert.display().to_string();
+    client_script_passes_with(
+        &python,
+        "tests/kserve/tritonclient_tls.py",
+        &[&http, &grpc, &metrics, &ca],
+        &mut serve,
+        10,
+    );
+}
+
 /// Runs a client script against `addr`: it passes, says `ok` `checks` times, and the service
 /// is alive after it.
 fn client_script_passes(python: &PathBuf, script: &str, addr: &str, serve: &mut Serve, checks: usize) {
-    let (passed, stdout, stderr) = run_python(python, script, addr);
+    client_script_passes_with(python, script, &[addr], serve, checks);
+}
+
+/// [`client_script_passes`] with the script's arguments.
+fn client_script_passes_with(python: &PathBuf, script: &str, args: &[&str], serve: &mut Serve, checks: usize) {
+    let (passed, stdout, stderr) = run_python(python, script, args);
     println!("{stdout}");
     assert!(
         passed,
@@ -136,12 +175,12 @@ const SMALL_INPUT: &str =
 
 /// Runs a client script against `addr`, killed past `PYTHON_TIMEOUT`: (passed, stdout,
 /// stderr).
-fn run_python(python: &PathBuf, script: &str, addr: &str) -> (bool, String, String) {
+fn run_python(python: &PathBuf, script: &str, args: &[&str]) -> (bool, String, String) {
     const PYTHON_TIMEOUT: Duration = Duration::from_secs(120);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
     let mut child = Command::new(python)
         .arg(script)
-        .arg(addr)
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

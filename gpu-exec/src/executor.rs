@@ -23,6 +23,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use symphony_shards::tls::{ClientTls, Stream};
+
 use symphony_core::wire::executor::{
     self as exec, GpuInfo, Heartbeat, Hello, Join, Joined, ModelProfile, PlanStatus, Probe as ProbeMsg, ProbeReply,
     ProfileWire, Register, Registered, ResultMsg, Welcome,
@@ -51,6 +53,10 @@ pub enum ExecutorError {
     SchedulerGone(String),
     #[error("{0}")]
     Backend(String),
+    /// The scheduler's certificate is not trusted or not for its name, or it does not speak
+    /// TLS: a configuration to fix, not a fault to retry.
+    #[error("TLS with the scheduler at {0}")]
+    Tls(String),
 }
 
 impl From<WireError> for ExecutorError {
@@ -81,6 +87,9 @@ pub struct ExecutorConfig {
     /// Runs this executor's clock fast (> 0) or slow (< 0) by this many parts per million:
     /// for tests of clock drift only.
     pub clock_skew_ppm: f64,
+    /// TLS to the scheduler (its front door and links); `None`: plain text, the token
+    /// readable on the network.
+    pub tls: Option<symphony_shards::tls::ClientTls>,
 }
 
 impl ExecutorConfig {
@@ -97,6 +106,7 @@ impl ExecutorConfig {
             profile_repeat: 3,
             reconnect_backoff_max: Duration::from_secs(5),
             clock_skew_ppm: 0.0,
+            tls: None,
         }
     }
 }
@@ -154,7 +164,7 @@ impl Following {
 /// A blocking frame connection (handshake and reader threads).
 #[derive(Debug)]
 struct FrameConn {
-    stream: TcpStream,
+    stream: Stream,
     buffer: Vec<u8>,
     start: usize,
     end: usize,
@@ -162,7 +172,7 @@ struct FrameConn {
 }
 
 impl FrameConn {
-    fn new(stream: TcpStream) -> FrameConn {
+    fn new(stream: Stream) -> FrameConn {
         FrameConn {
             stream,
             buffer: vec![0; 256 << 10],
@@ -175,6 +185,7 @@ impl FrameConn {
     fn send(&mut self, frame: &[u8]) -> Result<(), ExecutorError> {
         self.stream
             .write_all(frame)
+            .and_then(|()| self.stream.flush())
             .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))
     }
 
@@ -243,8 +254,10 @@ where
     Ok(out)
 }
 
-/// The first scheduler address that accepts a connection.
-fn connect_any(schedulers: &[String]) -> Result<(TcpStream, SocketAddr), ExecutorError> {
+/// The first scheduler address that accepts a connection: the connection (after its TLS
+/// handshake when `tls` is set, checked against the host of the address as given), the
+/// address and that address as given (its host names the scheduler's links too).
+fn connect_any(schedulers: &[String], tls: Option<&ClientTls>) -> Result<(Stream, SocketAddr, String), ExecutorError> {
     let mut reasons = Vec::new();
     for addr in schedulers {
         let resolved = match addr.to_socket_addrs() {
@@ -256,7 +269,10 @@ fn connect_any(schedulers: &[String]) -> Result<(TcpStream, SocketAddr), Executo
         };
         for socket_addr in resolved {
             match TcpStream::connect_timeout(&socket_addr, HANDSHAKE_TIMEOUT) {
-                Ok(stream) => return Ok((stream, socket_addr)),
+                Ok(socket) => {
+                    let stream = open(socket, addr, tls)?;
+                    return Ok((stream, socket_addr, addr.clone()));
+                }
                 Err(e) => reasons.push(format!("{socket_addr}: {e}")),
             }
         }
@@ -264,6 +280,25 @@ fn connect_any(schedulers: &[String]) -> Result<(TcpStream, SocketAddr), Executo
     Err(ExecutorError::Connect {
         addrs: schedulers.join(","),
         reason: reasons.join("; "),
+    })
+}
+
+/// A connected socket as a frame stream: no delay, the handshake's read timeout, and TLS
+/// (named as `name_addr`'s host) when configured.
+fn open(socket: TcpStream, name_addr: &str, tls: Option<&ClientTls>) -> Result<Stream, ExecutorError> {
+    socket.set_nodelay(true).ok();
+    socket
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+    Stream::open(socket, name_addr, tls).map_err(|e| match e.kind() {
+        // Not trusted, not its name, or not TLS at all: fixed by configuration only.
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+            ExecutorError::Tls(format!("{name_addr}: {e}"))
+        }
+        _ => ExecutorError::Connect {
+            addrs: name_addr.to_string(),
+            reason: e.to_string(),
+        },
     })
 }
 
@@ -283,7 +318,7 @@ struct Job {
 /// The writing side of one link, shared by the workers and the heartbeat thread.
 #[derive(Debug)]
 struct LinkWriter {
-    stream: Mutex<TcpStream>,
+    stream: Mutex<Stream>,
 }
 
 impl Job {
@@ -301,7 +336,9 @@ impl Job {
 
 impl LinkWriter {
     fn write(&self, frame: &[u8]) -> std::io::Result<()> {
-        self.stream.lock().expect("link writer").write_all(frame)
+        let mut stream = self.stream.lock().expect("link writer");
+        stream.write_all(frame)?;
+        stream.flush()
     }
 }
 
@@ -445,6 +482,7 @@ pub fn is_fatal(error: &ExecutorError) -> bool {
             code: wire::ErrorCode::Unauthorized,
             ..
         } | ExecutorError::Backend(_)
+            | ExecutorError::Tls(_)
     )
 }
 
@@ -540,14 +578,12 @@ struct Handshake {
     /// The probes the offset came from (the tracker starts from them).
     probes: Vec<Probe>,
     scheduler_addr: SocketAddr,
+    /// The front door as given (its host is the name TLS checks on the links too).
+    scheduler_name: String,
 }
 
 fn handshake(config: &ExecutorConfig, clock: Clock) -> Result<Handshake, ExecutorError> {
-    let (stream, scheduler_addr) = connect_any(&config.schedulers)?;
-    stream.set_nodelay(true).ok();
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
+    let (stream, scheduler_addr, scheduler_name) = connect_any(&config.schedulers, config.tls.as_ref())?;
     let mut control = FrameConn::new(stream);
     let hello = Hello {
         token: config.token.clone(),
@@ -593,6 +629,7 @@ fn handshake(config: &ExecutorConfig, clock: Clock) -> Result<Handshake, Executo
         offset,
         probes,
         scheduler_addr,
+        scheduler_name,
     })
 }
 
@@ -674,6 +711,7 @@ fn start_session(
         offset,
         probes,
         scheduler_addr,
+        scheduler_name,
     } = match handshake(config, clock) {
         Ok(handshake) => handshake,
         Err(error) => return Err((error, earlier)),
@@ -705,7 +743,13 @@ fn start_session(
             .spawn(move || heartbeats(&beating, &stop, interval, clock))
             .map_err(|e| (ExecutorError::Backend(e.to_string()), None))?
     };
-    let links = join_links(config, &welcome, executor_id, scheduler_addr, &beating);
+    let links = join_links(
+        config,
+        &welcome,
+        executor_id,
+        (scheduler_addr, &scheduler_name),
+        &beating,
+    );
     let link_conns = match links {
         Ok(links) => links,
         Err(error) => {
@@ -805,7 +849,7 @@ fn join_links(
     config: &ExecutorConfig,
     welcome: &Welcome,
     executor_id: u32,
-    scheduler_addr: SocketAddr,
+    (scheduler_addr, scheduler_name): (SocketAddr, &str),
     beating: &Mutex<Vec<Arc<LinkWriter>>>,
 ) -> Result<Vec<FrameConn>, ExecutorError> {
     let mut link_conns = Vec::with_capacity(welcome.links.len());
@@ -816,15 +860,12 @@ fn join_links(
         if addr.ip().is_unspecified() {
             addr.set_ip(scheduler_addr.ip());
         }
-        let stream = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|e| ExecutorError::Connect {
+        let socket = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|e| ExecutorError::Connect {
             addrs: addr.to_string(),
             reason: e.to_string(),
         })?;
-        stream.set_nodelay(true).ok();
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|e| ExecutorError::SchedulerGone(e.to_string()))?;
-        let mut link = FrameConn::new(stream);
+        // The certificate names the scheduler, as the front door connected to did.
+        let mut link = FrameConn::new(open(socket, scheduler_name, config.tls.as_ref())?);
         let join = Join {
             token: config.token.clone(),
             executor_id,

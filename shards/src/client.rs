@@ -11,7 +11,8 @@
 //!   for one request and its reply.
 //! - [`Client::split`] gives a [`Sender`] and a [`Receiver`] for two threads (the load generator
 //!   writes on one and reads on the other: open loop). Both halves hold the same socket
-//!   (`TcpStream::try_clone`).
+//!   (`TcpStream::try_clone`; with TLS, one session too: [`crate::tls::Stream`]).
+//! - [`Client::connect_tls`] speaks TLS to a service with `[tls]` on its client port.
 //!
 //! Replies come in any order; match them by `client_request_id` (the caller chooses ids and keeps
 //! them unique among its requests in flight). Bytes from the server are never trusted: a frame
@@ -32,6 +33,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+
+use crate::tls::{ClientTls, Stream};
 use std::time::Duration;
 
 use symphony_core::wire::{
@@ -129,14 +132,14 @@ pub fn reply_owned(reply: &ArchivedReply) -> Reply {
 /// [`flush`]: Sender::flush
 #[derive(Debug)]
 pub struct Sender {
-    stream: TcpStream,
+    stream: Stream,
     buffer: Vec<u8>,
     /// Bytes at the front of `buffer` already written (after a flush that timed out).
     written: usize,
 }
 
 impl Sender {
-    fn new(stream: TcpStream) -> Sender {
+    fn new(stream: Stream) -> Sender {
         Sender {
             stream,
             buffer: Vec::with_capacity(READ_CHUNK_SIZE),
@@ -188,7 +191,9 @@ impl Sender {
         assert_eq!(self.written, self.buffer.len());
         self.buffer.clear();
         self.written = 0;
-        Ok(())
+        // TLS: the records of what was written may wait for the socket; a timeout here
+        // leaves them queued in order, and the next flush sends them first.
+        self.stream.flush().map_err(io_error)
     }
 
     /// A timeout for each write of [`Sender::flush`]; `None` blocks as long as needed.
@@ -209,7 +214,7 @@ impl Sender {
 /// The reading half: reads many frames per read, yields replies in arrival order.
 #[derive(Debug)]
 pub struct Receiver {
-    stream: TcpStream,
+    stream: Stream,
     /// `buffer[start..end]` holds received bytes not yet consumed; the vector's whole length is
     /// usable space.
     buffer: Vec<u8>,
@@ -220,7 +225,7 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    fn new(stream: TcpStream) -> Receiver {
+    fn new(stream: Stream) -> Receiver {
         Receiver {
             stream,
             buffer: vec![0u8; READ_CHUNK_SIZE],
@@ -459,10 +464,24 @@ impl Client {
         Client::from_stream(stream)
     }
 
+    /// Connects with TLS to a service with `[tls]` on its client port, checking its
+    /// certificate against `tls` (and the host of `addr`, unless `tls` names another).
+    pub fn connect_tls(addr: &str, tls: &ClientTls) -> Result<Client, ClientError> {
+        let socket = TcpStream::connect(addr).map_err(ClientError::Io)?;
+        socket.set_nodelay(true).map_err(ClientError::Io)?;
+        let peer = socket.peer_addr().map_err(ClientError::Io)?;
+        let stream = Stream::open(socket, addr, Some(tls)).map_err(ClientError::Io)?;
+        Client::from_parts(stream, peer)
+    }
+
     /// Wraps a connected stream (sets `TCP_NODELAY`).
     pub fn from_stream(stream: TcpStream) -> Result<Client, ClientError> {
         stream.set_nodelay(true).map_err(ClientError::Io)?;
         let peer = stream.peer_addr().map_err(ClientError::Io)?;
+        Client::from_parts(Stream::Plain(stream), peer)
+    }
+
+    fn from_parts(stream: Stream, peer: SocketAddr) -> Result<Client, ClientError> {
         let read_stream = stream.try_clone().map_err(ClientError::Io)?;
         Ok(Client {
             sender: Sender::new(stream),

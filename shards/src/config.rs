@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::tensors::{ModelTensors, TensorSpec};
+use crate::tls::{ServerTls, TlsPorts};
 use serde::Deserialize;
 use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
@@ -111,6 +112,17 @@ struct RawConfig {
     backlog_shed_ms: Option<u64>,
     #[serde(default = "default_zero_copy")]
     zero_copy: bool,
+    tls: Option<RawTls>,
+}
+
+/// `[tls]`: a PEM certificate chain and key (paths relative to the config's directory), and
+/// the ports that speak TLS (all by default).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    ports: Option<Vec<String>>,
 }
 
 fn default_zero_copy() -> bool {
@@ -339,6 +351,8 @@ pub struct ServeConfig {
     pub knobs: Knobs,
     pub limits: Limits,
     pub executor_token: Option<String>,
+    /// TLS on the ports it covers (`[tls]`, `serve --tls-cert --tls-key`); `None`: plain.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl ServeConfig {
@@ -605,6 +619,19 @@ impl ServeConfig {
             None => Endpoint::Default,
             Some(text) => Endpoint::parse(text).map_err(|expected| invalid("grpc", expected))?,
         };
+        let tls = match &raw.tls {
+            None => None,
+            Some(tls) => {
+                let ports = match &tls.ports {
+                    None => TlsPorts::ALL,
+                    Some(names) => TlsPorts::from_names(names).map_err(|e| invalid("tls.ports", e))?,
+                };
+                Some(
+                    ServerTls::load(&base_dir.join(&tls.cert), &base_dir.join(&tls.key), ports)
+                        .map_err(|e| invalid("tls", format!("a readable certificate and its key: {e}")))?,
+                )
+            }
+        };
         let config = ServeConfig {
             source: source.to_string(),
             listen: raw.listen,
@@ -624,6 +651,7 @@ impl ServeConfig {
             knobs,
             limits,
             executor_token,
+            tls,
         };
         config.check_gpus(source, "")?;
         Ok(config)
@@ -670,7 +698,33 @@ impl ServeConfig {
                 "at least 1 embedded GPU, or an executor token for external executors".to_string(),
             ));
         }
+        // With TLS on, the executor token never crosses a plain link: executors present it on
+        // the native port (HELLO) and on the links (JOIN).
+        let plain_token_port = self
+            .tls
+            .as_ref()
+            .is_some_and(|tls| self.executor_token.is_some() && !(tls.ports.client && tls.ports.links));
+        if plain_token_port {
+            return Err(ConfigError::Invalid {
+                file: source.to_string(),
+                field: "tls.ports".to_string(),
+                expected: "`client` and `links` among them while an executor token is set (the token crosses both)"
+                    .to_string(),
+            });
+        }
         Ok(())
+    }
+
+    /// `serve --tls-cert --tls-key`: TLS on every port with this certificate and key (over
+    /// a `[tls]` of the file), checked as the file's is.
+    pub fn apply_tls_override(&mut self, cert: &Path, key: &Path) -> Result<(), ConfigError> {
+        let tls = ServerTls::load(cert, key, TlsPorts::ALL).map_err(|e| ConfigError::Invalid {
+            file: "command line".to_string(),
+            field: "--tls-cert/--tls-key".to_string(),
+            expected: format!("a readable certificate and its key: {e}"),
+        })?;
+        self.tls = Some(tls);
+        self.check_gpus("command line", "--")
     }
 }
 
@@ -711,6 +765,38 @@ mod tests {
             "t",
         );
         assert!(both.unwrap_err().to_string().contains("one of the two"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_reads_its_files_beside_the_config_and_guards_the_token() {
+        let dir = std::env::temp_dir().join(format!("symphony-tls-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("tls.crt"), made.cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), made.signing_key.serialize_pem()).unwrap();
+        let models = "[[models]]\nname = \"m\"\nprofile = \"sleep#100,100,0,0\"\nslo_ms = 100\n";
+        let parse = |head: &str| ServeConfig::parse(&format!("{head}\n{models}"), &dir, "t");
+        let tls = "[tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n";
+        let config = parse(&format!("gpus = 1\nexecutor_token = \"t\"\n{tls}")).unwrap();
+        assert_eq!(config.tls.as_ref().unwrap().ports, TlsPorts::ALL);
+        assert!(parse("gpus = 1").unwrap().tls.is_none());
+        // Only the KServe ports: fine without a token, refused with one.
+        let some = format!("{tls}ports = [\"http\", \"grpc\"]\n");
+        let ports = parse(&format!("gpus = 1\n{some}")).unwrap().tls.unwrap().ports;
+        assert!(ports.http && ports.grpc && !ports.client && !ports.links && !ports.metrics);
+        let error = parse(&format!("gpus = 1\nexecutor_token = \"t\"\n{some}")).unwrap_err();
+        assert!(error.to_string().contains("tls.ports"), "{error}");
+        let error = parse(&format!("gpus = 1\n{tls}ports = [\"web\"]\n")).unwrap_err();
+        assert!(error.to_string().contains("port names among"), "{error}");
+        let error = parse("gpus = 1\n[tls]\ncert = \"nope.crt\"\nkey = \"tls.key\"\n").unwrap_err();
+        assert!(error.to_string().contains("nope.crt"), "{error}");
+        // The command line's certificate with a token: all ports, accepted.
+        let mut plain = parse("gpus = 1\nexecutor_token = \"t\"").unwrap();
+        plain
+            .apply_tls_override(&dir.join("tls.crt"), &dir.join("tls.key"))
+            .unwrap();
+        assert!(plain.tls.is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -24,3 +24,4 @@ pub mod shared_gpus;
 pub mod stats;
 pub mod sync;
 pub mod tensors;
+pub mod tls;

@@ -46,6 +46,9 @@ pub struct Stats {
     pub backpressure_waits: std::sync::atomic::AtomicU64,
     /// Link connections closed for not joining within the handshake timeout.
     pub handshake_timeouts: std::sync::atomic::AtomicU64,
+    /// Connections to a TLS port closed before serving: a failed or timed-out TLS handshake,
+    /// or plain text (told so in its protocol).
+    pub tls_handshake_failures: std::sync::atomic::AtomicU64,
     /// Sampled arrival-to-decision times, merged from every shard as it stops.
     pub decision: DecisionLatency,
 }

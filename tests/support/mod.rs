@@ -54,6 +54,18 @@ pub fn raise_nofile() {
     }
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1 and its key, as PEM files in
+/// `dir`: (certificate, key). Clients trust the certificate itself.
+pub fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("makes a certificate");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
 /// A config with the built-in example's three models (`resnet_a`, `resnet_b`: 100 ms SLO;
 /// `small`: 50 ms) and `extra` TOML before them.
 pub fn example_config(extra: &str) -> String {

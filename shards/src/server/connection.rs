@@ -25,6 +25,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use symphony_core::wire::{self, ErrorCode, FrameDecoder};
 
+use super::tls::{self, Stream};
 use super::{zerocopy, Shard, STOP_POLL};
 use crate::buffers::{ReadBuffer, Slice, READ_BUFFER_INITIAL_BYTES};
 use crate::shard::{ConnectionKey, Input, Peer, ShardCore};
@@ -347,7 +348,7 @@ pub(super) async fn accept_until_stop(shard: &Shard, listener: &TcpListener, por
 }
 
 /// Writes an ERROR `OVERLOADED` on a connection refused at the limit, then closes it.
-pub(super) async fn refuse(stream: TcpStream, message: String) {
+pub(super) async fn refuse(stream: Stream, message: String) {
     let mut frame = Vec::new();
     let _ = wire::encode_error(&mut frame, ErrorCode::Overloaded, &message);
     let mut stream = stream;
@@ -420,29 +421,16 @@ pub(super) async fn accept(shard: Rc<Shard>, listener: TcpListener, port: Port) 
         };
         let admission = port.slots(&shard).borrow_mut().admit(why);
         match admission {
-            Admission::Serve(key, connection, receivers) if port == Port::Grpc => {
-                glommio::spawn_local(super::grpc::serve(
-                    Rc::clone(&shard),
-                    key,
-                    stream,
-                    connection,
-                    *receivers,
-                ))
-                .detach();
-            }
-            Admission::Serve(key, connection, receivers) if matches!(port, Port::Http | Port::Metrics) => {
-                glommio::spawn_local(super::kserve::serve(
-                    Rc::clone(&shard),
-                    key,
-                    stream,
-                    connection,
-                    *receivers,
-                    port == Port::Metrics,
-                ))
-                .detach();
-            }
             Admission::Serve(key, connection, receivers) => {
-                glommio::spawn_local(serve(Rc::clone(&shard), port, key, stream, connection, *receivers)).detach();
+                glommio::spawn_local(open_and_serve(
+                    Rc::clone(&shard),
+                    port,
+                    key,
+                    stream,
+                    connection,
+                    *receivers,
+                ))
+                .detach();
             }
             Admission::Refuse => refuse_later(&shard, stream, port),
             Admission::Drop => {
@@ -451,6 +439,30 @@ pub(super) async fn accept(shard: Rc<Shard>, listener: TcpListener, port: Port) 
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
         }
+    }
+}
+
+/// Serves an admitted connection on its port's protocol, after its TLS handshake on a TLS
+/// port (a failed one frees the slot).
+async fn open_and_serve(
+    shard: Rc<Shard>,
+    port: Port,
+    key: ConnectionKey,
+    socket: TcpStream,
+    connection: Rc<Connection>,
+    receivers: Receivers,
+) {
+    let handshake = Duration::from_nanos(shard.timeouts.handshake_ns);
+    let Some(stream) = tls::open(&shard, port, socket, Some(&receivers.stop_reading), handshake).await else {
+        port.slots(&shard).borrow_mut().remove(key);
+        return;
+    };
+    match port {
+        Port::Grpc => super::grpc::serve(shard, key, stream, connection, receivers).await,
+        Port::Http | Port::Metrics => {
+            super::kserve::serve(shard, key, stream, connection, receivers, port == Port::Metrics).await
+        }
+        Port::Clients | Port::Links => serve(shard, port, key, stream, connection, receivers).await,
     }
 }
 
@@ -471,10 +483,13 @@ fn refuse_later(shard: &Rc<Shard>, stream: TcpStream, port: Port) {
     );
     let shard = Rc::clone(shard);
     glommio::spawn_local(async move {
-        if matches!(port, Port::Http | Port::Metrics) {
-            super::kserve::refuse(stream, message).await;
-        } else {
-            refuse(stream, message).await;
+        // On a TLS port the refusal is said inside TLS, within the refusal's time.
+        if let Some(stream) = tls::open(&shard, port, stream, None, REFUSAL_WRITE_TIMEOUT).await {
+            if matches!(port, Port::Http | Port::Metrics) {
+                super::kserve::refuse(stream, message).await;
+            } else {
+                refuse(stream, message).await;
+            }
         }
         port.slots(&shard).borrow_mut().refusing -= 1;
     })
@@ -497,22 +512,24 @@ async fn serve(
     shard: Rc<Shard>,
     port: Port,
     key: ConnectionKey,
-    stream: TcpStream,
+    stream: Stream,
     connection: Rc<Connection>,
     receivers: Receivers,
 ) {
     let peer = port.peer(key);
-    let _ = stream.set_nodelay(true);
-    // The socket stays open while the writer holds its half.
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    // The socket stays open while the writer holds its half. A TLS link sends no zero-copy
+    // sections: what goes on the wire is the session's ciphertext.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream.socket());
+    let tls = stream.is_tls();
+    let link = (port == Port::Links && !tls).then(|| (fd, Rc::clone(&shard)));
     let (mut reader, writer) = futures_lite::io::split(stream);
-    let link = (port == Port::Links).then(|| (fd, Rc::clone(&shard)));
     glommio::spawn_local(write_loop(
         writer,
         Rc::clone(&connection),
         receivers.notify,
         link,
         shard.write_stall_timeout(),
+        tls,
     ))
     .detach();
     shard.handle(Input::Opened(peer));
@@ -657,11 +674,12 @@ pub(super) fn over_limits_of(core: &ShardCore, shard: &Shard, peer: Peer, connec
 /// io_uring's SENDMSG_ZC (`zerocopy`). A write that makes no progress for `stall` ends the
 /// connection.
 pub(super) async fn write_loop(
-    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    mut writer: futures_lite::io::WriteHalf<Stream>,
     connection: Rc<Connection>,
     notify: LocalReceiver<()>,
     link: Option<(std::os::fd::RawFd, Rc<Shard>)>,
     stall: Duration,
+    tls: bool,
 ) {
     let mut spare = Vec::new();
     while notify.recv().await.is_some() {
@@ -679,6 +697,12 @@ pub(super) async fn write_loop(
             write_within(&mut writer, &spare, stall, &connection.writing).await
         };
         connection.writing.set(0);
+        // A TLS stream may hold the last records until flushed (a plain one holds nothing:
+        // no flush, and no timer for it).
+        let written = match written {
+            Ok(()) if tls => flush_within(&mut writer, stall).await,
+            other => other,
+        };
         if written.is_err() {
             break;
         }
@@ -712,7 +736,7 @@ pub(super) async fn write_loop(
 /// `bytes`, written in full; an error when a write stays blocked for `stall`. `left`
 /// counts down what is still to write.
 async fn write_within(
-    writer: &mut futures_lite::io::WriteHalf<TcpStream>,
+    writer: &mut futures_lite::io::WriteHalf<Stream>,
     bytes: &[u8],
     stall: Duration,
     left: &Cell<usize>,
@@ -733,10 +757,19 @@ async fn write_within(
     Ok(())
 }
 
+/// Flushes what the stream buffers; an error when that stays blocked for `stall`.
+async fn flush_within(writer: &mut futures_lite::io::WriteHalf<Stream>, stall: Duration) -> std::io::Result<()> {
+    futures_lite::future::or(writer.flush(), async {
+        glommio::timer::sleep(stall).await;
+        Err(std::io::ErrorKind::TimedOut.into())
+    })
+    .await
+}
+
 /// Sends a queue with sections: zero-copy where the shard has a ring, else (or for what the
 /// kernel refused to send zero-copy) copied into one buffer.
 async fn send_sections(
-    writer: &mut futures_lite::io::WriteHalf<TcpStream>,
+    writer: &mut futures_lite::io::WriteHalf<Stream>,
     link: Option<&(std::os::fd::RawFd, Rc<Shard>)>,
     outgoing: zerocopy::Outgoing,
     stall: Duration,

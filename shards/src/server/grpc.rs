@@ -18,7 +18,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use glommio::channels::local_channel;
-use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -29,6 +28,7 @@ use symphony_core::wire::{self, Status};
 
 use super::connection::{Connection, Receivers};
 use super::kserve::{self, Failure, Session};
+use super::tls::Stream;
 use super::Shard;
 use crate::shard::ConnectionKey;
 use crate::tensors::TensorSpec;
@@ -108,11 +108,10 @@ where
 pub(super) async fn serve(
     shard: Rc<Shard>,
     key: ConnectionKey,
-    stream: TcpStream,
+    stream: Stream,
     connection: Rc<Connection>,
     receivers: Receivers,
 ) {
-    let _ = stream.set_nodelay(true);
     let session = Session::open(&shard, key, connection, receivers.notify);
     let calls = Rc::clone(&session);
     let service = hyper::service::service_fn(move |request| {

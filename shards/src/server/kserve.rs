@@ -27,7 +27,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
-use glommio::net::TcpStream;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -36,6 +35,7 @@ use serde_json::{json, Value};
 use symphony_core::wire::{self, FrameDecoder, Kind, ModelRef, RequestRef, Status};
 
 use super::connection::{Connection, Receivers, REFUSAL_WRITE_TIMEOUT};
+use super::tls::Stream;
 use super::Shard;
 use crate::buffers::ReadBuffer;
 use crate::shard::{ConnectionKey, Input, Peer};
@@ -67,12 +67,11 @@ pub(super) struct OwnedReply {
 pub(super) async fn serve(
     shard: Rc<Shard>,
     key: ConnectionKey,
-    stream: TcpStream,
+    stream: Stream,
     connection: Rc<Connection>,
     receivers: Receivers,
     only_metrics: bool,
 ) {
-    let _ = stream.set_nodelay(true);
     let session = Session::open(&shard, key, connection, receivers.notify);
     let front = Rc::new(Front {
         shard: Rc::clone(&shard),
@@ -940,7 +939,7 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
 }
 
 /// Answers a connection refused at the client limit with a 503 and closes it.
-pub(super) async fn refuse(stream: TcpStream, message: String) {
+pub(super) async fn refuse(stream: Stream, message: String) {
     let body = json!({ "error": message }).to_string();
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n{CONTENT_LENGTH}: {}\r\nconnection: close\r\n\r\n{body}",
@@ -957,8 +956,8 @@ pub(super) async fn refuse(stream: TcpStream, message: String) {
     .await;
 }
 
-/// glommio's socket under hyper's IO traits.
-pub(super) struct Io(pub(super) TcpStream);
+/// A connection's stream (glommio's socket, or TLS over it) under hyper's IO traits.
+pub(super) struct Io(pub(super) Stream);
 
 impl hyper::rt::Read for Io {
     fn poll_read(

@@ -43,6 +43,7 @@ mod grpc;
 mod kserve;
 mod mesh;
 mod startup;
+mod tls;
 mod zerocopy;
 
 pub use crate::stats::Stats;
@@ -111,6 +112,8 @@ struct Shard {
     zero_copy_refused: Cell<bool>,
     /// Every shard's metrics, for `GET /metrics`.
     metrics: Arc<crate::metrics::Registry>,
+    /// TLS on the ports it covers (`[tls]`); `None`: every port is plain.
+    tls: Option<crate::tls::ServerTls>,
 }
 
 impl std::fmt::Debug for Shard {

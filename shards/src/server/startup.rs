@@ -218,6 +218,7 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
             executors: Arc::clone(&executors),
             link_addrs: Arc::clone(&link_addrs),
             zero_copy: config.zero_copy,
+            tls: config.tls.clone(),
         };
         let join = runtime::spawn_shard(shard, cpu, memory, move || run_shard(setup, ready_tx))?;
         joins.push(join);
@@ -300,6 +301,7 @@ struct ShardSetup {
     executors: Arc<Executors>,
     link_addrs: Arc<std::sync::OnceLock<Vec<String>>>,
     zero_copy: bool,
+    tls: Option<crate::tls::ServerTls>,
 }
 
 /// What a shard bound: the front door, its executor link port, its HTTP port.
@@ -433,6 +435,7 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         zero_copy,
         zero_copy_refused: Cell::new(false),
         metrics: setup.registry,
+        tls: setup.tls,
     });
     for (_, receiver) in receivers.streams() {
         let shard = Rc::clone(&shard);
