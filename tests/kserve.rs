@@ -107,9 +107,28 @@ fn the_python_tritonclient_speaks_grpc_unary_and_streaming() {
             "tests/kserve/tritonclient_grpc.py",
             &addr.to_string(),
             &mut serve,
-            19,
+            21,
         );
     }
+}
+
+/// `limits.grpc_streams_per_connection` reached: with a limit of 2, a third call on the same
+/// connection waits until one of the first two ends, then it is served.
+#[test]
+fn a_grpc_connection_holds_its_limit_of_streams() {
+    let Some(python) = python_or_skip() else { return };
+    let mut serve = Serve::start(
+        &kserve_config("shards = 2\ngpus = 4\n[limits]\ngrpc_streams_per_connection = 2"),
+        &["--grpc", "127.0.0.1:0"],
+    );
+    let addr = logged_url(&serve, "KServe v2 over gRPC at", "grpc://", "");
+    client_script_passes(
+        &python,
+        "tests/kserve/grpc_stream_limit.py",
+        &addr.to_string(),
+        &mut serve,
+        4,
+    );
 }
 
 /// Every front end with `[tls]`: the real tritonclient over HTTPS (binary and JSON) and gRPC

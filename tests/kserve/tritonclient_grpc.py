@@ -59,8 +59,16 @@ def main():
     except InferenceServerException as error:
         check("an unknown model is an error", "unknown model" in str(error), str(error))
 
+    config = client.get_model_config("steady", as_json=True)["config"]
+    check(
+        "model config",
+        config["max_batch_size"] > 0 and config["input"][0]["data_type"] == "TYPE_FP32"
+        and config["input"][0]["dims"] == ["16"] and config["output"][0]["dims"] == ["4"],
+        config,
+    )
+
     try:
-        client.get_model_config("steady")
+        client.get_model_repository_index()
         check("a method not served is UNIMPLEMENTED", False, "it answered")
     except InferenceServerException as error:
         check("a method not served is UNIMPLEMENTED", "UNIMPLEMENTED" in str(error.status()), str(error))
@@ -83,6 +91,15 @@ def main():
     client.stop_stream()
     check("stream answers every request", got == {f"s-{i}" for i in range(8)}, got)
     check("stream tells a dropped request", len(errors) == 1 and "dropped" in errors[0], errors)
+
+    # What ran: the unary request and the stream's 8; what did not: the 2 unmeetable timeouts.
+    stats = client.get_inference_statistics("steady", as_json=True)["model_stats"][0]
+    check(
+        "model statistics count what was sent",
+        stats["inference_count"] == "9" and stats["inference_stats"]["fail"]["count"] == "2"
+        and int(stats["execution_count"]) >= 1 and stats["batch_stats"],
+        stats,
+    )
 
 
 if __name__ == "__main__":

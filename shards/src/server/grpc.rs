@@ -262,6 +262,24 @@ async fn unary(session: &Session, method: &str, message: &[u8]) -> Result<Bytes,
             let request = pb::ModelInferRequest::decode(message).map_err(malformed)?;
             frame_message(&infer(session, request).await?)
         }
+        "ModelConfig" => {
+            let request = pb::ModelConfigRequest::decode(message).map_err(malformed)?;
+            let index = session.model(&request.name)?;
+            frame_message(&pb::ModelConfigResponse {
+                config: Some(config(session, index)),
+            })
+        }
+        "ModelStatistics" => {
+            let request = pb::ModelStatisticsRequest::decode(message).map_err(malformed)?;
+            // No name: every model's.
+            let indices = match request.name.as_str() {
+                "" => (0..session.shard().core.borrow().catalog().models.len()).collect(),
+                name => vec![session.model(name)?],
+            };
+            frame_message(&pb::ModelStatisticsResponse {
+                model_stats: indices.into_iter().map(|index| statistics(session, index)).collect(),
+            })
+        }
         other => {
             return Err(GrpcError(
                 code::UNIMPLEMENTED,
@@ -292,6 +310,76 @@ fn metadata(session: &Session, index: usize) -> pb::ModelMetadataResponse {
         platform: "symphony".into(),
         inputs: list(&tensors.inputs),
         outputs: list(&tensors.outputs),
+    }
+}
+
+/// The model configuration (the part of Triton's `ModelConfig` that applies): what
+/// `perf_analyzer` reads.
+fn config(session: &Session, index: usize) -> pb::ModelConfig {
+    let shard = session.shard();
+    let core = shard.core.borrow();
+    let catalog = core.catalog();
+    let data_type = |t: &TensorSpec| {
+        pb::DataType::from_str_name(&t.config_type()).map_or(pb::DataType::TypeInvalid as i32, |d| d as i32)
+    };
+    let tensors = &catalog.tensors[index];
+    let config = &catalog.configs[index];
+    pb::ModelConfig {
+        name: config.name.clone(),
+        platform: "symphony".into(),
+        backend: "symphony".into(),
+        max_batch_size: i32::try_from(config.profile.batch_size_max()).unwrap_or(i32::MAX),
+        input: tensors
+            .inputs
+            .iter()
+            .map(|t| pb::ModelInput {
+                name: t.name.clone(),
+                data_type: data_type(t),
+                dims: t.shape.clone(),
+            })
+            .collect(),
+        output: tensors
+            .outputs
+            .iter()
+            .map(|t| pb::ModelOutput {
+                name: t.name.clone(),
+                data_type: data_type(t),
+                dims: t.shape.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The statistics extension's entry for model `index`, as over HTTP.
+fn statistics(session: &Session, index: usize) -> pb::ModelStatistics {
+    let stats = kserve::ModelStats::of(session.shard(), index);
+    let duration = |(count, ns): (u64, u64)| Some(pb::StatisticDuration { count, ns });
+    pb::ModelStatistics {
+        name: stats.name,
+        version: kserve::MODEL_VERSION.into(),
+        last_inference: 0,
+        inference_count: stats.success,
+        execution_count: stats.executions,
+        inference_stats: Some(pb::InferStatistics {
+            success: duration((stats.success, 0)),
+            fail: duration((stats.fail, 0)),
+            queue: duration(stats.queue),
+            compute_input: duration((0, 0)),
+            compute_infer: duration(stats.compute),
+            compute_output: duration((0, 0)),
+            cache_hit: None,
+            cache_miss: None,
+        }),
+        batch_stats: stats
+            .batches
+            .iter()
+            .map(|&(batch_size, plans)| pb::InferBatchStatistics {
+                batch_size,
+                compute_input: None,
+                compute_infer: duration((plans, 0)),
+                compute_output: None,
+            })
+            .collect(),
     }
 }
 

@@ -429,37 +429,28 @@ impl Front {
         })
     }
 
-    /// The statistics extension's entry for model `index` (batch sizes in power-of-two
-    /// buckets: each entry's `batch_size` is its bucket's upper bound).
+    /// The statistics extension's entry for model `index`.
     fn stats(&self, index: usize) -> Value {
-        let snapshot = self.shard.metrics.model(index);
-        let name = self.shard.core.borrow().catalog().configs[index].name.clone();
-        let [success, late, dropped, failed] = snapshot.outcomes;
-        let ns = |us: u64| us.saturating_mul(1000);
-        let batch_stats: Vec<Value> = snapshot
-            .batch_sizes
+        let stats = ModelStats::of(&self.shard, index);
+        let batch_stats: Vec<Value> = stats
+            .batches
             .iter()
-            .filter(|&&(_, plans)| plans > 0)
-            .map(|&(bound, plans)| {
-                json!({
-                    "batch_size": if bound == u64::MAX { crate::metrics::BATCH_BOUNDS[crate::metrics::BATCH_BOUNDS.len() - 1] + 1 } else { bound },
-                    "compute_infer": { "count": plans, "ns": 0 },
-                })
-            })
+            .map(|&(batch_size, plans)| json!({ "batch_size": batch_size, "compute_infer": { "count": plans, "ns": 0 } }))
             .collect();
+        let duration = |(count, ns): (u64, u64)| json!({ "count": count, "ns": ns });
         json!({
-            "name": name,
+            "name": stats.name,
             "version": MODEL_VERSION,
             "last_inference": 0,
-            "inference_count": success + late,
-            "execution_count": snapshot.batches,
+            "inference_count": stats.success,
+            "execution_count": stats.executions,
             "inference_stats": {
-                "success": { "count": success + late, "ns": 0 },
-                "fail": { "count": dropped + failed, "ns": 0 },
-                "queue": { "count": snapshot.queue_count, "ns": ns(snapshot.queue_sum_us) },
-                "compute_input": { "count": 0, "ns": 0 },
-                "compute_infer": { "count": snapshot.compute_count, "ns": ns(snapshot.compute_sum_us) },
-                "compute_output": { "count": 0, "ns": 0 },
+                "success": duration((stats.success, 0)),
+                "fail": duration((stats.fail, 0)),
+                "queue": duration(stats.queue),
+                "compute_input": duration((0, 0)),
+                "compute_infer": duration(stats.compute),
+                "compute_output": duration((0, 0)),
             },
             "batch_stats": batch_stats,
         })
@@ -936,6 +927,47 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// A model's statistics as the statistics extension reports them (over HTTP and gRPC), from
+/// its owning shard's metrics.
+pub(super) struct ModelStats {
+    pub(super) name: String,
+    /// Requests that ran (in time or late).
+    pub(super) success: u64,
+    /// Requests dropped or failed.
+    pub(super) fail: u64,
+    /// Batches run.
+    pub(super) executions: u64,
+    /// (count, total ns) of queue and compute durations.
+    pub(super) queue: (u64, u64),
+    pub(super) compute: (u64, u64),
+    /// (batch size, batches) in power-of-two buckets: each size is its bucket's upper bound.
+    pub(super) batches: Vec<(u64, u64)>,
+}
+
+impl ModelStats {
+    pub(super) fn of(shard: &Shard, index: usize) -> ModelStats {
+        let snapshot = shard.metrics.model(index);
+        let name = shard.core.borrow().catalog().configs[index].name.clone();
+        let [success, late, dropped, failed] = snapshot.outcomes;
+        let ns = |us: u64| us.saturating_mul(1000);
+        let last_bound = crate::metrics::BATCH_BOUNDS[crate::metrics::BATCH_BOUNDS.len() - 1];
+        ModelStats {
+            name,
+            success: success + late,
+            fail: dropped + failed,
+            executions: snapshot.batches,
+            queue: (snapshot.queue_count, ns(snapshot.queue_sum_us)),
+            compute: (snapshot.compute_count, ns(snapshot.compute_sum_us)),
+            batches: snapshot
+                .batch_sizes
+                .iter()
+                .filter(|&&(_, plans)| plans > 0)
+                .map(|&(bound, plans)| (if bound == u64::MAX { last_bound + 1 } else { bound }, plans))
+                .collect(),
+        }
+    }
 }
 
 /// Answers a connection refused at the client limit with a 503 and closes it.
