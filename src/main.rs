@@ -325,6 +325,51 @@ struct SimArgs {
     /// Write plans.csv, requests.csv and summary.json into this directory.
     #[arg(long)]
     dump: Option<PathBuf>,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+/// How the simulated GPUs run a batch against its profile (default: exactly).
+#[derive(clap::Args, Debug, Clone)]
+struct ExecArgs {
+    /// Log-normal noise on every batch's time: the sigma of its log (0.1: about 10 %).
+    #[arg(long, default_value_t = 0.0)]
+    exec_noise: f64,
+    /// A batch that starts after its GPU idled --cold-gap-ms runs this many times longer.
+    #[arg(long, default_value_t = 1.0)]
+    cold_factor: f64,
+    #[arg(long, default_value_t = 0.0)]
+    cold_gap_ms: f64,
+    /// Batches get slower by this fraction per second of simulated time.
+    #[arg(long, default_value_t = 0.0)]
+    drift_per_s: f64,
+}
+
+impl ExecArgs {
+    fn exec_model(&self) -> anyhow::Result<sim::ExecModel> {
+        anyhow::ensure!(
+            self.exec_noise.is_finite() && (0.0..=2.0).contains(&self.exec_noise),
+            "--exec-noise must be 0 to 2"
+        );
+        anyhow::ensure!(
+            self.cold_factor.is_finite() && (1.0..=100.0).contains(&self.cold_factor),
+            "--cold-factor must be 1 to 100"
+        );
+        anyhow::ensure!(
+            self.cold_gap_ms.is_finite() && self.cold_gap_ms >= 0.0,
+            "--cold-gap-ms must be a number of milliseconds >= 0"
+        );
+        anyhow::ensure!(
+            self.drift_per_s.is_finite() && (0.0..=1.0).contains(&self.drift_per_s),
+            "--drift-per-s must be 0 to 1"
+        );
+        Ok(sim::ExecModel {
+            noise_sigma: self.exec_noise,
+            cold_factor: self.cold_factor,
+            cold_gap_ns: (self.cold_gap_ms * 1e6) as u64,
+            drift_per_s: self.drift_per_s,
+        })
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -363,6 +408,10 @@ struct KnobArgs {
     /// nexus: plan only the GPUs the load needs, leaving the rest idle (default: fill the cluster).
     #[arg(long)]
     nexus_no_fill: bool,
+    /// The deferred family (symphony, symphony-ref, eager): plan with profiles corrected
+    /// online from measured batch times (a sliding p99 per model and batch-size range).
+    #[arg(long)]
+    correct: bool,
     /// symphony: how much less to defer while other models contend, in long recent batches.
     #[arg(long, default_value_t = 2.0)]
     contention_margin: f64,
@@ -391,6 +440,7 @@ impl KnobArgs {
             saturated_target_fraction: self.saturated_target_fraction,
             contention_margin_factor: self.contention_margin,
             nexus_fill_gpus: !self.nexus_no_fill,
+            correction: self.correct,
             ..Knobs::default()
         }
     }
@@ -1038,6 +1088,7 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     config.gpu_count = args.gpus.unwrap_or(workload.gpu_count);
     config.seed = args.seed.unwrap_or(workload.seed);
     config.rate_scale = args.rate_scale;
+    config.exec = args.exec.exec_model()?;
     check_gpus(config.gpu_count)?;
     anyhow::ensure!(
         args.rate_scale.is_finite() && args.rate_scale >= 0.0,
@@ -1073,6 +1124,15 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         .map(|f| format!("{:.0}", 100.0 * f))
         .collect();
     println!("busy % by GPU index: {}", busy.join(" "));
+    if !config.exec.is_exact() {
+        println!("execution: {:?}", config.exec);
+    }
+    for c in &report.corrections {
+        println!(
+            "correction {}: {} batches measured, profile changed {} times, planned at {:.2} to {:.2} times the profile",
+            report.model_names[c.model as usize], c.measured, c.updates, c.factor_min, c.factor_max
+        );
+    }
     println!("knobs: {:?}", config.knobs);
     if let Some(dir) = &args.dump {
         sim::write_dump(&report, dir).with_context(|| format!("writing the dump to {}", dir.display()))?;

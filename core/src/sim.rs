@@ -14,6 +14,8 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 
+use rand::SeedableRng;
+use rand_distr::Distribution;
 use serde::Serialize;
 
 use crate::policy::{self, Completion, Knobs, ModelConfig, Output, Policy, PolicyKind};
@@ -32,6 +34,59 @@ pub struct SimConfig {
     /// Give Nexus the workload's bench rates (times `rate_scale`) up front, as the reference
     /// evaluated it, instead of letting it learn them.
     pub nexus_true_rates: bool,
+    /// How the fake GPUs' batches run against their profile (exactly, by default).
+    pub exec: ExecModel,
+}
+
+/// How a simulated GPU runs a batch against its profile: exactly (the default), or with
+/// noise, a cold start after idling, and a slow drift. Every batch's time is its profile's
+/// `exec_ns(b)` times the product of the three factors.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ExecModel {
+    /// Log-normal noise: a factor `exp(N(0, sigma))` per batch (median 1; 0: none).
+    pub noise_sigma: f64,
+    /// A batch that starts after its GPU idled at least `cold_gap_ns` runs this many times
+    /// its time (1: none).
+    pub cold_factor: f64,
+    pub cold_gap_ns: u64,
+    /// The factor grows by this fraction per second of simulated time (0: none).
+    pub drift_per_s: f64,
+}
+
+impl Default for ExecModel {
+    fn default() -> ExecModel {
+        ExecModel {
+            noise_sigma: 0.0,
+            cold_factor: 1.0,
+            cold_gap_ns: 0,
+            drift_per_s: 0.0,
+        }
+    }
+}
+
+impl ExecModel {
+    /// Batches run exactly their profile's time.
+    pub fn is_exact(&self) -> bool {
+        *self == ExecModel::default()
+    }
+
+    /// The time a batch whose profile says `planned_ns` runs, starting at `start_ns` on a GPU
+    /// that idled `idle_ns` before it.
+    fn run_ns(&self, planned_ns: u64, start_ns: u64, idle_ns: u64, rng: &mut rand_pcg::Pcg64) -> u64 {
+        if self.is_exact() {
+            return planned_ns;
+        }
+        let mut factor = 1.0;
+        if self.noise_sigma > 0.0 {
+            let normal: f64 = rand_distr::StandardNormal.sample(rng);
+            factor *= (self.noise_sigma * normal).exp();
+        }
+        if idle_ns >= self.cold_gap_ns {
+            factor *= self.cold_factor;
+        }
+        factor *= 1.0 + self.drift_per_s * start_ns as f64 / 1e9;
+        (planned_ns as f64 * factor).round().max(1.0) as u64
+    }
 }
 
 impl SimConfig {
@@ -44,6 +99,7 @@ impl SimConfig {
             rate_scale: 1.0,
             knobs: Knobs::default(),
             nexus_true_rates: false,
+            exec: ExecModel::default(),
         }
     }
 }
@@ -179,6 +235,9 @@ pub struct SimReport {
     pub requests: Vec<RequestRecord>,
     pub model_names: Vec<String>,
     pub bench_window_ns: (u64, u64),
+    /// What the policy corrected in its profiles from measured batch times (per model; empty
+    /// when it does not correct).
+    pub corrections: Vec<crate::correction::CorrectionSummary>,
 }
 
 impl SimReport {
@@ -238,7 +297,9 @@ fn run_policy(workload: &Workload, config: &SimConfig, policy: &mut dyn Policy, 
     let models = model_configs(workload);
     let mut engine = Engine::new(workload, &models, config, arrivals.len());
     engine.run(policy, arrivals);
-    engine.report(workload, config)
+    let mut report = engine.report(workload, config);
+    report.corrections = policy.corrections();
+    report
 }
 
 struct Engine<'a> {
@@ -252,6 +313,9 @@ struct Engine<'a> {
     gpu_last_plan: Vec<Option<u64>>,
     completions: BinaryHeap<Reverse<(u64, u64)>>,
     horizon_ns: u64,
+    exec: ExecModel,
+    /// The batches' noise (its own stream: the arrivals are the same with or without it).
+    exec_rng: rand_pcg::Pcg64,
 }
 
 impl<'a> Engine<'a> {
@@ -267,6 +331,8 @@ impl<'a> Engine<'a> {
             gpu_last_plan: vec![None; config.gpu_count as usize],
             completions: BinaryHeap::with_capacity(config.gpu_count as usize * 4),
             horizon_ns: workload.end_ns() + 4 * slo_max_ns + 1_000_000_000,
+            exec: config.exec,
+            exec_rng: rand_pcg::Pcg64::seed_from_u64(config.seed ^ 0x5eed_e8ec),
         }
     }
 
@@ -353,7 +419,11 @@ impl<'a> Engine<'a> {
                 .exec_at_ns
                 .max(arrive_ns)
                 .max(self.gpu_busy_until_ns[plan.gpu as usize]);
-            let finish_ns = start_ns + profile.exec_ns(plan.batch_size);
+            let idle_ns = start_ns - self.gpu_busy_until_ns[plan.gpu as usize].min(start_ns);
+            let run_ns = self
+                .exec
+                .run_ns(profile.exec_ns(plan.batch_size), start_ns, idle_ns, &mut self.exec_rng);
+            let finish_ns = start_ns + run_ns;
             self.gpu_busy_until_ns[plan.gpu as usize] = finish_ns;
             self.gpu_last_plan[plan.gpu as usize] = Some(plan.plan_id);
             let requests_start = self.plan_requests.len() as u32;
@@ -420,6 +490,7 @@ impl<'a> Engine<'a> {
             requests: self.requests,
             model_names: self.models.iter().map(|m| m.name.clone()).collect(),
             bench_window_ns,
+            corrections: Vec::new(),
         }
     }
 }

@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 
 use super::{Completion, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, Output, Policy, PolicyKind, Serving};
+use crate::correction::{CorrectionSummary, Corrector};
 use crate::gpu_pool::{GpuClaim, GpuPool, GpuSource};
 use crate::profile::Profile;
 use crate::rate::RateMeter;
@@ -109,6 +110,8 @@ struct ModelState {
     active: bool,
     /// GPU-seconds per second this model needs at its rate and target batch.
     demand: f64,
+    /// Online correction of `profile` from measured batch times (`Knobs::correction`).
+    corrector: Option<Corrector>,
 }
 
 /// Symphony's deferred batch scheduler over one GPU source: the single-threaded pool in the
@@ -147,6 +150,14 @@ impl Deferred<GpuPool> {
 }
 
 impl<G: GpuSource> Deferred<G> {
+    /// Plans model `model` with `profile` from now on; its target batch size follows.
+    fn plan_with(&mut self, model: u32, profile: Profile) {
+        let state = &mut self.models[model as usize];
+        let rate_rps = state.meter.rate_rps();
+        state.target_batch_size = target_batch_size(&profile, state.slo_ns, rate_rps, &self.knobs);
+        state.profile = profile;
+    }
+
     /// Over the GPUs of `pool`.
     pub fn with_source(config: Config, models: &[ModelConfig], pool: G, knobs: &Knobs) -> Deferred<G> {
         let models = models
@@ -164,6 +175,7 @@ impl<G: GpuSource> Deferred<G> {
                     rated: false,
                     active: false,
                     demand: 0.0,
+                    corrector: knobs.correction.then(|| Corrector::new(m.profile.clone())),
                 };
                 state.target_batch_size = target_batch_size(&m.profile, m.slo_ns, None, knobs);
                 state
@@ -584,10 +596,11 @@ impl<G: GpuSource> Serving for Deferred<G> {
     /// Plans model `model` with `profile` from now on (an executor measured it). The target
     /// batch size follows; queued requests are formed again at the next event.
     fn set_profile(&mut self, model: u32, profile: Profile) {
-        let state = &mut self.models[model as usize];
-        let rate_rps = state.meter.rate_rps();
-        state.target_batch_size = target_batch_size(&profile, state.slo_ns, rate_rps, &self.knobs);
-        state.profile = profile;
+        if let Some(corrector) = self.models[model as usize].corrector.as_mut() {
+            // Measurements so far were against another profile.
+            corrector.rebase(profile.clone());
+        }
+        self.plan_with(model, profile);
     }
 
     /// Removes every queued request of `model` whose id `cancelled` says, in one pass (a
@@ -705,8 +718,25 @@ impl<G: GpuSource> Policy for Deferred<G> {
         }
     }
 
-    fn on_completion(&mut self, _now_ns: u64, _completion: &Completion, _out: &mut Output) {
-        // The pool already knows each plan's finish: plans are exact in this family.
+    fn on_completion(&mut self, _now_ns: u64, completion: &Completion, _out: &mut Output) {
+        // The pool already knows each plan's planned finish. With correction on, what the
+        // batch really took corrects the profile its model plans with next.
+        let model = completion.model;
+        let Some(corrector) = self.models[model as usize].corrector.as_mut() else {
+            return;
+        };
+        let measured_ns = completion.finished_ns.saturating_sub(completion.started_ns);
+        if let Some(profile) = corrector.record(completion.batch_size, measured_ns) {
+            self.plan_with(model, profile);
+        }
+    }
+
+    fn corrections(&self) -> Vec<CorrectionSummary> {
+        self.models
+            .iter()
+            .enumerate()
+            .filter_map(|(index, m)| m.corrector.as_ref().map(|c| c.summary(index as u32)))
+            .collect()
     }
 
     fn next_timer_ns(&mut self) -> Option<u64> {

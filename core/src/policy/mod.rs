@@ -139,6 +139,11 @@ pub trait Policy {
     fn on_timer(&mut self, now_ns: u64, out: &mut Output);
     /// A plan finished on its GPU.
     fn on_completion(&mut self, now_ns: u64, completion: &Completion, out: &mut Output);
+    /// What the policy corrected in its profiles from measured batch times, per model (empty
+    /// for one that plans with the profiles as given).
+    fn corrections(&self) -> Vec<crate::correction::CorrectionSummary> {
+        Vec::new()
+    }
     /// When the policy next wants [`Policy::on_timer`], if ever.
     fn next_timer_ns(&mut self) -> Option<u64>;
     /// Requests the policy holds and has neither planned nor dropped.
@@ -254,6 +259,9 @@ pub struct Knobs {
     pub saturated_drop: DropPolicy,
     /// Once saturated, window drop keeps this fraction of the target batch size.
     pub saturated_target_fraction: f64,
+    /// The deferred family plans with profiles corrected online from measured batch times
+    /// (`crate::correction`): off by default until the sweeps show it costs no workload.
+    pub correction: bool,
     /// Ours: the contention margin in units of a long recent batch (0 switches it off).
     pub contention_margin_factor: f64,
     /// Rate meter: sample length and window.
@@ -288,6 +296,7 @@ impl Default for Knobs {
             drop: None,
             condition: None,
             grant: None,
+            correction: false,
             saturation_threshold: 0.8,
             saturated_drop: DropPolicy::WindowDrop,
             saturated_target_fraction: 0.6,

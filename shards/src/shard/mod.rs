@@ -651,10 +651,17 @@ impl ShardCore {
     fn timings(&self, origin: Origin, ran: Option<(u64, u64)>) -> Timings {
         let us = |ns: u64| (ns / 1000).min(u64::from(u32::MAX)) as u32;
         let (queued_us, exec_us) = match ran {
-            Some((started_ns, finished_ns)) => (
-                us(started_ns.saturating_sub(origin.received_ns)),
-                us(finished_ns.saturating_sub(started_ns)),
-            ),
+            Some((started_ns, finished_ns)) => {
+                // An executor's times come through its clock offset, whose error can put its
+                // finish a few microseconds after the result arrived here: the parts are held
+                // within the whole, so queued + exec <= total always.
+                let finished_ns = finished_ns.min(self.now_ns);
+                let started_ns = started_ns.min(finished_ns);
+                (
+                    us(started_ns.saturating_sub(origin.received_ns)),
+                    us(finished_ns.saturating_sub(started_ns)),
+                )
+            }
             None => (0, 0),
         };
         Timings {
