@@ -286,6 +286,8 @@ struct SweepArgs {
     out: PathBuf,
     #[command(flatten)]
     knobs: KnobArgs,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -1005,12 +1007,16 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         seed: args.seed,
         knobs: args.knobs.knobs(),
         nexus_true_rates: args.knobs.nexus_true_rates,
+        exec: args.exec.exec_model()?,
         curve_points: if find == Find::Goodput { args.curve_points } else { 0 },
         threads: args
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         progress: true,
     };
+    if !spec.exec.is_exact() {
+        eprintln!("sweep: every policy's batches run {:?}", spec.exec);
+    }
     eprintln!(
         "sweep: find {:?}, {} workload(s) x {} policies, gpus {}, total rps {}, seed {}, {} thread(s), bad-rate bound {} %",
         find,

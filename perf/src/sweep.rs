@@ -34,6 +34,8 @@ pub struct SweepSpec {
     pub knobs: Knobs,
     /// Give Nexus the true rates up front (see `SimConfig::nexus_true_rates`).
     pub nexus_true_rates: bool,
+    /// How the fake GPUs run batches against their profile: the same for every policy.
+    pub exec: symphony_core::sim::ExecModel,
     /// Load points per policy on each plotted curve (0: no curves).
     pub curve_points: u32,
     pub threads: usize,
@@ -134,6 +136,7 @@ fn run_cell(
     let mut config = SimConfig::of(workload, policy);
     config.knobs = spec.knobs.clone();
     config.nexus_true_rates = spec.nexus_true_rates;
+    config.exec = spec.exec;
     config.gpu_count = spec.gpu_count.unwrap_or(workload.gpu_count);
     config.seed = spec.seed.unwrap_or(workload.seed);
     let mut arrivals = Vec::new();

@@ -34,6 +34,7 @@ fn sweep_smoke_finds_goodput_and_gpus_and_draws() {
         seed: None,
         knobs: Knobs::default(),
         nexus_true_rates: false,
+        exec: Default::default(),
         curve_points: 3,
         threads: 2,
         progress: false,
@@ -63,4 +64,45 @@ fn sweep_smoke_finds_goodput_and_gpus_and_draws() {
         // 1000 req/s needs at least 2 of these GPUs, and 8 are plenty.
         assert!((2..=8).contains(&gpus), "{}: {gpus}", cell.policy);
     }
+}
+
+/// Every policy of a sweep meets the same execution times: with noise on every batch, the
+/// policy that defers to the last moment with no slack loses goodput, and one that never
+/// plans ahead (Triton's dynamic batcher) keeps most of it.
+#[test]
+fn a_sweep_gives_every_policy_the_same_noisy_times() {
+    let mut spec = SweepSpec {
+        workloads: vec![("resnet-8m-poisson.yaml".into(), workload())],
+        policies: vec![PolicyKind::SymphonyRef, PolicyKind::Triton],
+        find: Find::Goodput,
+        gpu_count: Some(2),
+        total_rps: None,
+        seed: None,
+        knobs: Knobs::default(),
+        nexus_true_rates: false,
+        exec: Default::default(),
+        curve_points: 0,
+        threads: 2,
+        progress: false,
+    };
+    let exact = sweep::run(&spec);
+    spec.exec.noise_sigma = 0.15;
+    let noisy = sweep::run(&spec);
+    let goodput = |result: &sweep::SweepResult, policy: &str| {
+        result
+            .cells
+            .iter()
+            .find(|c| c.policy == policy)
+            .unwrap()
+            .goodput_rps
+            .unwrap_or(0.0)
+    };
+    let (ref_exact, ref_noisy) = (goodput(&exact, "symphony-ref"), goodput(&noisy, "symphony-ref"));
+    let (triton_exact, triton_noisy) = (goodput(&exact, "triton"), goodput(&noisy, "triton"));
+    println!("symphony-ref {ref_exact:.0} -> {ref_noisy:.0}, triton {triton_exact:.0} -> {triton_noisy:.0}");
+    assert!(ref_noisy < 0.5 * ref_exact, "{ref_noisy} against {ref_exact}");
+    assert!(
+        triton_noisy > 0.7 * triton_exact,
+        "{triton_noisy} against {triton_exact}"
+    );
 }
