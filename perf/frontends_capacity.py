@@ -26,6 +26,9 @@ import tempfile
 import time
 import urllib.request
 
+# The infer body and /proc reading of perf/frontends.py (same folder).
+from frontends import BODY, cpu_ticks
+
 CONFIG = """listen = "127.0.0.1:0"
 shards = 1
 cpus = [0]
@@ -39,13 +42,6 @@ outputs = [{ name = "OUTPUT0", datatype = "UINT8", shape = [4] }]
 [policy]
 kind = "eager"
 """
-BODY = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "UINT8", "shape": [1, 16], "data": list(range(16))}]})
-
-
-def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def served(scheme, http_addr):

@@ -12,6 +12,24 @@ fn workload() -> Workload {
     Workload::load(&path).unwrap()
 }
 
+/// A goodput search of `policies` on `w` with 2 GPUs, default knobs and exact times, no curves.
+fn goodput_on_two_gpus(w: Workload, policies: Vec<PolicyKind>) -> SweepSpec {
+    SweepSpec {
+        workloads: vec![("resnet-8m-poisson.yaml".into(), w)],
+        policies,
+        find: Find::Goodput,
+        gpu_count: Some(2),
+        total_rps: None,
+        seed: None,
+        knobs: Knobs::default(),
+        nexus_true_rates: false,
+        exec: Default::default(),
+        curve_points: 0,
+        threads: 2,
+        progress: false,
+    }
+}
+
 #[test]
 fn throughput_smoke_is_repeatable() {
     let w = workload();
@@ -26,18 +44,8 @@ fn throughput_smoke_is_repeatable() {
 fn sweep_smoke_finds_goodput_and_gpus_and_draws() {
     let w = workload();
     let mut spec = SweepSpec {
-        workloads: vec![("resnet-8m-poisson.yaml".into(), w)],
-        policies: vec![PolicyKind::Symphony, PolicyKind::Clockwork],
-        find: Find::Goodput,
-        gpu_count: Some(2),
-        total_rps: None,
-        seed: None,
-        knobs: Knobs::default(),
-        nexus_true_rates: false,
-        exec: Default::default(),
         curve_points: 3,
-        threads: 2,
-        progress: false,
+        ..goodput_on_two_gpus(w, vec![PolicyKind::Symphony, PolicyKind::Clockwork])
     };
     let result = sweep::run(&spec);
     assert_eq!(result.cells.len(), 2);
@@ -71,20 +79,7 @@ fn sweep_smoke_finds_goodput_and_gpus_and_draws() {
 /// plans ahead (Triton's dynamic batcher) keeps most of it.
 #[test]
 fn a_sweep_gives_every_policy_the_same_noisy_times() {
-    let mut spec = SweepSpec {
-        workloads: vec![("resnet-8m-poisson.yaml".into(), workload())],
-        policies: vec![PolicyKind::SymphonyRef, PolicyKind::Triton],
-        find: Find::Goodput,
-        gpu_count: Some(2),
-        total_rps: None,
-        seed: None,
-        knobs: Knobs::default(),
-        nexus_true_rates: false,
-        exec: Default::default(),
-        curve_points: 0,
-        threads: 2,
-        progress: false,
-    };
+    let mut spec = goodput_on_two_gpus(workload(), vec![PolicyKind::SymphonyRef, PolicyKind::Triton]);
     let exact = sweep::run(&spec);
     spec.exec.noise_sigma = 0.15;
     let noisy = sweep::run(&spec);
