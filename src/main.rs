@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use symphony_core::autoscale::{Autoscale, Signal};
 use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, PolicyKind};
 use symphony_core::sim::{self, SimConfig};
 use symphony_core::workload::Workload;
@@ -27,6 +28,9 @@ enum Command {
     Sim(SimArgs),
     /// Searches goodput (or the fewest GPUs) for several policies on several workloads.
     Sweep(SweepArgs),
+    /// One long workload through several (policy, signal) pairs on a cluster whose GPUs come
+    /// and go with the load: GPU-hours and bad rate, GPUs over time as an SVG.
+    Autoscale(AutoscaleRunArgs),
     /// Measures the simulator's own speed (simulated requests per second, one core).
     PerfSim(PerfSimArgs),
     /// Runs the scheduler service: glommio shards, TCP front door, embedded simulated GPUs
@@ -327,8 +331,98 @@ struct SimArgs {
     /// Write plans.csv, requests.csv and summary.json into this directory.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Write the run second by second (arrivals, outcomes, GPUs) to this CSV file.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
     #[command(flatten)]
     exec: ExecArgs,
+    /// Let GPUs come and go with the load, following this signal: `desired` (ours: the GPUs
+    /// the load needs with deferral) or `utilization` (the busy fraction, as a Kubernetes
+    /// HPA); --gpus is then the most there can be (symphony, symphony-ref, eager, triton).
+    #[arg(long)]
+    autoscale: Option<Signal>,
+    #[command(flatten)]
+    scaling: ScalingArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct AutoscaleRunArgs {
+    /// A workload file whose rates change over time (workloads/autoscale/diurnal-8m.yaml,
+    /// workloads/autoscale/azure-hour-16m.yaml).
+    workload: PathBuf,
+    /// POLICY:SIGNAL pairs, comma-separated; SIGNAL is desired, utilization or fixed (every
+    /// slot throughout).
+    #[arg(long, value_delimiter = ',', default_value = symphony_perf::autoscale::DEFAULT_RUNS)]
+    runs: Vec<symphony_perf::autoscale::Run>,
+    /// The most GPUs there can be (default: the workload's).
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Seed (default: the workload's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (default: the machine's cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to write table.md, timeline.csv and gpus.svg.
+    #[arg(long, default_value = "autoscale-out")]
+    out: PathBuf,
+    #[command(flatten)]
+    scaling: ScalingArgs,
+    #[command(flatten)]
+    knobs: KnobArgs,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+/// The autoscaler's knobs (`symphony_core::autoscale`).
+#[derive(clap::Args, Debug, Clone)]
+struct ScalingArgs {
+    /// Never fewer GPUs online or starting.
+    #[arg(long, default_value_t = 1)]
+    min_gpus: u32,
+    /// GPUs online at the start (default: the minimum).
+    #[arg(long)]
+    initial_gpus: Option<u32>,
+    /// Seconds from asking for a GPU to its first plan.
+    #[arg(long, default_value_t = 30.0)]
+    startup_s: f64,
+    /// Scale-down stabilization: the count drops to the largest recommendation of this many
+    /// seconds.
+    #[arg(long, default_value_t = 60.0)]
+    leave_after_s: f64,
+    /// Seconds between two readings of the signal.
+    #[arg(long, default_value_t = 15.0)]
+    scale_interval_s: f64,
+    /// The busy fraction both signals aim at.
+    #[arg(long, default_value_t = 0.7)]
+    target_busy: f64,
+    /// The utilization signal averages the busy fraction over this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    busy_window_s: f64,
+}
+
+impl ScalingArgs {
+    fn autoscale(&self, signal: Signal, slots: u32) -> anyhow::Result<Autoscale> {
+        let seconds = |value: f64, flag: &str| -> anyhow::Result<u64> {
+            anyhow::ensure!(
+                value.is_finite() && (0.0..=86_400.0).contains(&value),
+                "{flag} must be 0 to 86400 seconds"
+            );
+            Ok((value * 1e9).round() as u64)
+        };
+        let autoscale = Autoscale {
+            signal,
+            min_gpus: self.min_gpus,
+            initial_gpus: self.initial_gpus.unwrap_or(self.min_gpus),
+            startup_ns: seconds(self.startup_s, "--startup-s")?,
+            leave_after_ns: seconds(self.leave_after_s, "--leave-after-s")?,
+            interval_ns: seconds(self.scale_interval_s, "--scale-interval-s")?,
+            target_busy: self.target_busy,
+            window_ns: seconds(self.busy_window_s, "--busy-window-s")?,
+        };
+        autoscale.check(slots).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(autoscale)
+    }
 }
 
 /// How the simulated GPUs run a batch against its profile (default: exactly).
@@ -456,7 +550,12 @@ fn main() -> std::process::ExitCode {
     // `serve` or `executor`, only fail a write with EPIPE.
     if matches!(
         cli.command,
-        Command::Sim(_) | Command::Sweep(_) | Command::PerfSim(_) | Command::Profile(_) | Command::Stress(_)
+        Command::Sim(_)
+            | Command::Sweep(_)
+            | Command::Autoscale(_)
+            | Command::PerfSim(_)
+            | Command::Profile(_)
+            | Command::Stress(_)
     ) {
         // SAFETY: resetting SIGPIPE to its default action before any thread starts.
         unsafe {
@@ -477,6 +576,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sim(args) => run_sim(args),
         Command::Sweep(args) => run_sweep(args),
+        Command::Autoscale(args) => run_autoscale(args),
         Command::PerfSim(args) => run_perf_sim(args),
         Command::Serve(args) => run_serve(args),
         Command::Executor(args) => run_executor(args),
@@ -1100,6 +1200,14 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         args.rate_scale.is_finite() && args.rate_scale >= 0.0,
         "--rate-scale must be a finite number >= 0"
     );
+    if let Some(signal) = args.autoscale {
+        anyhow::ensure!(
+            symphony_perf::autoscale::SCALABLE.contains(&config.policy),
+            "--autoscale: {} plans on a fixed set of GPUs; the autoscaled policies are symphony, symphony-ref, eager and triton",
+            config.policy
+        );
+        config.autoscale = Some(args.scaling.autoscale(signal, config.gpu_count)?);
+    }
     let report = sim::simulate(&workload, &config);
     let s = &report.summary;
     println!(
@@ -1139,9 +1247,88 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
             report.model_names[c.model as usize], c.measured, c.updates, c.factor_min, c.factor_max
         );
     }
+    if let Some(a) = &s.autoscale {
+        println!(
+            "autoscale {}: {:.4} GPU-hours paid over the bench phase (mean {:.2} GPUs, peak {}), {} GPUs started, {} let go; {:?}",
+            a.config.signal,
+            s.gpu_paid_s / 3600.0,
+            s.gpu_paid_s / workload.bench_s(),
+            s.gpus_paid_peak,
+            a.started,
+            a.drained,
+            a.config
+        );
+    }
     println!("knobs: {:?}", config.knobs);
+    if let Some(path) = &args.timeline {
+        let outcome = symphony_perf::autoscale::Outcome {
+            run: symphony_perf::autoscale::Run {
+                policy: config.policy,
+                signal: args.autoscale,
+            },
+            summary: report.summary.clone(),
+            timeline: report.timeline.clone(),
+        };
+        std::fs::write(path, symphony_perf::autoscale::timeline_csv(&[outcome]))
+            .with_context(|| format!("writing the timeline to {}", path.display()))?;
+    }
     if let Some(dir) = &args.dump {
         sim::write_dump(&report, dir).with_context(|| format!("writing the dump to {}", dir.display()))?;
     }
+    Ok(())
+}
+
+fn run_autoscale(args: AutoscaleRunArgs) -> anyhow::Result<()> {
+    let workload = Workload::load(&args.workload)?;
+    let slots = args.gpus.unwrap_or(workload.gpu_count);
+    check_gpus(slots)?;
+    anyhow::ensure!(!args.runs.is_empty(), "--runs names no run");
+    let spec = symphony_perf::autoscale::Spec {
+        runs: args.runs.clone(),
+        slots,
+        autoscale: args.scaling.autoscale(Signal::Desired, slots)?,
+        knobs: args.knobs.knobs(),
+        exec: args.exec.exec_model()?,
+        seed: args.seed.unwrap_or(workload.seed),
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        workload,
+    };
+    let bench_s = spec.workload.bench_s();
+    let name = args
+        .workload
+        .file_stem()
+        .map_or_else(|| "workload".into(), |s| s.to_string_lossy().into_owned());
+    println!(
+        "autoscale {name}: {} runs on up to {slots} GPUs, seed {}, bench {bench_s:.0} s; {:?}; exec {:?}",
+        spec.runs.len(),
+        spec.seed,
+        spec.autoscale,
+        spec.exec
+    );
+    let started = std::time::Instant::now();
+    let outcomes = symphony_perf::autoscale::run(&spec);
+    let table = symphony_perf::autoscale::table(&outcomes, bench_s);
+    println!("{table}");
+    println!(
+        "({} simulations in {:.1} s)",
+        outcomes.len(),
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let header = format!(
+        "autoscale {name}: up to {slots} GPUs, seed {}, bench {bench_s:.0} s, {:?}, knobs {:?}, exec {:?}\n\n",
+        spec.seed, spec.autoscale, spec.knobs, spec.exec
+    );
+    std::fs::write(args.out.join("table.md"), header + &table)?;
+    std::fs::write(
+        args.out.join("timeline.csv"),
+        symphony_perf::autoscale::timeline_csv(&outcomes),
+    )?;
+    let svg = args.out.join("gpus.svg");
+    plot::draw_gpus_over_time(&outcomes, &name, spec.workload.bench_window_ns().0 as f64 / 1e9, &svg)
+        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
+    println!("wrote {}", args.out.display());
     Ok(())
 }

@@ -87,6 +87,103 @@ fn sweep_writes_table_json_and_plots() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Two models, a low minute-less ramp: enough for a quick autoscaler to go up and down.
+const RAMP: &str = "seed: 3\ngpus: 8\nmodels:\n- {framework: \"sleep#1082,5204,0,0\", model: a, slo: 100, gap: exp,\n   warmup: [{duration: 5, rps: 100}], bench: [{duration: 10, rps: 100}, {duration: 10, rps: 900}, {duration: 15, rps: 100}], cooldown: [{duration: 1, rps: 100}]}\n- {framework: \"sleep#400,2000,0,0\", model: b, slo: 50, gap: exp,\n   warmup: [{duration: 5, rps: 100}], bench: [{duration: 10, rps: 100}, {duration: 10, rps: 900}, {duration: 15, rps: 100}], cooldown: [{duration: 1, rps: 100}]}\n";
+
+#[test]
+fn autoscale_writes_its_table_timeline_and_plot_and_sim_scales_too() {
+    let dir = scratch("autoscale");
+    let workload = dir.join("ramp.yaml");
+    std::fs::write(&workload, RAMP).unwrap();
+    let out = dir.join("out");
+    let quick = [
+        "--startup-s",
+        "2",
+        "--scale-interval-s",
+        "1",
+        "--leave-after-s",
+        "3",
+        "--busy-window-s",
+        "2",
+    ];
+    let mut args = vec![
+        "autoscale",
+        workload.to_str().unwrap(),
+        "--runs",
+        "symphony:desired,eager:utilization,eager:fixed",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(quick);
+    let output = symphony(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("up to 8 GPUs"), "the parameters: {stdout}");
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    for run in [
+        "| symphony:desired |",
+        "| eager:utilization |",
+        "| eager:fixed | 0.078 | 1.00 | 8.0 / 8 |",
+    ] {
+        assert!(table.contains(run), "{run} in {table}");
+    }
+    let timeline = std::fs::read_to_string(out.join("timeline.csv")).unwrap();
+    let mut lines = timeline.lines();
+    let header = lines.next().unwrap();
+    assert!(header.starts_with("second,offered,symphony:desired paid,"), "{header}");
+    // 5 s warm-up, 35 s measured, 1 s cool-down: a row a second.
+    assert_eq!(lines.count(), 41, "{timeline}");
+    let svg = std::fs::read_to_string(out.join("gpus.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("symphony:desired") && svg.contains("offered load"));
+
+    let csv = dir.join("sim.csv");
+    let mut args = vec![
+        "sim",
+        workload.to_str().unwrap(),
+        "--autoscale",
+        "desired",
+        "--timeline",
+        csv.to_str().unwrap(),
+    ];
+    args.extend(quick);
+    let output = symphony(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("autoscale desired: ") && stdout.contains("GPU-hours paid"),
+        "{stdout}"
+    );
+    assert!(std::fs::read_to_string(&csv)
+        .unwrap()
+        .starts_with("second,offered,symphony:desired paid"));
+
+    let path = workload.to_str().unwrap();
+    assert_clean_error(
+        &symphony(&["autoscale", path, "--runs", "clockwork:desired"]),
+        &[
+            "clockwork plans on a fixed set of GPUs",
+            "symphony, symphony-ref, eager, triton",
+        ],
+    );
+    assert_clean_error(
+        &symphony(&["autoscale", path, "--runs", "symphony:hpa"]),
+        &["autoscaling signal `hpa`", "desired, utilization", "fixed"],
+    );
+    assert_clean_error(
+        &symphony(&["sim", path, "--policy", "nexus", "--autoscale", "utilization"]),
+        &["--autoscale", "nexus plans on a fixed set of GPUs"],
+    );
+    assert_clean_error(
+        &symphony(&["sim", path, "--autoscale", "desired", "--initial-gpus", "9"]),
+        &["initial GPUs (9)", "slots (8)"],
+    );
+    assert_clean_error(
+        &symphony(&["autoscale", path, "--scale-interval-s", "0"]),
+        &["interval"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_input_gets_clear_errors() {
     let dir = scratch("bad");
@@ -122,8 +219,13 @@ fn bad_input_gets_clear_errors() {
 
 #[test]
 fn every_shipped_workload_loads() {
-    for entry in std::fs::read_dir(workloads()).unwrap() {
-        let path = entry.unwrap().path();
+    let shipped = |dir: PathBuf| std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
+    let files: Vec<PathBuf> = shipped(workloads())
+        .chain(shipped(workloads().join("autoscale")))
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(files.len() >= 10, "{files:?}");
+    for path in files {
         let output = symphony(&["sim", path.to_str().unwrap(), "--rate-scale", "0.1"]);
         assert!(
             output.status.success(),

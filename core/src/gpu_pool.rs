@@ -33,6 +33,7 @@ pub struct GpuClaim {
 /// The GPUs a policy plans on. A claim is ended by exactly one `release` (with the plan's
 /// finish) or `cancel` (no plan).
 pub trait GpuSource: std::fmt::Debug {
+    /// GPUs plans can go to now (online; at least 1: policies divide by it).
     fn gpu_count(&self) -> u32;
     /// The earliest time any GPU is free (a snapshot: a claim may still fail).
     fn min_free_at_ns(&self) -> u64;
@@ -41,25 +42,72 @@ pub trait GpuSource: std::fmt::Debug {
     fn claim(&mut self, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim>;
     fn release(&mut self, claim: GpuClaim, finish_ns: u64);
     fn cancel(&mut self, claim: GpuClaim);
+    /// Brings `gpu` into planning, free from `free_at_ns` (`Some`), or takes it out
+    /// (`None`: no claim takes it until it is brought back). Returns false where the source
+    /// does not change its GPUs this way (the service's table follows its executors instead).
+    fn set_available(&mut self, gpu: u32, free_at_ns: Option<u64>) -> bool {
+        let _ = (gpu, free_at_ns);
+        false
+    }
 }
+
+/// A GPU slot out of planning: its `free_at` never comes.
+const OFFLINE: u64 = u64::MAX;
 
 #[derive(Debug, Clone)]
 pub struct GpuPool {
     free_at_ns: Vec<u64>,
     min_free_at_ns: u64,
+    online: u32,
 }
 
 impl GpuPool {
+    /// `gpu_count` GPUs, all online and free.
     pub fn new(gpu_count: u32) -> GpuPool {
         assert!(gpu_count > 0);
         GpuPool {
             free_at_ns: vec![0; gpu_count as usize],
             min_free_at_ns: 0,
+            online: gpu_count,
         }
     }
 
-    pub fn gpu_count(&self) -> u32 {
+    /// GPU slots, online or not.
+    pub fn slots(&self) -> u32 {
         self.free_at_ns.len() as u32
+    }
+
+    /// GPUs online now.
+    pub fn online_count(&self) -> u32 {
+        self.online
+    }
+
+    pub fn is_online(&self, gpu: u32) -> bool {
+        self.free_at_ns[gpu as usize] != OFFLINE
+    }
+
+    /// Takes `gpu` out of planning (an autoscaler let it go): no grant picks it. A plan
+    /// granted on it before still runs. Returns false if it was offline already.
+    pub fn set_offline(&mut self, gpu: u32) -> bool {
+        if !self.is_online(gpu) {
+            return false;
+        }
+        self.free_at_ns[gpu as usize] = OFFLINE;
+        self.online -= 1;
+        self.min_free_at_ns = self.free_at_ns.iter().copied().min().expect("gpus > 0");
+        true
+    }
+
+    /// Brings `gpu` into planning, free from `free_at_ns`. Returns false if it was online.
+    pub fn set_online(&mut self, gpu: u32, free_at_ns: u64) -> bool {
+        if self.is_online(gpu) {
+            return false;
+        }
+        assert!(free_at_ns != OFFLINE);
+        self.free_at_ns[gpu as usize] = free_at_ns;
+        self.online += 1;
+        self.min_free_at_ns = self.min_free_at_ns.min(free_at_ns);
+        true
     }
 
     #[inline]
@@ -67,7 +115,7 @@ impl GpuPool {
         self.free_at_ns[gpu as usize]
     }
 
-    /// The earliest time any GPU is free.
+    /// The earliest time any online GPU is free (`u64::MAX` with none online).
     #[inline]
     pub fn min_free_at_ns(&self) -> u64 {
         self.min_free_at_ns
@@ -77,6 +125,7 @@ impl GpuPool {
     #[inline]
     pub fn occupy(&mut self, gpu: u32, free_at_ns: u64) {
         let slot = &mut self.free_at_ns[gpu as usize];
+        assert!(*slot != OFFLINE, "no plan is granted on an offline GPU");
         assert!(free_at_ns >= *slot, "plans on one GPU never overlap");
         *slot = free_at_ns;
         self.min_free_at_ns = self.free_at_ns.iter().copied().min().expect("gpus > 0");
@@ -110,7 +159,7 @@ pub fn pick(gpus: impl Iterator<Item = (u32, u64)>, exec_at_ns: u64, policy: Gra
 
 impl GpuSource for GpuPool {
     fn gpu_count(&self) -> u32 {
-        GpuPool::gpu_count(self)
+        self.online.max(1)
     }
 
     fn min_free_at_ns(&self) -> u64 {
@@ -132,6 +181,18 @@ impl GpuSource for GpuPool {
     fn cancel(&mut self, _claim: GpuClaim) {
         // Single owner: a claim reserved nothing.
     }
+
+    fn set_available(&mut self, gpu: u32, free_at_ns: Option<u64>) -> bool {
+        match free_at_ns {
+            Some(free_at_ns) => {
+                self.set_online(gpu, free_at_ns);
+            }
+            None => {
+                self.set_offline(gpu);
+            }
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -152,5 +213,28 @@ mod tests {
         assert_eq!(pool.pick(40, GrantPolicy::BestFit), Some(2));
         assert_eq!(pool.pick(60, GrantPolicy::LowestIndex), Some(0));
         assert_eq!(pool.pick(5, GrantPolicy::LowestIndex), None);
+    }
+
+    #[test]
+    fn offline_gpus_are_never_picked_and_come_back_free_when_told() {
+        let mut pool = GpuPool::new(3);
+        pool.occupy(0, 10);
+        pool.occupy(1, 20);
+        assert!(pool.set_offline(0));
+        assert!(!pool.set_offline(0), "offline already");
+        assert_eq!(pool.online_count(), 2);
+        assert_eq!(GpuSource::gpu_count(&pool), 2);
+        assert_eq!(pool.min_free_at_ns(), 0, "GPU 2 is free");
+        assert!(pool.set_offline(2));
+        assert_eq!(pool.min_free_at_ns(), 20);
+        assert_eq!(pool.pick(1_000, GrantPolicy::LowestIndex), Some(1));
+        assert!(pool.set_offline(1));
+        assert_eq!(pool.min_free_at_ns(), u64::MAX, "nothing online");
+        assert_eq!(pool.pick(u64::MAX - 1, GrantPolicy::EarliestFree), None);
+        assert_eq!(GpuSource::gpu_count(&pool), 1, "policies divide by it");
+        assert!(pool.set_online(2, 500));
+        assert_eq!(pool.pick(499, GrantPolicy::LowestIndex), None);
+        assert_eq!(pool.pick(500, GrantPolicy::LowestIndex), Some(2));
+        assert_eq!(pool.slots(), 3);
     }
 }

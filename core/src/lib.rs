@@ -8,6 +8,7 @@
 
 mod names;
 
+pub mod autoscale;
 pub mod correction;
 pub mod gpu_pool;
 pub mod policy;

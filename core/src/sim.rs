@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde::Serialize;
 
+use crate::autoscale::{Autoscale, Scaler, Slot};
 use crate::policy::{self, Completion, Knobs, ModelConfig, Output, Policy, PolicyKind};
 use crate::request::Request;
 use crate::workload::{Arrival, Phase, Workload};
@@ -36,6 +37,9 @@ pub struct SimConfig {
     pub nexus_true_rates: bool,
     /// How the fake GPUs' batches run against their profile (exactly, by default).
     pub exec: ExecModel,
+    /// GPUs that come and go with the load (`None`: `gpu_count` GPUs throughout). With an
+    /// autoscaler `gpu_count` is the most there can be.
+    pub autoscale: Option<Autoscale>,
 }
 
 /// How a simulated GPU runs a batch against its profile: exactly (the default), or with
@@ -100,6 +104,7 @@ impl SimConfig {
             knobs: Knobs::default(),
             nexus_true_rates: false,
             exec: ExecModel::default(),
+            autoscale: None,
         }
     }
 }
@@ -223,7 +228,39 @@ pub struct Summary {
     /// GPUs that ran anything in the bench phase.
     pub gpus_used: u32,
     pub gpu_busy_s: f64,
+    /// GPU-seconds paid for over the bench phase: online, starting or draining (a fixed
+    /// cluster pays for all of its GPUs throughout).
+    pub gpu_paid_s: f64,
+    /// The most GPUs paid for at once in the bench phase.
+    pub gpus_paid_peak: u32,
+    /// What the autoscaler did, when there was one.
+    pub autoscale: Option<AutoscaleSummary>,
     pub models: Vec<ModelSummary>,
+}
+
+/// What an autoscaler did over a whole run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AutoscaleSummary {
+    pub config: Autoscale,
+    /// GPUs asked for and GPUs let go.
+    pub started: u64,
+    pub drained: u64,
+}
+
+/// One second of a run: what was offered, how it fared (by arrival), and the GPUs.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Second {
+    pub arrivals: u64,
+    pub success: u64,
+    /// Arrivals of this second not answered in time (late, dropped or no reply).
+    pub bad: u64,
+    /// GPU-seconds of batches run in this second.
+    pub busy_gpus: f64,
+    /// Mean GPUs taking plans, and paid for (online, starting or draining).
+    pub online_gpus: f64,
+    pub paid_gpus: f64,
+    /// The autoscaler's last recommendation by the end of this second (0 without one).
+    pub recommended: u32,
 }
 
 /// Everything one run produced: the summary, and every plan and request for audits.
@@ -238,6 +275,23 @@ pub struct SimReport {
     /// What the policy corrected in its profiles from measured batch times (per model; empty
     /// when it does not correct).
     pub corrections: Vec<crate::correction::CorrectionSummary>,
+    /// The whole run second by second (warm-up and cool-down included).
+    pub timeline: Vec<Second>,
+    /// With an autoscaler: when the policy could plan on each GPU (from its start-up's end,
+    /// or from being wanted again while draining, to its drain)...
+    pub gpu_available: Vec<GpuSpan>,
+    /// ...and when each GPU was there to run batches (from its start-up's end to leaving).
+    /// Open spans end at `u64::MAX`. Empty without an autoscaler: every GPU is there
+    /// throughout.
+    pub gpu_present: Vec<GpuSpan>,
+}
+
+/// A GPU over `[from_ns, to_ns)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuSpan {
+    pub gpu: u32,
+    pub from_ns: u64,
+    pub to_ns: u64,
 }
 
 impl SimReport {
@@ -316,6 +370,120 @@ struct Engine<'a> {
     exec: ExecModel,
     /// The batches' noise (its own stream: the arrivals are the same with or without it).
     exec_rng: rand_pcg::Pcg64,
+    scaler: Option<Scaler>,
+    ledger: Ledger,
+    /// When the last event was handled.
+    end_ns: u64,
+    /// Per slot, since when the policy may plan on it and since when it is there (open
+    /// spans), and the closed spans.
+    available_since: Vec<Option<u64>>,
+    present_since: Vec<Option<u64>>,
+    gpu_available: Vec<GpuSpan>,
+    gpu_present: Vec<GpuSpan>,
+}
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// GPU time by second of the run, kept as it happens (the utilization signal reads it).
+#[derive(Debug)]
+struct Ledger {
+    busy_ns: Vec<u64>,
+    online_ns: Vec<u64>,
+    paid_ns: Vec<u64>,
+    /// The most GPUs paid for at any moment of each second.
+    paid_max: Vec<u32>,
+    recommended: Vec<u32>,
+    since_ns: u64,
+    online: u32,
+    paid: u32,
+}
+
+impl Ledger {
+    fn new(online: u32, paid: u32) -> Ledger {
+        Ledger {
+            busy_ns: Vec::new(),
+            online_ns: Vec::new(),
+            paid_ns: Vec::new(),
+            paid_max: Vec::new(),
+            recommended: Vec::new(),
+            since_ns: 0,
+            online,
+            paid,
+        }
+    }
+
+    /// Adds `weight` for every nanosecond of `[from_ns, to_ns)` to the seconds it covers.
+    fn spread(seconds: &mut Vec<u64>, from_ns: u64, to_ns: u64, weight: u64) {
+        if to_ns <= from_ns || weight == 0 {
+            return;
+        }
+        let last = ((to_ns - 1) / SECOND_NS) as usize;
+        if seconds.len() <= last {
+            seconds.resize(last + 1, 0);
+        }
+        let mut at_ns = from_ns;
+        while at_ns < to_ns {
+            let second = at_ns / SECOND_NS;
+            let end_ns = ((second + 1) * SECOND_NS).min(to_ns);
+            seconds[second as usize] += (end_ns - at_ns) * weight;
+            at_ns = end_ns;
+        }
+    }
+
+    fn busy(&mut self, from_ns: u64, to_ns: u64) {
+        Ledger::spread(&mut self.busy_ns, from_ns, to_ns, 1);
+    }
+
+    /// A preempted batch stopped at `stop_ns` instead of `finish_ns`.
+    fn unbusy(&mut self, stop_ns: u64, finish_ns: u64) {
+        let mut at_ns = stop_ns;
+        while at_ns < finish_ns {
+            let second = at_ns / SECOND_NS;
+            let end_ns = ((second + 1) * SECOND_NS).min(finish_ns);
+            self.busy_ns[second as usize] -= end_ns - at_ns;
+            at_ns = end_ns;
+        }
+    }
+
+    /// Accounts the GPUs online and paid up to `now_ns`, then sets them.
+    fn set_gpus(&mut self, now_ns: u64, online: u32, paid: u32) {
+        let since_ns = self.since_ns;
+        Ledger::spread(&mut self.online_ns, since_ns, now_ns, u64::from(self.online));
+        Ledger::spread(&mut self.paid_ns, since_ns, now_ns, u64::from(self.paid));
+        let last = (now_ns / SECOND_NS) as usize;
+        if self.paid_max.len() <= last {
+            self.paid_max.resize(last + 1, 0);
+        }
+        for second in (since_ns / SECOND_NS) as usize..=last {
+            self.paid_max[second] = self.paid_max[second].max(self.paid);
+        }
+        self.paid_max[last] = self.paid_max[last].max(paid);
+        self.since_ns = now_ns;
+        self.online = online;
+        self.paid = paid;
+    }
+
+    fn recommend(&mut self, now_ns: u64, recommended: u32) {
+        let second = (now_ns / SECOND_NS) as usize;
+        if self.recommended.len() <= second {
+            let last = self.recommended.last().copied().unwrap_or(0);
+            self.recommended.resize(second + 1, last);
+        }
+        self.recommended[second] = recommended;
+    }
+
+    /// The online GPUs' busy fraction over the whole seconds of `[now - window, now)`.
+    fn busy_fraction(&mut self, now_ns: u64, window_ns: u64) -> f64 {
+        self.set_gpus(now_ns, self.online, self.paid);
+        let end = (now_ns / SECOND_NS) as usize;
+        let start = (now_ns.saturating_sub(window_ns) / SECOND_NS) as usize;
+        let sum = |v: &[u64]| -> u64 { v.get(start..end.min(v.len())).map_or(0, |s| s.iter().sum()) };
+        let online_ns = sum(&self.online_ns);
+        if online_ns == 0 {
+            return 0.0;
+        }
+        sum(&self.busy_ns) as f64 / online_ns as f64
+    }
 }
 
 impl<'a> Engine<'a> {
@@ -333,6 +501,103 @@ impl<'a> Engine<'a> {
             horizon_ns: workload.end_ns() + 4 * slo_max_ns + 1_000_000_000,
             exec: config.exec,
             exec_rng: rand_pcg::Pcg64::seed_from_u64(config.seed ^ 0x5eed_e8ec),
+            scaler: config
+                .autoscale
+                .map(|a| Scaler::new(a, config.gpu_count).unwrap_or_else(|e| panic!("autoscaler: {e}"))),
+            ledger: Ledger::new(config.gpu_count, config.gpu_count),
+            end_ns: 0,
+            available_since: vec![None; config.gpu_count as usize],
+            present_since: vec![None; config.gpu_count as usize],
+            gpu_available: Vec::new(),
+            gpu_present: Vec::new(),
+        }
+    }
+
+    /// Tells the policy which GPUs it may plan on at the start.
+    fn start_scaler(&mut self, policy: &mut dyn Policy, out: &mut Output) {
+        let Some(scaler) = &self.scaler else { return };
+        let slots = self.gpu_busy_until_ns.len() as u32;
+        for gpu in 0..slots {
+            if scaler.slot(gpu) == Slot::Off {
+                assert!(
+                    policy.set_gpu_available(0, gpu, None, out),
+                    "this policy plans on a fixed set of GPUs: it cannot be autoscaled"
+                );
+            } else {
+                self.available_since[gpu as usize] = Some(0);
+                self.present_since[gpu as usize] = Some(0);
+            }
+        }
+        self.ledger = Ledger::new(scaler.online(), scaler.paid());
+    }
+
+    /// The autoscaler's next event: a tick or a start-up completing.
+    fn next_scale_ns(&self) -> Option<u64> {
+        let scaler = self.scaler.as_ref()?;
+        Some(match scaler.next_ready_ns() {
+            Some(ready_ns) => ready_ns.min(scaler.next_tick_ns()),
+            None => scaler.next_tick_ns(),
+        })
+    }
+
+    /// GPUs whose start-up ended join; at a tick, the signal is read and acted on.
+    fn scale(&mut self, now_ns: u64, policy: &mut dyn Policy, out: &mut Output) {
+        let scaler = self.scaler.as_mut().expect("scale events come from a scaler");
+        for gpu in scaler.take_ready(now_ns) {
+            let free_at_ns = now_ns.max(self.gpu_busy_until_ns[gpu as usize]);
+            policy.set_gpu_available(now_ns, gpu, Some(free_at_ns), out);
+            self.available_since[gpu as usize] = Some(now_ns);
+            self.present_since[gpu as usize] = Some(now_ns);
+        }
+        if scaler.next_tick_ns() <= now_ns {
+            let window_ns = scaler.config().window_ns;
+            let busy = self.ledger.busy_fraction(now_ns, window_ns);
+            let recommended = scaler.recommend(policy.demand_gpus(), busy);
+            self.ledger.recommend(now_ns, recommended);
+            let actions = scaler.tick(now_ns, recommended);
+            for &gpu in &actions.kept {
+                let free_at_ns = now_ns.max(self.gpu_busy_until_ns[gpu as usize]);
+                policy.set_gpu_available(now_ns, gpu, Some(free_at_ns), out);
+                self.available_since[gpu as usize] = Some(now_ns);
+            }
+            for &gpu in &actions.drained {
+                policy.set_gpu_available(now_ns, gpu, None, out);
+                let from_ns = self.available_since[gpu as usize].take().expect("an online GPU drains");
+                self.gpu_available.push(GpuSpan {
+                    gpu,
+                    from_ns,
+                    to_ns: now_ns,
+                });
+                if self.gpu_busy_until_ns[gpu as usize] <= now_ns {
+                    scaler.left(gpu);
+                    let from_ns = self.present_since[gpu as usize]
+                        .take()
+                        .expect("a draining GPU is there");
+                    self.gpu_present.push(GpuSpan {
+                        gpu,
+                        from_ns,
+                        to_ns: now_ns,
+                    });
+                }
+            }
+        }
+        self.ledger.set_gpus(now_ns, scaler.online(), scaler.paid());
+    }
+
+    /// A draining GPU whose last batch ended leaves.
+    fn leave_if_drained(&mut self, now_ns: u64, gpu: u32) {
+        let Some(scaler) = self.scaler.as_mut() else { return };
+        if scaler.slot(gpu) == Slot::Draining && self.gpu_busy_until_ns[gpu as usize] <= now_ns {
+            scaler.left(gpu);
+            let from_ns = self.present_since[gpu as usize]
+                .take()
+                .expect("a draining GPU is there");
+            self.gpu_present.push(GpuSpan {
+                gpu,
+                from_ns,
+                to_ns: now_ns,
+            });
+            self.ledger.set_gpus(now_ns, scaler.online(), scaler.paid());
         }
     }
 
@@ -341,11 +606,21 @@ impl<'a> Engine<'a> {
         let mut next_arrival = 0usize;
         let mut now_ns = 0u64;
         let mut steps_at_now = 0u64;
+        self.start_scaler(policy, &mut out);
         loop {
             let arrival_ns = arrivals.get(next_arrival).map(|a| a.arrival_ns);
             let completion_ns = self.completions.peek().map(|Reverse((t, _))| *t);
             let timer_ns = policy.next_timer_ns().map(|t| t.max(now_ns));
-            let Some(next_ns) = [arrival_ns, completion_ns, timer_ns].into_iter().flatten().min() else {
+            // The autoscaler ticks only while there is work left (else the run never ends).
+            let scale_ns = match arrival_ns.or(completion_ns).or(timer_ns) {
+                Some(_) => self.next_scale_ns(),
+                None => None,
+            };
+            let Some(next_ns) = [arrival_ns, completion_ns, timer_ns, scale_ns]
+                .into_iter()
+                .flatten()
+                .min()
+            else {
                 break;
             };
             if next_ns > self.horizon_ns {
@@ -359,11 +634,15 @@ impl<'a> Engine<'a> {
                 steps_at_now = 0;
             }
             now_ns = next_ns;
+            self.end_ns = now_ns;
             if completion_ns == Some(now_ns) {
                 let Reverse((_, plan_id)) = self.completions.pop().expect("peeked");
                 if let Some(completion) = self.complete(plan_id) {
                     policy.on_completion(now_ns, &completion, &mut out);
+                    self.leave_if_drained(now_ns, completion.gpu);
                 }
+            } else if scale_ns == Some(now_ns) {
+                self.scale(now_ns, policy, &mut out);
             } else if arrival_ns == Some(now_ns) {
                 let arrival = arrivals[next_arrival];
                 let model = &self.models[arrival.model_index as usize];
@@ -401,6 +680,7 @@ impl<'a> Engine<'a> {
             assert_eq!(plan.status, PlanStatus::Running, "only running plans are preempted");
             plan.status = PlanStatus::Preempted;
             let stop_ns = now_ns.max(plan.exec_at_ns);
+            self.ledger.unbusy(stop_ns, plan.finish_at_ns);
             plan.finish_at_ns = stop_ns;
             if self.gpu_last_plan[plan.gpu as usize] == Some(plan_id) {
                 self.gpu_busy_until_ns[plan.gpu as usize] = stop_ns;
@@ -424,6 +704,7 @@ impl<'a> Engine<'a> {
                 .exec
                 .run_ns(profile.exec_ns(plan.batch_size), start_ns, idle_ns, &mut self.exec_rng);
             let finish_ns = start_ns + run_ns;
+            self.ledger.busy(start_ns, finish_ns);
             self.gpu_busy_until_ns[plan.gpu as usize] = finish_ns;
             self.gpu_last_plan[plan.gpu as usize] = Some(plan.plan_id);
             let requests_start = self.plan_requests.len() as u32;
@@ -480,10 +761,43 @@ impl<'a> Engine<'a> {
         })
     }
 
-    fn report(self, workload: &Workload, config: &SimConfig) -> SimReport {
+    fn report(mut self, workload: &Workload, config: &SimConfig) -> SimReport {
         let bench_window_ns = workload.bench_window_ns();
-        let summary = summarize(workload, config, &self.requests, &self.plans, bench_window_ns);
+        let mut summary = summarize(workload, config, &self.requests, &self.plans, bench_window_ns);
+        let timeline = self.timeline(workload.end_ns());
+        let (bench_start, bench_end) = (
+            (bench_window_ns.0 / SECOND_NS) as usize,
+            (bench_window_ns.1.div_ceil(SECOND_NS) as usize).min(timeline.len()),
+        );
+        let bench = timeline.get(bench_start..bench_end).unwrap_or(&[]);
+        summary.gpu_paid_s = bench.iter().map(|s| s.paid_gpus).sum();
+        summary.gpus_paid_peak = self
+            .ledger
+            .paid_max
+            .get(bench_start..bench_end)
+            .map_or(0, |m| m.iter().copied().max().unwrap_or(0));
+        summary.autoscale = self.scaler.as_ref().map(|scaler| AutoscaleSummary {
+            config: *scaler.config(),
+            started: scaler.started_total(),
+            drained: scaler.drained_total(),
+        });
+        let close = |open: &[Option<u64>], spans: &mut Vec<GpuSpan>| {
+            for (gpu, from_ns) in open.iter().enumerate() {
+                if let Some(from_ns) = *from_ns {
+                    spans.push(GpuSpan {
+                        gpu: gpu as u32,
+                        from_ns,
+                        to_ns: u64::MAX,
+                    });
+                }
+            }
+        };
+        close(&self.available_since, &mut self.gpu_available);
+        close(&self.present_since, &mut self.gpu_present);
         SimReport {
+            timeline,
+            gpu_available: self.gpu_available,
+            gpu_present: self.gpu_present,
             summary,
             plans: self.plans,
             plan_requests: self.plan_requests,
@@ -492,6 +806,37 @@ impl<'a> Engine<'a> {
             bench_window_ns,
             corrections: Vec::new(),
         }
+    }
+}
+
+impl Engine<'_> {
+    /// The run second by second, over the workload's whole seconds (arrivals end there).
+    fn timeline(&mut self, workload_end_ns: u64) -> Vec<Second> {
+        let (online, paid) = (self.ledger.online, self.ledger.paid);
+        self.ledger.set_gpus(self.end_ns.max(workload_end_ns), online, paid);
+        let seconds = ((workload_end_ns / SECOND_NS) as usize).max(1);
+        let mut timeline = vec![Second::default(); seconds];
+        for r in &self.requests {
+            let Some(second) = timeline.get_mut((r.arrival_ns / SECOND_NS) as usize) else {
+                continue;
+            };
+            second.arrivals += 1;
+            if r.outcome == Outcome::Success {
+                second.success += 1;
+            } else {
+                second.bad += 1;
+            }
+        }
+        let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0) as f64 / SECOND_NS as f64;
+        let mut recommended = 0;
+        for (i, second) in timeline.iter_mut().enumerate() {
+            second.busy_gpus = at(&self.ledger.busy_ns, i);
+            second.online_gpus = at(&self.ledger.online_ns, i);
+            second.paid_gpus = at(&self.ledger.paid_ns, i);
+            recommended = self.ledger.recommended.get(i).copied().unwrap_or(recommended);
+            second.recommended = recommended;
+        }
+        timeline
     }
 }
 
@@ -567,6 +912,9 @@ fn summarize(
         gpu_busy_fraction: gpu_busy_ns.iter().map(|&ns| ns as f64 / 1e9 / bench_s).collect(),
         gpus_used: gpu_busy_ns.iter().filter(|&&ns| ns > 0).count() as u32,
         gpu_busy_s: gpu_busy_ns.iter().sum::<u64>() as f64 / 1e9,
+        gpu_paid_s: 0.0,
+        gpus_paid_peak: 0,
+        autoscale: None,
         models,
     }
 }

@@ -496,6 +496,12 @@ impl Workload {
         (start_ns.unwrap_or(0), end_ns.unwrap_or(0))
     }
 
+    /// The length of [`Workload::bench_window_ns`], seconds.
+    pub fn bench_s(&self) -> f64 {
+        let (start_ns, end_ns) = self.bench_window_ns();
+        (end_ns - start_ns) as f64 / 1e9
+    }
+
     /// The max over models of the end of cool-down.
     pub fn end_ns(&self) -> u64 {
         self.models.iter().map(|m| m.phases.end_ns()).max().unwrap_or(0)
@@ -1087,7 +1093,10 @@ mod tests {
     #[test]
     fn parses_every_shared_workload() {
         let entries = std::fs::read_dir(SHIPPED_WORKLOADS).expect("the repository ships workloads/");
+        let autoscale = std::fs::read_dir(Path::new(SHIPPED_WORKLOADS).join("autoscale"))
+            .expect("the repository ships workloads/autoscale/");
         let mut paths: Vec<PathBuf> = entries
+            .chain(autoscale)
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
             .collect();

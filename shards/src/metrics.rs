@@ -458,7 +458,9 @@ pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges
         "gauge",
         "GPUs the current load needs with deferral (each model's rate x its target batch's run time / that batch's size, summed, rounded up): the signal for an autoscaler.",
     );
-    let _ = writeln!(out, "symphony_desired_gpus {}", demand.ceil().max(0.0) as u64);
+    // The simulator's autoscaler reads the same function (with its target busy fraction).
+    let desired = symphony_core::autoscale::desired_gpus(demand, 1.0);
+    let _ = writeln!(out, "symphony_desired_gpus {desired}");
     header(&mut out, "symphony_demand_gpus", "gauge", "The same, unrounded.");
     let _ = writeln!(out, "symphony_demand_gpus {demand}");
     out

@@ -66,7 +66,7 @@ impl Clockwork {
             return;
         }
         let horizon_ns = now_ns + self.knobs.clockwork_lookahead_ns;
-        for gpu in 0..self.pool.gpu_count() {
+        for gpu in 0..self.pool.slots() {
             while self.queued_count > 0 && self.pool.free_at_ns(gpu) <= horizon_ns {
                 if !self.dispatch_one(gpu, now_ns, out) {
                     break;

@@ -739,6 +739,20 @@ impl<G: GpuSource> Policy for Deferred<G> {
             .collect()
     }
 
+    fn demand_gpus(&self) -> Option<f64> {
+        Some(Deferred::demand_gpus(self))
+    }
+
+    fn set_gpu_available(&mut self, now_ns: u64, gpu: u32, free_at_ns: Option<u64>, out: &mut Output) -> bool {
+        if !self.pool.set_available(gpu, free_at_ns) {
+            return false;
+        }
+        // A GPU that joined goes to the waiting candidates (a hand-off); one that left is
+        // simply never granted again.
+        self.on_timer(now_ns, out);
+        true
+    }
+
     fn next_timer_ns(&mut self) -> Option<u64> {
         match (self.timers.next_ns(), self.hand_off_at_ns()) {
             (Some(a), Some(b)) => Some(a.min(b)),

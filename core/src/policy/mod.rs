@@ -144,6 +144,18 @@ pub trait Policy {
     fn corrections(&self) -> Vec<crate::correction::CorrectionSummary> {
         Vec::new()
     }
+    /// The GPUs the current load needs (GPU-seconds per second, at the batch sizes the
+    /// policy aims for), for an autoscaler; `None` for a policy that does not estimate it.
+    fn demand_gpus(&self) -> Option<f64> {
+        None
+    }
+    /// An autoscaler brought GPU `gpu` into planning, free from `free_at_ns` (`Some`), or took
+    /// it out (`None`: no new plan goes to it; one granted before still runs). Returns false
+    /// for a policy that plans on a fixed set of GPUs.
+    fn set_gpu_available(&mut self, now_ns: u64, gpu: u32, free_at_ns: Option<u64>, out: &mut Output) -> bool {
+        let _ = (now_ns, gpu, free_at_ns, out);
+        false
+    }
     /// When the policy next wants [`Policy::on_timer`], if ever.
     fn next_timer_ns(&mut self) -> Option<u64>;
     /// Requests the policy holds and has neither planned nor dropped.

@@ -145,6 +145,19 @@ impl Policy for Triton {
         self.dispatch(now_ns, out);
     }
 
+    fn set_gpu_available(&mut self, now_ns: u64, gpu: u32, free_at_ns: Option<u64>, out: &mut Output) -> bool {
+        match free_at_ns {
+            Some(free_at_ns) => {
+                self.pool.set_online(gpu, free_at_ns);
+            }
+            None => {
+                self.pool.set_offline(gpu);
+            }
+        }
+        self.dispatch(now_ns, out);
+        true
+    }
+
     fn next_timer_ns(&mut self) -> Option<u64> {
         // Ready models past their delay wait for a GPU completion, not a timer.
         let next_ns = self.timers.next_ns()?;
