@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use symphony_core::autoscale::{Autoscale, Signal};
-use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, PolicyKind};
+use symphony_core::policy::{ClassPlanning, Condition, DropPolicy, GrantPolicy, Knobs, PolicyKind};
 use symphony_core::sim::{self, SimConfig};
 use symphony_core::workload::Workload;
 use symphony_perf::sweep::{self, Find, SweepSpec};
@@ -508,6 +508,11 @@ struct KnobArgs {
     /// online from measured batch times (a sliding p99 per model and batch-size range).
     #[arg(long)]
     correct: bool,
+    /// The deferred family over a workload's `gpu_classes`: per-class (each batch planned for
+    /// the class of GPU it would get), as-profiled (every GPU as if at speed 1) or slowest
+    /// (every GPU with the slowest class's profile).
+    #[arg(long, default_value = "per-class")]
+    class_planning: ClassPlanning,
     /// symphony: how much less to defer while other models contend, in long recent batches.
     #[arg(long, default_value_t = 2.0)]
     contention_margin: f64,
@@ -537,6 +542,7 @@ impl KnobArgs {
             contention_margin_factor: self.contention_margin,
             nexus_fill_gpus: !self.nexus_no_fill,
             correction: self.correct,
+            class_planning: self.class_planning,
             ..Knobs::default()
         }
     }
@@ -1087,6 +1093,13 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
             "{}: the bench phase offers no load (every bench rps is 0): nothing to search",
             path.display()
         );
+        if !workload.gpu_classes.is_empty() {
+            anyhow::ensure!(
+                matches!(args.find, FindArg::Goodput) && args.gpus.is_none_or(|g| g == workload.gpu_count),
+                "{}: its `gpu_classes` fix the GPUs: --find gpus and another --gpus do not apply",
+                path.display()
+            );
+        }
     }
     if let Some(total) = args.total_rps {
         anyhow::ensure!(
@@ -1154,6 +1167,17 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A workload's `gpu_classes` fix its GPUs: `--gpus` may only repeat their count.
+fn check_classes(workload: &Workload, gpus: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        workload.gpu_classes.is_empty() || gpus == workload.gpu_count,
+        "{}: its `gpu_classes` give {} GPUs; --gpus {gpus} does not apply",
+        workload.source,
+        workload.gpu_count
+    );
+    Ok(())
+}
+
 fn check_gpus(gpus: u32) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=symphony_core::workload::GPUS_LIMIT).contains(&u64::from(gpus)),
@@ -1196,6 +1220,7 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     config.rate_scale = args.rate_scale;
     config.exec = args.exec.exec_model()?;
     check_gpus(config.gpu_count)?;
+    check_classes(&workload, config.gpu_count)?;
     anyhow::ensure!(
         args.rate_scale.is_finite() && args.rate_scale >= 0.0,
         "--rate-scale must be a finite number >= 0"
@@ -1238,6 +1263,18 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         .map(|f| format!("{:.0}", 100.0 * f))
         .collect();
     println!("busy % by GPU index: {}", busy.join(" "));
+    if !workload.gpu_classes.is_empty() {
+        let classes: Vec<String> = workload
+            .gpu_classes
+            .iter()
+            .map(|c| format!("{} x{} at speed {}", c.name, c.count, c.speed))
+            .collect();
+        println!(
+            "GPU classes (in GPU index order): {}; planned {}",
+            classes.join(", "),
+            config.knobs.class_planning
+        );
+    }
     if !config.exec.is_exact() {
         println!("execution: {:?}", config.exec);
     }
@@ -1282,6 +1319,7 @@ fn run_autoscale(args: AutoscaleRunArgs) -> anyhow::Result<()> {
     let workload = Workload::load(&args.workload)?;
     let slots = args.gpus.unwrap_or(workload.gpu_count);
     check_gpus(slots)?;
+    check_classes(&workload, slots)?;
     anyhow::ensure!(!args.runs.is_empty(), "--runs names no run");
     let spec = symphony_perf::autoscale::Spec {
         runs: args.runs.clone(),

@@ -210,6 +210,20 @@ fn bad_input_gets_clear_errors() {
         &["unknown policy `fifo`", "symphony", "nexus"],
     );
     assert_clean_error(&symphony(&["sim", good.to_str().unwrap(), "--gpus", "0"]), &["--gpus"]);
+    let classes = workloads().join("classes/resnet-8m-4fast-4slow.yaml");
+    let classes = classes.to_str().unwrap();
+    assert_clean_error(
+        &symphony(&["sim", classes, "--gpus", "4"]),
+        &["resnet-8m-4fast-4slow.yaml", "`gpu_classes` give 8 GPUs", "--gpus 4"],
+    );
+    assert_clean_error(
+        &symphony(&["sweep", classes, "--find", "gpus"]),
+        &["`gpu_classes` fix the GPUs"],
+    );
+    assert_clean_error(
+        &symphony(&["sim", classes, "--class-planning", "fastest"]),
+        &["unknown class planning `fastest`", "per-class, as-profiled, slowest"],
+    );
     assert_clean_error(
         &symphony(&["sim", good.to_str().unwrap(), "--rate-scale=-1"]),
         &["--rate-scale"],
@@ -222,6 +236,7 @@ fn every_shipped_workload_loads() {
     let shipped = |dir: PathBuf| std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
     let files: Vec<PathBuf> = shipped(workloads())
         .chain(shipped(workloads().join("autoscale")))
+        .chain(shipped(workloads().join("classes")))
         .filter(|p| p.is_file())
         .collect();
     assert!(files.len() >= 10, "{files:?}");

@@ -49,6 +49,30 @@ pub trait GpuSource: std::fmt::Debug {
         let _ = (gpu, free_at_ns);
         false
     }
+    /// The GPUs' speed classes, each a time factor against the profile (1: as profiled, 2:
+    /// twice as slow), in class order. One class of factor 1 unless the source says more.
+    fn class_factors(&self) -> &[f64] {
+        &[1.0]
+    }
+    /// The class of `gpu` (an index into [`GpuSource::class_factors`]).
+    fn class_of(&self, gpu: u32) -> usize {
+        let _ = gpu;
+        0
+    }
+    /// The earliest time an online GPU of `class` is free.
+    fn min_free_at_in(&self, class: usize) -> u64 {
+        let _ = class;
+        self.min_free_at_ns()
+    }
+    /// Claims a GPU of `class` with `free_at <= exec_at_ns`.
+    fn claim_in(&mut self, class: usize, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {
+        let _ = class;
+        self.claim(exec_at_ns, policy)
+    }
+    /// What the online GPUs can do, in GPUs of factor 1 (the sum of `1 / factor`).
+    fn capacity(&self) -> f64 {
+        f64::from(self.gpu_count())
+    }
 }
 
 /// A GPU slot out of planning: its `free_at` never comes.
@@ -59,6 +83,9 @@ pub struct GpuPool {
     free_at_ns: Vec<u64>,
     min_free_at_ns: u64,
     online: u32,
+    /// Distinct time factors (class order) and each GPU's class; one class of 1 by default.
+    factors: Vec<f64>,
+    class: Vec<u8>,
 }
 
 impl GpuPool {
@@ -69,7 +96,39 @@ impl GpuPool {
             free_at_ns: vec![0; gpu_count as usize],
             min_free_at_ns: 0,
             online: gpu_count,
+            factors: vec![1.0],
+            class: vec![0; gpu_count as usize],
         }
+    }
+
+    /// One GPU per entry of `factors` (its time against the profile: 2 is twice as slow);
+    /// GPUs of equal factors form a class, classes in the order they first appear. Empty:
+    /// `gpu_count` GPUs of factor 1.
+    pub fn with_factors(gpu_count: u32, factors: &[f64]) -> GpuPool {
+        let mut pool = GpuPool::new(gpu_count);
+        if factors.is_empty() {
+            return pool;
+        }
+        assert_eq!(factors.len(), gpu_count as usize, "a factor per GPU");
+        pool.factors.clear();
+        for (gpu, &factor) in factors.iter().enumerate() {
+            assert!(factor.is_finite() && factor > 0.0, "GPU {gpu}: factor {factor}");
+            let class = match pool.factors.iter().position(|&f| f == factor) {
+                Some(class) => class,
+                None => {
+                    pool.factors.push(factor);
+                    pool.factors.len() - 1
+                }
+            };
+            assert!(class < 256, "at most 256 GPU classes");
+            pool.class[gpu] = class as u8;
+        }
+        pool
+    }
+
+    /// GPU `gpu`'s time factor against the profile.
+    pub fn factor(&self, gpu: u32) -> f64 {
+        self.factors[self.class[gpu as usize] as usize]
     }
 
     /// GPU slots, online or not.
@@ -182,6 +241,58 @@ impl GpuSource for GpuPool {
         // Single owner: a claim reserved nothing.
     }
 
+    fn class_factors(&self) -> &[f64] {
+        &self.factors
+    }
+
+    fn class_of(&self, gpu: u32) -> usize {
+        self.class[gpu as usize] as usize
+    }
+
+    fn min_free_at_in(&self, class: usize) -> u64 {
+        if self.factors.len() == 1 {
+            return self.min_free_at_ns;
+        }
+        self.free_at_ns
+            .iter()
+            .zip(&self.class)
+            .filter(|&(_, &c)| c as usize == class)
+            .map(|(&f, _)| f)
+            .min()
+            .unwrap_or(OFFLINE)
+    }
+
+    fn claim_in(&mut self, class: usize, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {
+        if self.factors.len() == 1 {
+            return self.claim(exec_at_ns, policy);
+        }
+        let gpu = pick(
+            self.free_at_ns
+                .iter()
+                .zip(&self.class)
+                .enumerate()
+                .filter(|&(_, (_, &c))| c as usize == class)
+                .map(|(i, (&f, _))| (i as u32, f)),
+            exec_at_ns,
+            policy,
+        )?;
+        Some(GpuClaim {
+            gpu,
+            free_at_ns: self.free_at_ns(gpu),
+        })
+    }
+
+    fn capacity(&self) -> f64 {
+        if self.factors.len() == 1 {
+            return f64::from(self.online.max(1)) / self.factors[0];
+        }
+        let capacity: f64 = (0..self.slots())
+            .filter(|&g| self.is_online(g))
+            .map(|g| 1.0 / self.factor(g))
+            .sum();
+        capacity.max(1e-9)
+    }
+
     fn set_available(&mut self, gpu: u32, free_at_ns: Option<u64>) -> bool {
         match free_at_ns {
             Some(free_at_ns) => {
@@ -213,6 +324,23 @@ mod tests {
         assert_eq!(pool.pick(40, GrantPolicy::BestFit), Some(2));
         assert_eq!(pool.pick(60, GrantPolicy::LowestIndex), Some(0));
         assert_eq!(pool.pick(5, GrantPolicy::LowestIndex), None);
+    }
+
+    #[test]
+    fn classes_pick_their_own_gpus() {
+        let mut pool = GpuPool::with_factors(4, &[1.0, 2.0, 1.0, 2.0]);
+        assert_eq!(pool.class_factors(), &[1.0, 2.0]);
+        assert_eq!((pool.class_of(1), pool.class_of(2)), (1, 0));
+        pool.occupy(0, 50);
+        pool.occupy(2, 70);
+        pool.occupy(1, 10);
+        assert_eq!(pool.min_free_at_in(0), 50);
+        assert_eq!(pool.min_free_at_in(1), 0, "GPU 3 is free");
+        assert_eq!(pool.claim_in(0, 60, GrantPolicy::LowestIndex).map(|c| c.gpu), Some(0));
+        assert_eq!(pool.claim_in(1, 5, GrantPolicy::LowestIndex).map(|c| c.gpu), Some(3));
+        assert_eq!(pool.claim_in(0, 40, GrantPolicy::LowestIndex), None);
+        assert!((pool.capacity() - 3.0).abs() < 1e-12, "1 + 1/2 + 1 + 1/2");
+        assert_eq!(GpuPool::new(3).capacity(), 3.0);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The deterministic virtual-time simulator: a workload's arrivals through one policy onto
 //! fake GPUs, and the metrics of the measured (bench) phase.
 //!
-//! Fake GPUs run each plan for exactly its profile time. A plan emitted at `t` reaches its
+//! Fake GPUs run each plan for exactly its profile time (times the GPU's class factor when
+//! the workload gives `gpu_classes`, and off it when an [`ExecModel`] says so). A plan emitted at `t` reaches its
 //! executor at `t + d_ctrl + d_data*b` and starts at `max(exec_at, that, the GPU's previous
 //! finish)`; replies take `d_resp`, so a request succeeds when
 //! `finish + d_resp <= arrival + slo`. One seed gives one run, byte for byte.
@@ -40,6 +41,8 @@ pub struct SimConfig {
     /// GPUs that come and go with the load (`None`: `gpu_count` GPUs throughout). With an
     /// autoscaler `gpu_count` is the most there can be.
     pub autoscale: Option<Autoscale>,
+    /// Each GPU's time factor against the profiles (`1 / speed` of its class; empty: all 1).
+    pub gpu_factors: Vec<f64>,
 }
 
 /// How a simulated GPU runs a batch against its profile: exactly (the default), or with
@@ -105,6 +108,7 @@ impl SimConfig {
             nexus_true_rates: false,
             exec: ExecModel::default(),
             autoscale: None,
+            gpu_factors: workload.gpu_factors(),
         }
     }
 }
@@ -335,7 +339,11 @@ pub fn simulate_with(workload: &Workload, config: &SimConfig, arrivals: &mut Vec
             .collect();
         knobs.to_mut().nexus_true_rates = Some(rates);
     }
-    let mut policy = policy::build(config.policy, &models, config.gpu_count, &knobs);
+    assert!(
+        config.gpu_factors.is_empty() || config.gpu_factors.len() == config.gpu_count as usize,
+        "a time factor per GPU, or none"
+    );
+    let mut policy = policy::build_on(config.policy, &models, config.gpu_count, &config.gpu_factors, &knobs);
     run_policy(workload, config, policy.as_mut(), arrivals)
 }
 
@@ -370,6 +378,8 @@ struct Engine<'a> {
     exec: ExecModel,
     /// The batches' noise (its own stream: the arrivals are the same with or without it).
     exec_rng: rand_pcg::Pcg64,
+    /// Each GPU's time factor (empty: all 1).
+    gpu_factors: Vec<f64>,
     scaler: Option<Scaler>,
     ledger: Ledger,
     /// When the last event was handled.
@@ -501,6 +511,7 @@ impl<'a> Engine<'a> {
             horizon_ns: workload.end_ns() + 4 * slo_max_ns + 1_000_000_000,
             exec: config.exec,
             exec_rng: rand_pcg::Pcg64::seed_from_u64(config.seed ^ 0x5eed_e8ec),
+            gpu_factors: config.gpu_factors.clone(),
             scaler: config
                 .autoscale
                 .map(|a| Scaler::new(a, config.gpu_count).unwrap_or_else(|e| panic!("autoscaler: {e}"))),
@@ -700,9 +711,11 @@ impl<'a> Engine<'a> {
                 .max(arrive_ns)
                 .max(self.gpu_busy_until_ns[plan.gpu as usize]);
             let idle_ns = start_ns - self.gpu_busy_until_ns[plan.gpu as usize].min(start_ns);
-            let run_ns = self
-                .exec
-                .run_ns(profile.exec_ns(plan.batch_size), start_ns, idle_ns, &mut self.exec_rng);
+            let profiled_ns = match self.gpu_factors.get(plan.gpu as usize) {
+                Some(&factor) if factor != 1.0 => (profile.exec_ns(plan.batch_size) as f64 * factor).ceil() as u64,
+                _ => profile.exec_ns(plan.batch_size),
+            };
+            let run_ns = self.exec.run_ns(profiled_ns, start_ns, idle_ns, &mut self.exec_rng);
             let finish_ns = start_ns + run_ns;
             self.ledger.busy(start_ns, finish_ns);
             self.gpu_busy_until_ns[plan.gpu as usize] = finish_ns;

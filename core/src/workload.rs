@@ -91,10 +91,25 @@ pub enum WorkloadError {
 pub struct Workload {
     pub seed: u64,
     pub gpu_count: u32,
+    /// The GPUs by speed (our extension, `gpu_classes`); empty: `gpu_count` GPUs that run
+    /// every profile as given.
+    pub gpu_classes: Vec<GpuClass>,
     pub models: Vec<ModelSpec>,
     /// The file it came from, for messages.
     pub source: String,
 }
+
+/// GPUs of one speed: `count` of them run every batch in its profile's time / `speed`
+/// (2: twice as fast as the profile, 0.5: twice as slow).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuClass {
+    pub name: String,
+    pub count: u32,
+    pub speed: f64,
+}
+
+/// The most a class's speed may differ from the profile's, either way.
+pub const GPU_SPEED_LIMIT: f64 = 100.0;
 
 /// One model of a workload.
 #[derive(Debug, Clone)]
@@ -477,9 +492,41 @@ impl Workload {
             });
         }
 
+        let mut gpu_classes = Vec::new();
+        for (i, class) in raw.gpu_classes.iter().enumerate() {
+            let field = |name: &str| format!("gpu_classes[{i}].{name}");
+            if class.count == 0 || class.count > GPUS_LIMIT {
+                return Err(invalid(
+                    field("count"),
+                    &format!("an integer in 1..={GPUS_LIMIT}"),
+                    class.count.to_string(),
+                ));
+            }
+            if !(class.speed.is_finite() && class.speed >= 1.0 / GPU_SPEED_LIMIT && class.speed <= GPU_SPEED_LIMIT) {
+                return Err(invalid(
+                    field("speed"),
+                    &format!("a factor in [{}, {GPU_SPEED_LIMIT}]", 1.0 / GPU_SPEED_LIMIT),
+                    class.speed.to_string(),
+                ));
+            }
+            gpu_classes.push(GpuClass {
+                name: class.name.clone(),
+                count: class.count as u32,
+                speed: class.speed,
+            });
+        }
+        let class_gpus: u64 = raw.gpu_classes.iter().map(|c| c.count).sum();
+        if !raw.gpu_classes.is_empty() && class_gpus != raw.gpus {
+            return Err(invalid(
+                "gpu_classes".into(),
+                &format!("classes whose counts add up to `gpus` ({})", raw.gpus),
+                format!("{class_gpus} GPUs"),
+            ));
+        }
         let workload = Workload {
             seed: raw.seed.0,
             gpu_count: raw.gpus as u32,
+            gpu_classes,
             models,
             source: source.to_string(),
         };
@@ -494,6 +541,15 @@ impl Workload {
         let start_ns = self.models.iter().map(|m| m.phases.warmup_end_ns()).min();
         let end_ns = self.models.iter().map(|m| m.phases.bench_end_ns()).max();
         (start_ns.unwrap_or(0), end_ns.unwrap_or(0))
+    }
+
+    /// Each GPU's time factor, in GPU index order by class: `1 / speed` (empty without
+    /// `gpu_classes`).
+    pub fn gpu_factors(&self) -> Vec<f64> {
+        self.gpu_classes
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(1.0 / c.speed, c.count as usize))
+            .collect()
     }
 
     /// The length of [`Workload::bench_window_ns`], seconds.
@@ -696,7 +752,17 @@ fn generate_model<R: Rng>(
 struct RawWorkload {
     seed: RawSeed,
     gpus: u64,
+    #[serde(default)]
+    gpu_classes: Vec<RawGpuClass>,
     models: Vec<RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpuClass {
+    name: String,
+    count: u64,
+    speed: f64,
 }
 
 #[derive(Deserialize)]
@@ -1075,6 +1141,27 @@ mod tests {
         )
     }
 
+    #[test]
+    fn gpu_classes_give_each_gpu_its_factor_and_must_add_up() {
+        let with = |classes: &str| one_model("exp", "[{duration: 1, rps: 1}]").replace("gpus: 1\n", classes);
+        let w = parse(&with(
+            "gpus: 3\ngpu_classes: [{name: h100, count: 1, speed: 1}, {name: a10, count: 2, speed: 0.5}]\n",
+        ))
+        .unwrap();
+        assert_eq!(w.gpu_classes.len(), 2);
+        assert_eq!(w.gpu_factors(), vec![1.0, 2.0, 2.0]);
+        assert!(parse(&with("gpus: 3\n")).unwrap().gpu_factors().is_empty());
+        let e = error(&with("gpus: 4\ngpu_classes: [{name: a, count: 3, speed: 1}]\n"));
+        assert!(
+            e.contains("`gpu_classes`") && e.contains("add up to `gpus` (4)") && e.contains("3 GPUs"),
+            "{e}"
+        );
+        let e = error(&with("gpus: 1\ngpu_classes: [{name: a, count: 1, speed: 0}]\n"));
+        assert!(e.contains("gpu_classes[0].speed"), "{e}");
+        let e = error(&with("gpus: 1\ngpu_classes: [{name: a, count: 1}]\n"));
+        assert!(e.contains("speed"), "{e}");
+    }
+
     fn count_model(arrivals: &[Arrival], model_index: u32) -> usize {
         arrivals.iter().filter(|a| a.model_index == model_index).count()
     }
@@ -1095,8 +1182,11 @@ mod tests {
         let entries = std::fs::read_dir(SHIPPED_WORKLOADS).expect("the repository ships workloads/");
         let autoscale = std::fs::read_dir(Path::new(SHIPPED_WORKLOADS).join("autoscale"))
             .expect("the repository ships workloads/autoscale/");
+        let classes = std::fs::read_dir(Path::new(SHIPPED_WORKLOADS).join("classes"))
+            .expect("the repository ships workloads/classes/");
         let mut paths: Vec<PathBuf> = entries
             .chain(autoscale)
+            .chain(classes)
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
             .collect();

@@ -183,6 +183,26 @@ pub enum Condition {
     Immediately,
 }
 
+/// How the deferred family plans GPUs of different speeds (`gpu_classes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassPlanning {
+    /// Each candidate batch is formed and timed for the class of GPU it would be granted.
+    PerClass,
+    /// Every GPU planned with the profile as given (as if all ran at speed 1).
+    AsProfiled,
+    /// Every GPU planned with the slowest class's profile (the service's rule meanwhile: the
+    /// slowest registered executor's profile).
+    Slowest,
+}
+
+knob_names!(
+    ClassPlanning,
+    "class planning",
+    PerClass = "per-class",
+    AsProfiled = "as-profiled",
+    Slowest = "slowest"
+);
+
 knob_names!(
     DropPolicy,
     "drop policy",
@@ -274,6 +294,8 @@ pub struct Knobs {
     /// The deferred family plans with profiles corrected online from measured batch times
     /// (`crate::correction`): off by default until the sweeps show it costs no workload.
     pub correction: bool,
+    /// The deferred family over GPUs of several speeds: per class (default), or one profile.
+    pub class_planning: ClassPlanning,
     /// Ours: the contention margin in units of a long recent batch (0 switches it off).
     pub contention_margin_factor: f64,
     /// Rate meter: sample length and window.
@@ -309,6 +331,7 @@ impl Default for Knobs {
             condition: None,
             grant: None,
             correction: false,
+            class_planning: ClassPlanning::PerClass,
             saturation_threshold: 0.8,
             saturated_drop: DropPolicy::WindowDrop,
             saturated_target_fraction: 0.6,
@@ -338,18 +361,29 @@ impl Knobs {
 
 /// Builds a policy over `models` and `gpu_count` GPUs.
 pub fn build(kind: PolicyKind, models: &[ModelConfig], gpu_count: u32, knobs: &Knobs) -> Box<dyn Policy> {
+    build_on(kind, models, gpu_count, &[], knobs)
+}
+
+/// Builds a policy over `models` and `gpu_count` GPUs whose time factors against the
+/// profiles are `factors` (one per GPU; empty: all 1). The deferred family and Triton know
+/// each GPU's speed; Clockwork, Nexus and Shepherd plan every GPU with the profile as given.
+pub fn build_on(
+    kind: PolicyKind,
+    models: &[ModelConfig],
+    gpu_count: u32,
+    factors: &[f64],
+    knobs: &Knobs,
+) -> Box<dyn Policy> {
     assert!(gpu_count > 0);
     assert!(!models.is_empty());
+    let pool = crate::gpu_pool::GpuPool::with_factors(gpu_count, factors);
     match kind {
-        PolicyKind::Symphony | PolicyKind::SymphonyRef | PolicyKind::Eager => Box::new(deferred::Deferred::new(
-            deferred::Config::of(kind, knobs),
-            models,
-            gpu_count,
-            knobs,
-        )),
+        PolicyKind::Symphony | PolicyKind::SymphonyRef | PolicyKind::Eager => Box::new(
+            deferred::Deferred::with_source(deferred::Config::of(kind, knobs), models, pool, knobs),
+        ),
+        PolicyKind::Triton => Box::new(triton::Triton::on(models, pool, knobs)),
         PolicyKind::Clockwork => Box::new(clockwork::Clockwork::new(models, gpu_count, knobs)),
         PolicyKind::Nexus => Box::new(nexus::Nexus::new(models, gpu_count, knobs)),
         PolicyKind::Shepherd => Box::new(shepherd::Shepherd::new(models, gpu_count, knobs)),
-        PolicyKind::Triton => Box::new(triton::Triton::new(models, gpu_count, knobs)),
     }
 }

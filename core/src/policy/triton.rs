@@ -33,6 +33,12 @@ pub struct Triton {
 
 impl Triton {
     pub fn new(models: &[ModelConfig], gpu_count: u32, knobs: &Knobs) -> Triton {
+        Triton::on(models, GpuPool::new(gpu_count), knobs)
+    }
+
+    /// Over `pool`, whose GPUs may differ in speed: a batch occupies its GPU for the
+    /// profile's time times that GPU's factor (Triton sees each GPU's completions).
+    pub fn on(models: &[ModelConfig], pool: GpuPool, knobs: &Knobs) -> Triton {
         let preferred_max = models
             .iter()
             .map(|m| {
@@ -56,7 +62,7 @@ impl Triton {
             profiles: models.iter().map(|m| m.profile.clone()).collect(),
             queues: models.iter().map(|_| VecDeque::new()).collect(),
             preferred_max,
-            pool: GpuPool::new(gpu_count),
+            pool,
             timers: TimerQueue::new(models.len()),
             queued_count: 0,
         }
@@ -83,10 +89,18 @@ impl Triton {
                 .min_by_key(|&i| (self.queues[i][0].arrival_ns, i));
             let Some(index) = ready else { return };
             let profile = &self.profiles[index];
+            let factor = self.pool.factor(gpu);
+            let scaled = |exec_ns: u64| {
+                if factor == 1.0 {
+                    exec_ns
+                } else {
+                    (exec_ns as f64 * factor).ceil() as u64
+                }
+            };
             let queue = &mut self.queues[index];
             // The queue policy's timeout: reject what cannot finish even alone.
             while let Some(head) = queue.front() {
-                if head.deadline_ns >= now_ns + self.knobs.lead_ns(1) + profile.exec_ns(1) {
+                if head.deadline_ns >= now_ns + self.knobs.lead_ns(1) + scaled(profile.exec_ns(1)) {
                     break;
                 }
                 out.drops.push(queue.pop_front().expect("head exists"));
@@ -95,7 +109,7 @@ impl Triton {
             let batch_size = queue.len().min(self.preferred_max[index] as usize) as u32;
             if batch_size > 0 {
                 let exec_at_ns = now_ns + self.knobs.lead_ns(batch_size);
-                let finish_ns = exec_at_ns + profile.exec_ns(batch_size);
+                let finish_ns = exec_at_ns + scaled(profile.exec_ns(batch_size));
                 self.queued_count -= batch_size as usize;
                 out.push_plan(
                     gpu,
