@@ -263,9 +263,14 @@ fn clients_that_never_read_cannot_exhaust_memory() {
 #[test]
 fn a_half_closed_client_gets_every_reply() {
     let _serial = serial();
-    // Eager dispatch: a burst is not deferred, so a busy test machine's late timers drop
-    // nothing (what is tested is the half-close).
-    let config = example_config("gpus = 2\nshards = 2") + "[policy]\nkind = \"eager\"\n";
+    // Eager dispatch and SLOs of 5 s: a burst is not deferred, so a busy test machine's late
+    // timers or a stalled shard drop nothing (what is tested is the half-close; with the
+    // example's 50 ms SLO a loaded CI machine once dropped one).
+    let models: String = ["small", "resnet_a", "resnet_b"]
+        .iter()
+        .map(|name| format!("[[models]]\nname = \"{name}\"\nprofile = \"sleep#1082,5204,0,0\"\nslo_ms = 5000\n"))
+        .collect();
+    let config = format!("listen = \"127.0.0.1:0\"\ngpus = 2\nshards = 2\n{models}[policy]\nkind = \"eager\"\n");
     let serve = Serve::start(&config, &[]);
     let mut stream = TcpStream::connect(serve.addr).unwrap();
     let mut frames = Vec::new();

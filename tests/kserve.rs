@@ -352,6 +352,48 @@ fn scrape(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// Embedded GPUs that run every batch twice as slowly as its profile (`[embedded]
+/// cold_factor = 2`, a gap of 0): with `[policy] correction` the scheduler learns it and the
+/// scrape shows the factor it plans at; without, nothing is corrected.
+#[test]
+fn embedded_gpus_that_run_slow_are_corrected_and_the_scrape_says_so() {
+    for correction in [true, false] {
+        let config = kserve_config("shards = 1\ngpus = 2")
+            + &format!("correction = {correction}\n[embedded]\ncold_factor = 2.0\n");
+        let serve = Serve::start(&config, &["--metrics", "127.0.0.1:0"]);
+        let metrics = logged_addr(&serve, "Prometheus metrics at", "/metrics");
+        let mut client = serve.client();
+        let model = ModelRef::Name("steady".into());
+        // One at a time: a batch of one each.
+        for id in 0..40 {
+            client.send(id, &model, None, &[0u8; 64]).unwrap();
+            assert_eq!(client.recv().unwrap().status, Status::Ok);
+        }
+        let m = scrape(metrics);
+        let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in the scrape"));
+        let corrections = get("symphony_profile_corrections_total{model=\"steady\"}");
+        let measured = get("symphony_profile_corrected_batches_total{model=\"steady\"}");
+        let factor = get("symphony_profile_correction_factor{model=\"steady\"}");
+        // The batches' own compute times say twice the profile's 2.4 ms (a late timer only
+        // adds to it).
+        let compute_s = get("symphony_compute_duration_seconds_sum{model=\"steady\"}");
+        assert!(
+            compute_s >= 40.0 * 0.0048 * 0.99,
+            "compute {compute_s} s for 40 batches"
+        );
+        if correction {
+            // At least the slowdown; a p99 over 40 batches is their slowest, so one late timer
+            // on a busy machine raises it further.
+            assert!(
+                measured == 40.0 && corrections >= 2.0 && factor >= 1.9,
+                "measured {measured}, corrections {corrections}, factor {factor}"
+            );
+        } else {
+            assert_eq!((measured, corrections, factor), (0.0, 0.0, 1.0));
+        }
+    }
+}
+
 #[test]
 fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
     let serve = Serve::start(

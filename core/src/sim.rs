@@ -77,9 +77,28 @@ impl ExecModel {
         *self == ExecModel::default()
     }
 
+    /// Says what is out of range: noise 0 to 2, cold factor 1 to 100, a gap of 0 ns or more,
+    /// drift 0 to 1 per second.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.noise_sigma.is_finite() && (0.0..=2.0).contains(&self.noise_sigma)) {
+            return Err(format!("the execution noise must be 0 to 2, got {}", self.noise_sigma));
+        }
+        if !(self.cold_factor.is_finite() && (1.0..=100.0).contains(&self.cold_factor)) {
+            return Err(format!(
+                "the cold-start factor must be 1 to 100, got {}",
+                self.cold_factor
+            ));
+        }
+        if !(self.drift_per_s.is_finite() && (0.0..=1.0).contains(&self.drift_per_s)) {
+            return Err(format!("the drift must be 0 to 1 per second, got {}", self.drift_per_s));
+        }
+        Ok(())
+    }
+
     /// The time a batch whose profile says `planned_ns` runs, starting at `start_ns` on a GPU
-    /// that idled `idle_ns` before it.
-    fn run_ns(&self, planned_ns: u64, start_ns: u64, idle_ns: u64, rng: &mut rand_pcg::Pcg64) -> u64 {
+    /// that idled `idle_ns` before it (the simulator's fake GPUs and the service's embedded
+    /// ones).
+    pub fn run_ns(&self, planned_ns: u64, start_ns: u64, idle_ns: u64, rng: &mut rand_pcg::Pcg64) -> u64 {
         if self.is_exact() {
             return planned_ns;
         }
@@ -93,6 +112,28 @@ impl ExecModel {
         }
         factor *= 1.0 + self.drift_per_s * start_ns as f64 / 1e9;
         (planned_ns as f64 * factor).round().max(1.0) as u64
+    }
+}
+
+/// An [`ExecModel`] with its own random stream: what runs each batch of a service's embedded
+/// GPUs.
+#[derive(Debug, Clone)]
+pub struct ExecRunner {
+    pub model: ExecModel,
+    rng: rand_pcg::Pcg64,
+}
+
+impl ExecRunner {
+    pub fn new(model: ExecModel, seed: u64) -> ExecRunner {
+        ExecRunner {
+            model,
+            rng: rand_pcg::Pcg64::seed_from_u64(seed ^ 0x5eed_e8ec),
+        }
+    }
+
+    /// See [`ExecModel::run_ns`].
+    pub fn run_ns(&mut self, planned_ns: u64, start_ns: u64, idle_ns: u64) -> u64 {
+        self.model.run_ns(planned_ns, start_ns, idle_ns, &mut self.rng)
     }
 }
 

@@ -187,6 +187,7 @@ pub fn embedded_cores(
                 timeouts: TimeoutsNs::of(&Timeouts::default()),
                 table: Arc::clone(&table),
                 embedded_gpus: gpus,
+                embedded_exec: symphony_core::sim::ExecModel::default(),
                 executors: Arc::clone(&executors),
                 link_addrs: Arc::clone(&link_addrs),
                 zero_copy: false,

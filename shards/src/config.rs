@@ -10,6 +10,7 @@ use crate::tls::{ServerTls, TlsPorts};
 use serde::Deserialize;
 use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
+use symphony_core::sim::ExecModel;
 
 /// The example served when no `--config` is given: three models on 8 simulated GPUs.
 pub const EXAMPLE_CONFIG: &str = r#"# Symphony's built-in example: three models on 8 embedded simulated GPUs.
@@ -113,6 +114,8 @@ struct RawConfig {
     #[serde(default = "default_zero_copy")]
     zero_copy: bool,
     tls: Option<RawTls>,
+    #[serde(default)]
+    embedded: RawEmbedded,
 }
 
 /// `[tls]`: a PEM certificate chain and key (paths relative to the config's directory), and
@@ -216,6 +219,19 @@ struct RawPolicy {
     d_data_us: Option<u64>,
     d_resp_us: Option<u64>,
     jitter_us: Option<u64>,
+    /// Plan with profiles corrected online from measured batch times.
+    correction: Option<bool>,
+}
+
+/// `[embedded]`: how the embedded simulated GPUs run a batch against its profile (the
+/// simulator's `ExecModel`; every field 0 or absent: exactly).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbedded {
+    exec_noise: Option<f64>,
+    cold_factor: Option<f64>,
+    cold_gap_ms: Option<f64>,
+    drift_per_s: Option<f64>,
 }
 
 /// Named limits of one service; each produces an error reply, a refusal or backpressure,
@@ -353,6 +369,9 @@ pub struct ServeConfig {
     pub executor_token: Option<String>,
     /// TLS on the ports it covers (`[tls]`, `serve --tls-cert --tls-key`); `None`: plain.
     pub tls: Option<crate::tls::ServerTls>,
+    /// How the embedded GPUs run batches against their profile (`[embedded]`; exactly by
+    /// default).
+    pub embedded_exec: ExecModel,
 }
 
 impl ServeConfig {
@@ -541,6 +560,19 @@ impl ServeConfig {
         if let Some(v) = knob(&p.grant) {
             knobs.grant = Some(v.parse::<GrantPolicy>().map_err(|e| invalid("policy.grant", e))?);
         }
+        knobs.correction = p.correction.unwrap_or(false);
+        let e = &raw.embedded;
+        let cold_gap_ms = e.cold_gap_ms.unwrap_or(0.0);
+        if !(cold_gap_ms.is_finite() && cold_gap_ms >= 0.0) {
+            return Err(invalid("embedded.cold_gap_ms", "milliseconds >= 0".to_string()));
+        }
+        let embedded_exec = ExecModel {
+            noise_sigma: e.exec_noise.unwrap_or(0.0),
+            cold_factor: e.cold_factor.unwrap_or(1.0),
+            cold_gap_ns: (cold_gap_ms * 1e6) as u64,
+            drift_per_s: e.drift_per_s.unwrap_or(0.0),
+        };
+        embedded_exec.check().map_err(|e| invalid("embedded", e))?;
         for (value, slot) in [
             (p.d_ctrl_us, &mut knobs.d_ctrl_ns),
             (p.d_data_us, &mut knobs.d_data_ns),
@@ -652,6 +684,7 @@ impl ServeConfig {
             limits,
             executor_token,
             tls,
+            embedded_exec,
         };
         config.check_gpus(source, "")?;
         Ok(config)
@@ -738,6 +771,36 @@ mod tests {
         assert_eq!(c.models.len(), 3);
         assert_eq!(c.gpus, 8);
         assert_eq!(c.policy, PolicyKind::Symphony);
+    }
+
+    #[test]
+    fn correction_and_the_embedded_gpus_execution_are_configured_and_checked() {
+        let models = "[[models]]\nname = \"m\"\nprofile = \"sleep#100,100,0,0\"\nslo_ms = 100\n";
+        let parse = |extra: &str| ServeConfig::parse(&format!("gpus = 2\n{models}{extra}"), Path::new("."), "t");
+        let plain = parse("").unwrap();
+        assert!(!plain.knobs.correction && plain.embedded_exec.is_exact());
+        let set =
+            parse("[policy]\ncorrection = true\n[embedded]\nexec_noise = 0.1\ncold_factor = 2\ncold_gap_ms = 5\n")
+                .unwrap();
+        assert!(set.knobs.correction);
+        assert_eq!(
+            set.embedded_exec,
+            ExecModel {
+                noise_sigma: 0.1,
+                cold_factor: 2.0,
+                cold_gap_ns: 5_000_000,
+                drift_per_s: 0.0
+            }
+        );
+        let e = parse("[embedded]\ncold_factor = 0.5\n").unwrap_err().to_string();
+        assert!(
+            e.contains("`embedded`") && e.contains("cold-start factor must be 1 to 100"),
+            "{e}"
+        );
+        let e = parse("[embedded]\ncold_gap_ms = -1\n").unwrap_err().to_string();
+        assert!(e.contains("embedded.cold_gap_ms"), "{e}");
+        let e = parse("[embedded]\nwarp = 1\n").unwrap_err().to_string();
+        assert!(e.contains("warp"), "{e}");
     }
 
     #[test]

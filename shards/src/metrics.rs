@@ -89,6 +89,11 @@ pub struct ModelMetrics {
     queue_us: Buckets<14>,
     compute_us: Buckets<14>,
     batch_size: Buckets<11>,
+    /// Online correction (`[policy] correction`): batches measured, times the planned
+    /// profile changed, and the largest factor it is planned at now (f64 bits; 0: none yet).
+    corrected_batches: AtomicU64,
+    corrections: AtomicU64,
+    correction_factor: AtomicU64,
 }
 
 /// How one request of a model ended, for [`ModelMetrics`].
@@ -120,6 +125,22 @@ impl ModelMetrics {
     pub fn plan(&self, size: u64, compute_ns: u64) {
         self.batch_size.record(&BATCH_BOUNDS, size, 1);
         self.compute_us.record(&DURATION_BOUNDS_US, compute_ns / 1000, size);
+    }
+
+    /// Where the model's online correction stands (its owner shard writes it after each
+    /// measured batch).
+    pub fn correction(&self, summary: &symphony_core::correction::CorrectionSummary) {
+        self.corrected_batches.store(summary.measured, Ordering::Relaxed);
+        self.corrections.store(summary.updates, Ordering::Relaxed);
+        self.correction_factor
+            .store(summary.factor_max.to_bits(), Ordering::Relaxed);
+    }
+
+    fn correction_factor(&self) -> f64 {
+        match read(&self.correction_factor) {
+            0 => 1.0,
+            bits => f64::from_bits(bits),
+        }
     }
 }
 
@@ -387,6 +408,42 @@ pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges
     for (at, code) in HTTP_ERROR_CODES.iter().enumerate() {
         let value: u64 = shards.iter().map(|s| read(&s.http_errors[at])).sum();
         let _ = writeln!(out, "symphony_http_errors_total{{code=\"{code}\"}} {value}");
+    }
+    header(
+        &mut out,
+        "symphony_profile_corrections_total",
+        "counter",
+        "Times a model's planned profile was corrected from measured batch times ([policy] correction; 0 while it is off).",
+    );
+    let corrections = per_model(catalog, shards, |m| read(&m.corrections));
+    let measured = per_model(catalog, shards, |m| read(&m.corrected_batches));
+    let factors = per_model(catalog, shards, |m| m.correction_factor());
+    for (config, value) in catalog.configs.iter().zip(&corrections) {
+        let model = label(&config.name);
+        let _ = writeln!(out, "symphony_profile_corrections_total{{model=\"{model}\"}} {value}");
+    }
+    header(
+        &mut out,
+        "symphony_profile_corrected_batches_total",
+        "counter",
+        "Batches of a model whose measured time the online correction took in.",
+    );
+    for (config, value) in catalog.configs.iter().zip(&measured) {
+        let model = label(&config.name);
+        let _ = writeln!(
+            out,
+            "symphony_profile_corrected_batches_total{{model=\"{model}\"}} {value}"
+        );
+    }
+    header(
+        &mut out,
+        "symphony_profile_correction_factor",
+        "gauge",
+        "The largest factor a model's profile is planned at now, over its batch-size ranges (1: as profiled).",
+    );
+    for (config, value) in catalog.configs.iter().zip(&factors) {
+        let model = label(&config.name);
+        let _ = writeln!(out, "symphony_profile_correction_factor{{model=\"{model}\"}} {value}");
     }
     histogram(
         &mut out,

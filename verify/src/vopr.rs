@@ -474,6 +474,7 @@ impl<'a> World<'a> {
                     timeouts: TimeoutsNs::of(&scenario.timeouts),
                     table: Arc::clone(&table),
                     embedded_gpus: scenario.embedded_gpus,
+                    embedded_exec: symphony_core::sim::ExecModel::default(),
                     executors: Arc::clone(&executors),
                     link_addrs: Arc::clone(&link_addrs),
                     zero_copy: true,

@@ -205,6 +205,11 @@ impl<G: GpuSource> Deferred<G> {
         self.config
     }
 
+    /// Where model `model`'s online correction stands (`None` with correction off).
+    pub fn correction_of(&self, model: u32) -> Option<CorrectionSummary> {
+        self.models[model as usize].corrector.as_ref().map(|c| c.summary(model))
+    }
+
     pub fn target_batch_size(&self, model: u32) -> u32 {
         self.models[model as usize].target_batch_size
     }

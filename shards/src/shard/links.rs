@@ -379,6 +379,7 @@ impl ShardCore {
                 }
                 let completion = flight.completion(plan_id, started_ns, finished_ns);
                 self.scheduler.on_completion(now_ns, &completion, &mut self.output);
+                self.note_correction(completion.model);
                 self.touched = true;
             }
             PlanStatus::Late | PlanStatus::Failed => {

@@ -90,6 +90,9 @@ pub struct ShardParams {
     /// Whether large plan inputs are handed to the driver as sections (zero-copy sends).
     pub zero_copy: bool,
     pub stats: Arc<Stats>,
+    /// How the embedded GPUs run a batch against its profile (`[embedded]`; exactly by
+    /// default).
+    pub embedded_exec: symphony_core::sim::ExecModel,
 }
 
 /// One thing that happened to a shard.
@@ -149,7 +152,9 @@ pub enum Effect {
     /// A message to another shard (the mesh keeps the order per destination).
     Send { shard: usize, msg: ShardMsg },
     /// Run a plan on an embedded executor: at `exec_at_ns`, for `finish_ns - exec_at_ns`;
-    /// then give [`Input::EmbeddedDone`].
+    /// then give [`Input::EmbeddedDone`]. Both are the plan's own unless `[embedded]` makes
+    /// batches miss their profile: then the batch's run time, after the previous batch this
+    /// shard ran on that GPU.
     RunEmbedded(Plan),
     /// A line for the log (peers' strings in it are bounded and escaped).
     Log(String),
@@ -252,6 +257,10 @@ pub struct ShardCore {
     embedded_gpus: u32,
     /// Plans running on embedded executors, by plan id.
     embedded: HashMap<u64, InFlight>,
+    /// `[embedded]`'s run times (`None`: each batch runs its profile's time), and when each
+    /// embedded GPU is free of this shard's batches.
+    embedded_runner: Option<symphony_core::sim::ExecRunner>,
+    embedded_busy_until_ns: Vec<u64>,
     executors: Arc<Executors>,
     link_addrs: Arc<OnceLock<Vec<String>>>,
     /// Connections on the link port, joined or not.
@@ -311,6 +320,9 @@ impl ShardCore {
             spare_replies: Vec::new(),
             embedded_gpus: params.embedded_gpus,
             embedded: HashMap::new(),
+            embedded_runner: (!params.embedded_exec.is_exact())
+                .then(|| symphony_core::sim::ExecRunner::new(params.embedded_exec, u64::from(params.id))),
+            embedded_busy_until_ns: vec![0; params.embedded_gpus as usize],
             executors: params.executors,
             link_addrs: params.link_addrs,
             links: HashMap::new(),
@@ -581,7 +593,17 @@ impl ShardCore {
                 }
                 self.inflight_requests += ids.len();
                 self.embedded.insert(plan.plan_id, InFlight::of(plan, ids, u64::MAX));
-                fx.list.push(Effect::RunEmbedded(*plan));
+                let mut run = *plan;
+                if let Some(runner) = self.embedded_runner.as_mut() {
+                    let busy_ns = &mut self.embedded_busy_until_ns[plan.gpu as usize];
+                    let start_ns = plan.exec_at_ns.max(*busy_ns);
+                    let idle_ns = start_ns - (*busy_ns).min(start_ns);
+                    let run_ns = runner.run_ns(plan.finish_ns - plan.exec_at_ns, start_ns, idle_ns);
+                    *busy_ns = start_ns + run_ns;
+                    run.exec_at_ns = start_ns;
+                    run.finish_ns = start_ns + run_ns;
+                }
+                fx.list.push(Effect::RunEmbedded(run));
             }
             output.clear();
             self.output = output;
@@ -613,7 +635,18 @@ impl ShardCore {
         let completion = flight.completion(plan_id, started_ns, finished_ns);
         self.id_lists.push(flight.ids);
         self.scheduler.on_completion(self.now_ns, &completion, &mut self.output);
+        self.note_correction(completion.model);
         self.touched = true;
+    }
+
+    /// After a measured batch of `model`: where its online correction stands, for /metrics.
+    pub(super) fn note_correction(&self, model: u32) {
+        if let (Some(summary), Some(metrics)) = (
+            self.scheduler.correction_of(model),
+            self.metrics.models.get(model as usize),
+        ) {
+            metrics.correction(&summary);
+        }
     }
 
     /// A plan ran from `started_ns` to `finished_ns`: its GPU's busy time, its batch size.
