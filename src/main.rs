@@ -279,6 +279,10 @@ struct SweepArgs {
     total_rps: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Search once per arrival seed (comma-separated) and report each cell's median over
+    /// them and its spread (`seeds.md`); --seed then does not apply.
+    #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
+    seeds: Vec<u64>,
     /// Load points per curve in the plot (0: no plot).
     #[arg(long, default_value_t = 16)]
     curve_points: u32,
@@ -1133,8 +1137,32 @@ fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         spec.threads,
         symphony_core::sweep::BAD_RATE_BOUND_PERCENT,
     );
-    let result = sweep::run(&spec);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    if !args.seeds.is_empty() {
+        let mut results = Vec::new();
+        for &seed in &args.seeds {
+            eprintln!("sweep: seed {seed}");
+            let spec = SweepSpec {
+                seed: Some(seed),
+                curve_points: 0,
+                ..spec.clone()
+            };
+            let result = sweep::run(&spec);
+            println!("Seed {seed}\n\n{}", sweep::table(&result, &args.policies));
+            results.push((seed, result));
+        }
+        let seeds: Vec<String> = args.seeds.iter().map(u64::to_string).collect();
+        let table = format!(
+            "Median over seeds {} (smallest to largest)\n\n{}",
+            seeds.join(", "),
+            sweep::median_table(&results, &args.policies)
+        );
+        println!("{table}");
+        std::fs::write(args.out.join("seeds.md"), table)?;
+        eprintln!("wrote seeds.md into {}", args.out.display());
+        return Ok(());
+    }
+    let result = sweep::run(&spec);
     let table = sweep::table(&result, &args.policies);
     let base = sweep::base_table(&result);
     let heading = match find {

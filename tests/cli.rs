@@ -84,6 +84,33 @@ fn sweep_writes_table_json_and_plots() {
     assert!(svg.contains("<svg") && svg.contains("symphony") && svg.contains("eager"));
     let json: String = std::fs::read_to_string(out.join("sweep.json")).unwrap();
     assert!(json.contains("\"goodput_rps\""));
+    // Over three arrival seeds: each seed's table, then the median and spread of each cell.
+    let output = symphony(&[
+        "sweep",
+        workload.to_str().unwrap(),
+        "--policies",
+        "eager",
+        "--seeds",
+        "1,2,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let per_seed: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| w | ") && !l.contains(" to "))
+        .map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(per_seed.len(), 3, "{stdout}");
+    let mut sorted = per_seed.clone();
+    sorted.sort_by(f64::total_cmp);
+    let expected = format!("| w | {:.0} ({:.0} to {:.0}) |", sorted[1], sorted[0], sorted[2]);
+    let seeds = std::fs::read_to_string(out.join("seeds.md")).unwrap();
+    assert!(
+        seeds.contains("Median over seeds 1, 2, 3") && seeds.contains(&expected),
+        "{expected} in {seeds}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

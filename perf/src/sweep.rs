@@ -280,3 +280,60 @@ pub fn base_table(result: &SweepResult) -> String {
     }
     text
 }
+
+/// One sweep per arrival seed, as one table: per (workload, policy) the median over the seeds
+/// and, in parentheses, the smallest and largest.
+pub fn median_table(results: &[(u64, SweepResult)], policies: &[PolicyKind]) -> String {
+    let Some((_, first)) = results.first() else {
+        return String::new();
+    };
+    let mut workloads: Vec<&str> = Vec::new();
+    for cell in &first.cells {
+        if !workloads.contains(&cell.workload.as_str()) {
+            workloads.push(&cell.workload);
+        }
+    }
+    let goodput = first.find == "goodput";
+    let mut text = String::from("| workload |");
+    for p in policies {
+        text.push_str(&format!(" {} |", p.name()));
+    }
+    text.push_str("\n| --- |");
+    for _ in policies {
+        text.push_str(" ---: |");
+    }
+    text.push('\n');
+    for w in workloads {
+        text.push_str(&format!("| {w} |"));
+        for p in policies {
+            let mut values: Vec<f64> = results
+                .iter()
+                .filter_map(|(_, r)| r.cells.iter().find(|c| c.workload == w && c.policy == p.name()))
+                .filter_map(|c| {
+                    if goodput {
+                        c.goodput_rps
+                    } else {
+                        c.gpus_needed.map(f64::from)
+                    }
+                })
+                .collect();
+            values.sort_by(f64::total_cmp);
+            let value = if values.len() < results.len() || values.is_empty() {
+                "-".to_string()
+            } else {
+                let mid = values.len() / 2;
+                // An even count: the mean of the middle two.
+                let median = if values.len() % 2 == 0 {
+                    (values[mid - 1] + values[mid]) / 2.0
+                } else {
+                    values[mid]
+                };
+                let (lo, hi) = (values[0], values[values.len() - 1]);
+                format!("{median:.0} ({lo:.0} to {hi:.0})")
+            };
+            text.push_str(&format!(" {value} |"));
+        }
+        text.push('\n');
+    }
+    text
+}
