@@ -432,6 +432,10 @@ impl ScalingArgs {
 /// How the simulated GPUs run a batch against its profile (default: exactly).
 #[derive(clap::Args, Debug, Clone)]
 struct ExecArgs {
+    /// Every batch runs this many times its profile (a GPU slower than its start-up
+    /// profile says; the planner is not told).
+    #[arg(long, default_value_t = 1.0)]
+    exec_scale: f64,
     /// Log-normal noise on every batch's time: the sigma of its log (0.1: about 10 %).
     #[arg(long, default_value_t = 0.0)]
     exec_noise: f64,
@@ -452,6 +456,7 @@ impl ExecArgs {
             "--cold-gap-ms must be a number of milliseconds >= 0"
         );
         let model = sim::ExecModel {
+            scale: self.exec_scale,
             noise_sigma: self.exec_noise,
             cold_factor: self.cold_factor,
             cold_gap_ns: (self.cold_gap_ms * 1e6) as u64,
@@ -459,7 +464,7 @@ impl ExecArgs {
         };
         model
             .check()
-            .map_err(|e| anyhow::anyhow!("--exec-noise, --cold-factor, --drift-per-s: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--exec-scale, --exec-noise, --cold-factor, --drift-per-s: {e}"))?;
         Ok(model)
     }
 }
@@ -504,6 +509,10 @@ struct KnobArgs {
     /// online from measured batch times (a sliding p99 per model and batch-size range).
     #[arg(long)]
     correct: bool,
+    /// The deferred family: also correct by how long a batch's GPU idled before it (cold
+    /// starts), a sliding p99 per idle-gap bucket.
+    #[arg(long)]
+    correct_idle: bool,
     /// The deferred family over a workload's `gpu_classes`: per-class (each batch planned for
     /// the class of GPU it would get), as-profiled (every GPU as if at speed 1) or slowest
     /// (every GPU with the slowest class's profile).
@@ -538,6 +547,7 @@ impl KnobArgs {
             contention_margin_factor: self.contention_margin,
             nexus_fill_gpus: !self.nexus_no_fill,
             correction: self.correct,
+            correction_idle: self.correct_idle,
             class_planning: self.class_planning,
             ..Knobs::default()
         }

@@ -258,3 +258,129 @@ mod tests {
         assert!(profile.exec_ns(2) >= profile.exec_ns(1), "monotone");
     }
 }
+
+/// Idle-gap buckets of [`IdleCorrector`]: a batch whose GPU idled under 0.5 ms, 2 ms, 8 ms,
+/// 32 ms before it, or longer.
+const IDLE_BOUNDS_NS: [u64; 4] = [500_000, 2_000_000, 8_000_000, 32_000_000];
+const IDLE_BUCKETS: usize = IDLE_BOUNDS_NS.len() + 1;
+
+fn idle_bucket(idle_ns: u64) -> usize {
+    IDLE_BOUNDS_NS.iter().take_while(|&&bound| idle_ns >= bound).count()
+}
+
+/// Online correction keyed on how long a batch's GPU idled before it (a cold start after
+/// idling is the error that [`Corrector`]'s batch-size ranges cannot tell apart): per idle
+/// bucket, a sliding window of measured / profiled times, and its high percentile as the
+/// factor a batch expected to start after such a gap is planned with.
+#[derive(Debug, Clone)]
+pub struct IdleCorrector {
+    windows: Vec<Vec<f64>>,
+    next: Vec<usize>,
+    factors: [f64; IDLE_BUCKETS],
+    since_recompute: u32,
+    pub updates: u64,
+    pub measured: u64,
+}
+
+impl Default for IdleCorrector {
+    fn default() -> IdleCorrector {
+        IdleCorrector {
+            windows: (0..IDLE_BUCKETS).map(|_| Vec::with_capacity(WINDOW)).collect(),
+            next: vec![0; IDLE_BUCKETS],
+            factors: [1.0; IDLE_BUCKETS],
+            since_recompute: 0,
+            updates: 0,
+            measured: 0,
+        }
+    }
+}
+
+impl IdleCorrector {
+    /// The factor for a batch whose GPU idles `idle_ns` before it.
+    pub fn factor(&self, idle_ns: u64) -> f64 {
+        self.factors[idle_bucket(idle_ns)]
+    }
+
+    /// The largest factor of any gap (for timing a batch before its GPU is known).
+    pub fn factor_max(&self) -> f64 {
+        self.factors.iter().copied().fold(1.0, f64::max)
+    }
+
+    /// The smallest and largest factors in use.
+    pub fn range(&self) -> (f64, f64) {
+        self.factors
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &f| (lo.min(f), hi.max(f)))
+    }
+
+    /// A batch that ran `measured_ns` against a profiled `planned_ns`, after its GPU idled
+    /// `idle_ns`. Returns true when the factors changed.
+    pub fn record(&mut self, idle_ns: u64, planned_ns: u64, measured_ns: u64) -> bool {
+        let ratio = (measured_ns as f64 / planned_ns.max(1) as f64).clamp(FACTOR_MIN, FACTOR_MAX);
+        let bucket = idle_bucket(idle_ns);
+        let window = &mut self.windows[bucket];
+        if window.len() < WINDOW {
+            window.push(ratio);
+        } else {
+            window[self.next[bucket]] = ratio;
+        }
+        self.next[bucket] = (self.next[bucket] + 1) % WINDOW;
+        self.measured += 1;
+        self.since_recompute += 1;
+        if self.since_recompute < RECOMPUTE_EVERY {
+            return false;
+        }
+        self.since_recompute = 0;
+        let measured: Vec<Option<f64>> = self
+            .windows
+            .iter()
+            .map(|w| (w.len() >= SAMPLES_MIN).then(|| percentile(w, PERCENTILE)))
+            .collect();
+        if measured.iter().all(Option::is_none) {
+            return false;
+        }
+        let mut factors = [1.0; IDLE_BUCKETS];
+        for (bucket, factor) in factors.iter_mut().enumerate() {
+            // A bucket without enough measurements: the nearest that has them, the longer
+            // gap on a tie (the safer guess).
+            *factor = (0..IDLE_BUCKETS)
+                .filter_map(|other| measured[other].map(|f| (bucket.abs_diff(other), std::cmp::Reverse(other), f)))
+                .min_by_key(|&(distance, other, _)| (distance, other))
+                .map_or(1.0, |(_, _, f)| f);
+        }
+        let changed = factors
+            .iter()
+            .zip(&self.factors)
+            .any(|(new, old)| (new - old).abs() > CHANGE_MIN * old);
+        if changed {
+            self.factors = factors;
+            self.updates += 1;
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    #[test]
+    fn each_idle_gap_gets_its_own_factor_and_an_empty_bucket_its_nearest() {
+        let mut c = IdleCorrector::default();
+        assert_eq!(c.factor(0), 1.0);
+        // Batches after 10 ms of idling run 2.7 times their profile, back-to-back ones 1.4.
+        for i in 0..64u64 {
+            let (idle_ns, ratio) = if i % 2 == 0 { (10_000_000, 2.7) } else { (100_000, 1.4) };
+            c.record(idle_ns, 1_000_000, (1_000_000.0 * ratio) as u64);
+        }
+        assert!((c.factor(0) - 1.4).abs() < 1e-9);
+        assert!((c.factor(10_000_000) - 2.7).abs() < 1e-9);
+        // 0.5 to 2 ms: no data, the nearest is under 0.5 ms; 2 to 8 ms: 8 to 32 ms is nearer.
+        assert!((c.factor(1_000_000) - 1.4).abs() < 1e-9);
+        assert!((c.factor(4_000_000) - 2.7).abs() < 1e-9);
+        assert!((c.factor(u64::MAX) - 2.7).abs() < 1e-9);
+        assert!((c.factor_max() - 2.7).abs() < 1e-9);
+        assert_eq!(c.measured, 64);
+        assert!(c.updates >= 1);
+    }
+}

@@ -45,11 +45,14 @@ pub struct SimConfig {
     pub gpu_factors: Vec<f64>,
 }
 
-/// How a simulated GPU runs a batch against its profile: exactly (the default), or with
-/// noise, a cold start after idling, and a slow drift. Every batch's time is its profile's
-/// `exec_ns(b)` times the product of the three factors.
+/// How a simulated GPU runs a batch against its profile: exactly (the default), or slower
+/// throughout, with noise, a cold start after idling, and a slow drift. Every batch's time is
+/// its profile's `exec_ns(b)` times the product of the four factors.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ExecModel {
+    /// Every batch runs this many times its profile (1: as profiled), unknown to the planner
+    /// (unlike a `gpu_classes` speed).
+    pub scale: f64,
     /// Log-normal noise: a factor `exp(N(0, sigma))` per batch (median 1; 0: none).
     pub noise_sigma: f64,
     /// A batch that starts after its GPU idled at least `cold_gap_ns` runs this many times
@@ -63,6 +66,7 @@ pub struct ExecModel {
 impl Default for ExecModel {
     fn default() -> ExecModel {
         ExecModel {
+            scale: 1.0,
             noise_sigma: 0.0,
             cold_factor: 1.0,
             cold_gap_ns: 0,
@@ -77,9 +81,12 @@ impl ExecModel {
         *self == ExecModel::default()
     }
 
-    /// Says what is out of range: noise 0 to 2, cold factor 1 to 100, a gap of 0 ns or more,
+    /// Says what is out of range: scale 0.1 to 100, noise 0 to 2, cold factor 1 to 100,
     /// drift 0 to 1 per second.
     pub fn check(&self) -> Result<(), String> {
+        if !(self.scale.is_finite() && (0.1..=100.0).contains(&self.scale)) {
+            return Err(format!("the execution scale must be 0.1 to 100, got {}", self.scale));
+        }
         if !(self.noise_sigma.is_finite() && (0.0..=2.0).contains(&self.noise_sigma)) {
             return Err(format!("the execution noise must be 0 to 2, got {}", self.noise_sigma));
         }
@@ -102,7 +109,7 @@ impl ExecModel {
         if self.is_exact() {
             return planned_ns;
         }
-        let mut factor = 1.0;
+        let mut factor = self.scale;
         if self.noise_sigma > 0.0 {
             let normal: f64 = rand_distr::StandardNormal.sample(rng);
             factor *= (self.noise_sigma * normal).exp();

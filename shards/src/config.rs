@@ -221,6 +221,8 @@ struct RawPolicy {
     jitter_us: Option<u64>,
     /// Plan with profiles corrected online from measured batch times.
     correction: Option<bool>,
+    /// And by the GPU's idle gap before each batch (cold starts).
+    correction_idle: Option<bool>,
 }
 
 /// `[embedded]`: how the embedded simulated GPUs run a batch against its profile (the
@@ -228,6 +230,7 @@ struct RawPolicy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEmbedded {
+    exec_scale: Option<f64>,
     exec_noise: Option<f64>,
     cold_factor: Option<f64>,
     cold_gap_ms: Option<f64>,
@@ -561,12 +564,14 @@ impl ServeConfig {
             knobs.grant = Some(v.parse::<GrantPolicy>().map_err(|e| invalid("policy.grant", e))?);
         }
         knobs.correction = p.correction.unwrap_or(false);
+        knobs.correction_idle = p.correction_idle.unwrap_or(false);
         let e = &raw.embedded;
         let cold_gap_ms = e.cold_gap_ms.unwrap_or(0.0);
         if !(cold_gap_ms.is_finite() && cold_gap_ms >= 0.0) {
             return Err(invalid("embedded.cold_gap_ms", "milliseconds >= 0".to_string()));
         }
         let embedded_exec = ExecModel {
+            scale: e.exec_scale.unwrap_or(1.0),
             noise_sigma: e.exec_noise.unwrap_or(0.0),
             cold_factor: e.cold_factor.unwrap_or(1.0),
             cold_gap_ns: (cold_gap_ms * 1e6) as u64,
@@ -780,12 +785,13 @@ mod tests {
         let plain = parse("").unwrap();
         assert!(!plain.knobs.correction && plain.embedded_exec.is_exact());
         let set =
-            parse("[policy]\ncorrection = true\n[embedded]\nexec_noise = 0.1\ncold_factor = 2\ncold_gap_ms = 5\n")
+            parse("[policy]\ncorrection = true\ncorrection_idle = true\n[embedded]\nexec_noise = 0.1\ncold_factor = 2\ncold_gap_ms = 5\n")
                 .unwrap();
-        assert!(set.knobs.correction);
+        assert!(set.knobs.correction && set.knobs.correction_idle);
         assert_eq!(
             set.embedded_exec,
             ExecModel {
+                scale: 1.0,
                 noise_sigma: 0.1,
                 cold_factor: 2.0,
                 cold_gap_ns: 5_000_000,

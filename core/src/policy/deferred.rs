@@ -19,7 +19,7 @@ use super::{
     ClassPlanning, Completion, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, Output, Policy, PolicyKind,
     Serving,
 };
-use crate::correction::{CorrectionSummary, Corrector};
+use crate::correction::{CorrectionSummary, Corrector, IdleCorrector};
 use crate::gpu_pool::{GpuClaim, GpuPool, GpuSource};
 use crate::profile::Profile;
 use crate::rate::RateMeter;
@@ -115,6 +115,8 @@ struct ModelState {
     demand: f64,
     /// Online correction of `profile` from measured batch times (`Knobs::correction`).
     corrector: Option<Corrector>,
+    /// And by the GPU's idle gap before a batch (`Knobs::correction_idle`).
+    idle_corrector: Option<IdleCorrector>,
 }
 
 /// Symphony's deferred batch scheduler over one GPU source: the single-threaded pool in the
@@ -143,6 +145,8 @@ pub struct Deferred<G: GpuSource = GpuPool> {
     demand_total: f64,
     /// Demand at or past `saturation_threshold` of the GPUs: deferral is switched off.
     saturated: bool,
+    /// With `correction_idle`: when each GPU's last measured batch finished (by GPU index).
+    gpu_finished_ns: Vec<Option<u64>>,
 }
 
 impl Deferred<GpuPool> {
@@ -179,6 +183,7 @@ impl<G: GpuSource> Deferred<G> {
                     active: false,
                     demand: 0.0,
                     corrector: knobs.correction.then(|| Corrector::new(m.profile.clone())),
+                    idle_corrector: knobs.correction_idle.then(IdleCorrector::default),
                 };
                 state.target_batch_size = target_batch_size(&m.profile, m.slo_ns, None, knobs);
                 state
@@ -198,6 +203,7 @@ impl<G: GpuSource> Deferred<G> {
             handoff_blocked: false,
             demand_total: 0.0,
             saturated: false,
+            gpu_finished_ns: Vec::new(),
         }
     }
 
@@ -205,9 +211,24 @@ impl<G: GpuSource> Deferred<G> {
         self.config
     }
 
-    /// Where model `model`'s online correction stands (`None` with correction off).
+    /// Where model `model`'s online correction stands: by batch-size range, else by idle
+    /// gap (`None` with both off).
     pub fn correction_of(&self, model: u32) -> Option<CorrectionSummary> {
-        self.models[model as usize].corrector.as_ref().map(|c| c.summary(model))
+        let state = &self.models[model as usize];
+        match (&state.corrector, &state.idle_corrector) {
+            (Some(c), _) => Some(c.summary(model)),
+            (None, Some(c)) => {
+                let (factor_min, factor_max) = c.range();
+                Some(CorrectionSummary {
+                    model,
+                    measured: c.measured,
+                    updates: c.updates,
+                    factor_min,
+                    factor_max,
+                })
+            }
+            (None, None) => None,
+        }
     }
 
     pub fn target_batch_size(&self, model: u32) -> u32 {
@@ -459,7 +480,7 @@ impl<G: GpuSource> Deferred<G> {
         if self.pool.class_factors().len() > 1 && self.knobs.class_planning == ClassPlanning::PerClass {
             return self.update_classes(index, now_ns, out);
         }
-        let factor = self.plan_factor();
+        let factor = self.plan_factor() * self.idle_factor(index, None);
         loop {
             let min_free_at_ns = self.pool.min_free_at_ns();
             let Some((b, deadline_ns)) = self.form_batch(index, now_ns, min_free_at_ns, factor, true, out) else {
@@ -508,6 +529,16 @@ impl<G: GpuSource> Deferred<G> {
         }
     }
 
+    /// With idle correction, model `index`'s factor for a batch whose GPU idles `idle_ns`
+    /// first (`None`: not known yet, the largest); 1 without.
+    fn idle_factor(&self, index: usize, idle_ns: Option<u64>) -> f64 {
+        match (&self.models[index].idle_corrector, idle_ns) {
+            (None, _) => 1.0,
+            (Some(c), Some(idle_ns)) => c.factor(idle_ns),
+            (Some(c), None) => c.factor_max(),
+        }
+    }
+
     /// The factor a plan granted on `gpu` is planned with.
     fn gpu_factor(&self, gpu: u32) -> f64 {
         match self.knobs.class_planning {
@@ -526,17 +557,18 @@ impl<G: GpuSource> Deferred<G> {
     /// them.
     fn update_classes(&mut self, index: usize, now_ns: u64, out: &mut Output) {
         let classes = self.pool.class_factors().len();
+        let idle = self.idle_factor(index, None);
         loop {
             let lead_1 = self.knobs.lead_ns(1);
             let exec_1 = self.models[index].profile.exec_ns(1);
             let (best, best_free_ns) = (0..classes)
                 .map(|c| (c, self.pool.min_free_at_in(c)))
                 .min_by_key(|&(c, free_ns)| {
-                    let factor = self.pool.class_factors()[c];
+                    let factor = self.pool.class_factors()[c] * idle;
                     (now_ns + lead_1).max(free_ns).saturating_add(scaled(exec_1, factor))
                 })
                 .expect("at least one class");
-            let best_factor = self.pool.class_factors()[best];
+            let best_factor = self.pool.class_factors()[best] * idle;
             let Some((b, deadline_ns)) = self.form_batch(index, now_ns, best_free_ns, best_factor, true, out) else {
                 self.set_waiting(index, None);
                 self.timers.cancel(index as u32);
@@ -547,7 +579,7 @@ impl<G: GpuSource> Deferred<G> {
             let mut chosen: Option<(usize, Window)> = None;
             let mut wait_for = self.window(index, now_ns, b, deadline_ns, best_factor);
             for class in 0..classes {
-                let factor = self.pool.class_factors()[class];
+                let factor = self.pool.class_factors()[class] * idle;
                 let free_ns = self.pool.min_free_at_in(class);
                 let formed = if class == best {
                     Some((b, deadline_ns))
@@ -605,7 +637,10 @@ impl<G: GpuSource> Deferred<G> {
     fn grant(&mut self, index: usize, claim: GpuClaim, now_ns: u64, out: &mut Output) {
         let gpu = claim.gpu;
         let gpu_free_at_ns = claim.free_at_ns.max(now_ns);
-        let factor = self.gpu_factor(gpu);
+        // The gap the GPU idles before this batch, about: from its last planned finish to a
+        // start one lead from now.
+        let idle_ns = (now_ns + self.knobs.lead_ns(1)).saturating_sub(claim.free_at_ns);
+        let factor = self.gpu_factor(gpu) * self.idle_factor(index, Some(idle_ns));
         let Some((b, deadline_ns)) = self.form_batch(index, now_ns, gpu_free_at_ns, factor, true, out) else {
             self.pool.cancel(claim); // An empty batch returns the GPU at once.
             return;
@@ -861,6 +896,25 @@ impl<G: GpuSource> Policy for Deferred<G> {
         // The pool already knows each plan's planned finish. With correction on, what the
         // batch really took corrects the profile its model plans with next.
         let model = completion.model;
+        if self.models[model as usize].idle_corrector.is_some() {
+            let gpu = completion.gpu as usize;
+            if self.gpu_finished_ns.len() <= gpu {
+                self.gpu_finished_ns.resize(gpu + 1, None);
+            }
+            let previous = self.gpu_finished_ns[gpu].replace(completion.finished_ns);
+            let idle_ns = previous.map_or(u64::MAX, |f| completion.started_ns.saturating_sub(f));
+            let planned_ns = {
+                let state = &self.models[model as usize];
+                (state.profile.exec_ns(completion.batch_size) as f64 * self.gpu_factor(completion.gpu)) as u64
+            };
+            let measured_ns = completion.finished_ns.saturating_sub(completion.started_ns);
+            let state = &mut self.models[model as usize];
+            state
+                .idle_corrector
+                .as_mut()
+                .expect("checked")
+                .record(idle_ns, planned_ns, measured_ns);
+        }
         if self.models[model as usize].corrector.is_none() {
             return;
         }
@@ -881,10 +935,8 @@ impl<G: GpuSource> Policy for Deferred<G> {
     }
 
     fn corrections(&self) -> Vec<CorrectionSummary> {
-        self.models
-            .iter()
-            .enumerate()
-            .filter_map(|(index, m)| m.corrector.as_ref().map(|c| c.summary(index as u32)))
+        (0..self.models.len() as u32)
+            .filter_map(|m| self.correction_of(m))
             .collect()
     }
 

@@ -294,6 +294,10 @@ pub struct Knobs {
     /// The deferred family plans with profiles corrected online from measured batch times
     /// (`crate::correction`): off by default until the sweeps show it costs no workload.
     pub correction: bool,
+    /// The deferred family also corrects by how long a batch's GPU idled before it
+    /// (`crate::correction::IdleCorrector`: cold starts), planning each grant with the factor
+    /// of its GPU's gap and timing windows with the largest. Off by default.
+    pub correction_idle: bool,
     /// The deferred family over GPUs of several speeds: per class (default), or one profile.
     pub class_planning: ClassPlanning,
     /// Ours: the contention margin in units of a long recent batch (0 switches it off).
@@ -331,6 +335,7 @@ impl Default for Knobs {
             condition: None,
             grant: None,
             correction: false,
+            correction_idle: false,
             class_planning: ClassPlanning::PerClass,
             saturation_threshold: 0.8,
             saturated_drop: DropPolicy::WindowDrop,
