@@ -264,9 +264,10 @@ fn every_shipped_workload_loads() {
     let files: Vec<PathBuf> = shipped(workloads())
         .chain(shipped(workloads().join("autoscale")))
         .chain(shipped(workloads().join("classes")))
+        .chain(shipped(workloads().join("exec")))
         .filter(|p| p.is_file())
         .collect();
-    assert!(files.len() >= 10, "{files:?}");
+    assert!(files.len() >= 13, "{files:?}");
     for path in files {
         let output = symphony(&["sim", path.to_str().unwrap(), "--rate-scale", "0.1"]);
         assert!(

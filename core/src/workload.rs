@@ -1184,9 +1184,12 @@ mod tests {
             .expect("the repository ships workloads/autoscale/");
         let classes = std::fs::read_dir(Path::new(SHIPPED_WORKLOADS).join("classes"))
             .expect("the repository ships workloads/classes/");
+        let exec =
+            std::fs::read_dir(Path::new(SHIPPED_WORKLOADS).join("exec")).expect("the repository ships workloads/exec/");
         let mut paths: Vec<PathBuf> = entries
             .chain(autoscale)
             .chain(classes)
+            .chain(exec)
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
             .collect();
