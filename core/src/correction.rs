@@ -38,29 +38,97 @@ fn range_of(batch_size: u32) -> usize {
 pub struct Corrector {
     /// The profile measurements are compared with (the executor's start-up one).
     base: Profile,
-    /// Per range: the last ratios measured / planned, oldest overwritten first.
-    windows: Vec<Vec<f64>>,
-    next: Vec<usize>,
+    /// Per range: the last ratios measured / planned.
+    ratios: Ratios,
     /// The factors of the profile in use, per range.
     factors: Vec<f64>,
-    since_recompute: u32,
     /// Times the profile was changed.
     pub updates: u64,
-    /// Batches measured.
-    pub measured: u64,
+}
+
+/// Per key (a batch-size range, an idle-gap bucket): a sliding window of the last ratios of
+/// measured to planned times, oldest overwritten first, and the count since the factors were
+/// last due.
+#[derive(Debug, Clone)]
+struct Ratios {
+    windows: Vec<Vec<f64>>,
+    next: Vec<usize>,
+    since_recompute: u32,
+    measured: u64,
+}
+
+impl Ratios {
+    fn new(keys: usize) -> Ratios {
+        Ratios {
+            windows: (0..keys).map(|_| Vec::with_capacity(WINDOW)).collect(),
+            next: vec![0; keys],
+            since_recompute: 0,
+            measured: 0,
+        }
+    }
+
+    /// Records a batch of `key` that ran `measured_ns` against a planned `planned_ns`. Every
+    /// `RECOMPUTE_EVERY` batches, with any key measured enough, returns each key's factor:
+    /// its window's high percentile, or the nearest measured key's (`ties_up`: the higher
+    /// key on a tie, else the lower).
+    fn record(&mut self, key: usize, planned_ns: u64, measured_ns: u64, ties_up: bool) -> Option<Vec<f64>> {
+        let ratio = (measured_ns as f64 / planned_ns.max(1) as f64).clamp(FACTOR_MIN, FACTOR_MAX);
+        let window = &mut self.windows[key];
+        if window.len() < WINDOW {
+            window.push(ratio);
+        } else {
+            window[self.next[key]] = ratio;
+        }
+        self.next[key] = (self.next[key] + 1) % WINDOW;
+        self.measured += 1;
+        self.since_recompute += 1;
+        if self.since_recompute < RECOMPUTE_EVERY {
+            return None;
+        }
+        self.since_recompute = 0;
+        let measured: Vec<Option<f64>> = self
+            .windows
+            .iter()
+            .map(|w| (w.len() >= SAMPLES_MIN).then(|| percentile(w, PERCENTILE)))
+            .collect();
+        if measured.iter().all(Option::is_none) {
+            return None;
+        }
+        let keys = measured.len();
+        let tie = |other: usize| if ties_up { keys - other } else { other };
+        Some(
+            (0..keys)
+                .map(|key| {
+                    (0..keys)
+                        .filter_map(|other| measured[other].map(|f| (key.abs_diff(other), tie(other), f)))
+                        .min_by_key(|&(distance, tie, _)| (distance, tie))
+                        .map_or(1.0, |(_, _, f)| f)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Whether `new` factors differ from `old` by more than `CHANGE_MIN` anywhere.
+fn changed(new: &[f64], old: &[f64]) -> bool {
+    new.iter()
+        .zip(old)
+        .any(|(new, old)| (new - old).abs() > CHANGE_MIN * old)
 }
 
 impl Corrector {
     pub fn new(base: Profile) -> Corrector {
         Corrector {
             base,
-            windows: (0..RANGES).map(|_| Vec::with_capacity(WINDOW)).collect(),
-            next: vec![0; RANGES],
+            ratios: Ratios::new(RANGES),
             factors: vec![1.0; RANGES],
-            since_recompute: 0,
             updates: 0,
-            measured: 0,
         }
+    }
+
+    /// Batches measured.
+    pub fn measured(&self) -> u64 {
+        self.ratios.measured
     }
 
     /// The profile measurements are compared with.
@@ -71,11 +139,10 @@ impl Corrector {
     /// A new base (an executor registered its own profile): the measurements so far were of
     /// another one and are dropped.
     pub fn rebase(&mut self, base: Profile) {
-        *self = Corrector {
-            updates: self.updates,
-            measured: self.measured,
-            ..Corrector::new(base)
-        };
+        let (updates, measured) = (self.updates, self.ratios.measured);
+        *self = Corrector::new(base);
+        self.updates = updates;
+        self.ratios.measured = measured;
     }
 
     /// The factor planned with for batches of `batch_size` (1.0 before any correction).
@@ -87,48 +154,11 @@ impl Corrector {
     /// with from now on when it changed.
     pub fn record(&mut self, batch_size: u32, measured_ns: u64) -> Option<Profile> {
         let planned_ns = self.base.exec_ns_checked(batch_size)?;
-        let ratio = (measured_ns as f64 / planned_ns.max(1) as f64).clamp(FACTOR_MIN, FACTOR_MAX);
-        let range = range_of(batch_size);
-        let window = &mut self.windows[range];
-        if window.len() < WINDOW {
-            window.push(ratio);
-        } else {
-            window[self.next[range]] = ratio;
-        }
-        self.next[range] = (self.next[range] + 1) % WINDOW;
-        self.measured += 1;
-        self.since_recompute += 1;
-        if self.since_recompute < RECOMPUTE_EVERY {
-            return None;
-        }
-        self.since_recompute = 0;
-        self.recompute()
-    }
-
-    fn recompute(&mut self) -> Option<Profile> {
-        let measured: Vec<Option<f64>> = self
-            .windows
-            .iter()
-            .map(|w| (w.len() >= SAMPLES_MIN).then(|| percentile(w, PERCENTILE)))
-            .collect();
-        if measured.iter().all(Option::is_none) {
-            return None;
-        }
-        // A range without enough measurements: the nearest one that has them (the smaller
-        // on a tie).
-        let factors: Vec<f64> = (0..RANGES)
-            .map(|range| {
-                (0..RANGES)
-                    .filter_map(|other| measured[other].map(|f| (range.abs_diff(other), other, f)))
-                    .min_by_key(|&(distance, other, _)| (distance, other))
-                    .map_or(1.0, |(_, _, f)| f)
-            })
-            .collect();
-        let changed = factors
-            .iter()
-            .zip(&self.factors)
-            .any(|(new, old)| (new - old).abs() > CHANGE_MIN * old);
-        if !changed {
+        // A range without enough measurements takes the nearest one's (the smaller on a tie).
+        let factors = self
+            .ratios
+            .record(range_of(batch_size), planned_ns, measured_ns, false)?;
+        if !changed(&factors, &self.factors) {
             return None;
         }
         self.factors = factors;
@@ -170,7 +200,7 @@ impl Corrector {
             .fold((f64::MAX, f64::MIN), |(lo, hi), &f| (lo.min(f), hi.max(f)));
         CorrectionSummary {
             model,
-            measured: self.measured,
+            measured: self.ratios.measured,
             updates: self.updates,
             factor_min: min,
             factor_max: max,
@@ -274,28 +304,27 @@ fn idle_bucket(idle_ns: u64) -> usize {
 /// factor a batch expected to start after such a gap is planned with.
 #[derive(Debug, Clone)]
 pub struct IdleCorrector {
-    windows: Vec<Vec<f64>>,
-    next: Vec<usize>,
-    factors: [f64; IDLE_BUCKETS],
-    since_recompute: u32,
+    ratios: Ratios,
+    factors: Vec<f64>,
     pub updates: u64,
-    pub measured: u64,
 }
 
 impl Default for IdleCorrector {
     fn default() -> IdleCorrector {
         IdleCorrector {
-            windows: (0..IDLE_BUCKETS).map(|_| Vec::with_capacity(WINDOW)).collect(),
-            next: vec![0; IDLE_BUCKETS],
-            factors: [1.0; IDLE_BUCKETS],
-            since_recompute: 0,
+            ratios: Ratios::new(IDLE_BUCKETS),
+            factors: vec![1.0; IDLE_BUCKETS],
             updates: 0,
-            measured: 0,
         }
     }
 }
 
 impl IdleCorrector {
+    /// Batches measured.
+    pub fn measured(&self) -> u64 {
+        self.ratios.measured
+    }
+
     /// The factor for a batch whose GPU idles `idle_ns` before it.
     pub fn factor(&self, idle_ns: u64) -> f64 {
         self.factors[idle_bucket(idle_ns)]
@@ -316,47 +345,17 @@ impl IdleCorrector {
     /// A batch that ran `measured_ns` against a profiled `planned_ns`, after its GPU idled
     /// `idle_ns`. Returns true when the factors changed.
     pub fn record(&mut self, idle_ns: u64, planned_ns: u64, measured_ns: u64) -> bool {
-        let ratio = (measured_ns as f64 / planned_ns.max(1) as f64).clamp(FACTOR_MIN, FACTOR_MAX);
-        let bucket = idle_bucket(idle_ns);
-        let window = &mut self.windows[bucket];
-        if window.len() < WINDOW {
-            window.push(ratio);
-        } else {
-            window[self.next[bucket]] = ratio;
-        }
-        self.next[bucket] = (self.next[bucket] + 1) % WINDOW;
-        self.measured += 1;
-        self.since_recompute += 1;
-        if self.since_recompute < RECOMPUTE_EVERY {
+        // A bucket without enough measurements takes the nearest one's, the longer gap on a
+        // tie (the safer guess).
+        let Some(factors) = self.ratios.record(idle_bucket(idle_ns), planned_ns, measured_ns, true) else {
+            return false;
+        };
+        if !changed(&factors, &self.factors) {
             return false;
         }
-        self.since_recompute = 0;
-        let measured: Vec<Option<f64>> = self
-            .windows
-            .iter()
-            .map(|w| (w.len() >= SAMPLES_MIN).then(|| percentile(w, PERCENTILE)))
-            .collect();
-        if measured.iter().all(Option::is_none) {
-            return false;
-        }
-        let mut factors = [1.0; IDLE_BUCKETS];
-        for (bucket, factor) in factors.iter_mut().enumerate() {
-            // A bucket without enough measurements: the nearest that has them, the longer
-            // gap on a tie (the safer guess).
-            *factor = (0..IDLE_BUCKETS)
-                .filter_map(|other| measured[other].map(|f| (bucket.abs_diff(other), std::cmp::Reverse(other), f)))
-                .min_by_key(|&(distance, other, _)| (distance, other))
-                .map_or(1.0, |(_, _, f)| f);
-        }
-        let changed = factors
-            .iter()
-            .zip(&self.factors)
-            .any(|(new, old)| (new - old).abs() > CHANGE_MIN * old);
-        if changed {
-            self.factors = factors;
-            self.updates += 1;
-        }
-        changed
+        self.factors = factors;
+        self.updates += 1;
+        true
     }
 }
 
@@ -380,7 +379,7 @@ mod idle_tests {
         assert!((c.factor(4_000_000) - 2.7).abs() < 1e-9);
         assert!((c.factor(u64::MAX) - 2.7).abs() < 1e-9);
         assert!((c.factor_max() - 2.7).abs() < 1e-9);
-        assert_eq!(c.measured, 64);
+        assert_eq!(c.measured(), 64);
         assert!(c.updates >= 1);
     }
 }

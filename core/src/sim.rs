@@ -602,45 +602,37 @@ impl<'a> Engine<'a> {
     /// GPUs whose start-up ended join; at a tick, the signal is read and acted on.
     fn scale(&mut self, now_ns: u64, policy: &mut dyn Policy, out: &mut Output) {
         let scaler = self.scaler.as_mut().expect("scale events come from a scaler");
-        for gpu in scaler.take_ready(now_ns) {
-            let free_at_ns = now_ns.max(self.gpu_busy_until_ns[gpu as usize]);
-            policy.set_gpu_available(now_ns, gpu, Some(free_at_ns), out);
-            self.available_since[gpu as usize] = Some(now_ns);
+        let mut joined = scaler.take_ready(now_ns);
+        for &gpu in &joined {
             self.present_since[gpu as usize] = Some(now_ns);
         }
+        let mut drained = Vec::new();
         if scaler.next_tick_ns() <= now_ns {
             let window_ns = scaler.config().window_ns;
             let busy = self.ledger.busy_fraction(now_ns, window_ns);
             let recommended = scaler.recommend(policy.demand_gpus(), busy);
             self.ledger.recommend(now_ns, recommended);
             let actions = scaler.tick(now_ns, recommended);
-            for &gpu in &actions.kept {
-                let free_at_ns = now_ns.max(self.gpu_busy_until_ns[gpu as usize]);
-                policy.set_gpu_available(now_ns, gpu, Some(free_at_ns), out);
-                self.available_since[gpu as usize] = Some(now_ns);
-            }
-            for &gpu in &actions.drained {
-                policy.set_gpu_available(now_ns, gpu, None, out);
-                let from_ns = self.available_since[gpu as usize].take().expect("an online GPU drains");
-                self.gpu_available.push(GpuSpan {
-                    gpu,
-                    from_ns,
-                    to_ns: now_ns,
-                });
-                if self.gpu_busy_until_ns[gpu as usize] <= now_ns {
-                    scaler.left(gpu);
-                    let from_ns = self.present_since[gpu as usize]
-                        .take()
-                        .expect("a draining GPU is there");
-                    self.gpu_present.push(GpuSpan {
-                        gpu,
-                        from_ns,
-                        to_ns: now_ns,
-                    });
-                }
-            }
+            joined.extend(actions.kept);
+            drained = actions.drained;
         }
         self.ledger.set_gpus(now_ns, scaler.online(), scaler.paid());
+        // Joined or wanted again: into planning, free once its last batch ends.
+        for gpu in joined {
+            let free_at_ns = now_ns.max(self.gpu_busy_until_ns[gpu as usize]);
+            policy.set_gpu_available(now_ns, gpu, Some(free_at_ns), out);
+            self.available_since[gpu as usize] = Some(now_ns);
+        }
+        for gpu in drained {
+            policy.set_gpu_available(now_ns, gpu, None, out);
+            let from_ns = self.available_since[gpu as usize].take().expect("an online GPU drains");
+            self.gpu_available.push(GpuSpan {
+                gpu,
+                from_ns,
+                to_ns: now_ns,
+            });
+            self.leave_if_drained(now_ns, gpu);
+        }
     }
 
     /// A draining GPU whose last batch ended leaves.

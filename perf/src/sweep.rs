@@ -222,14 +222,19 @@ pub fn workload_name(path: &std::path::Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-/// The result as a markdown table: one row per workload, one column per policy.
-pub fn table(result: &SweepResult, policies: &[PolicyKind]) -> String {
+/// The workloads of `cells`, in the order they first appear.
+fn workload_names(cells: &[Cell]) -> Vec<&str> {
     let mut workloads: Vec<&str> = Vec::new();
-    for cell in &result.cells {
+    for cell in cells {
         if !workloads.contains(&cell.workload.as_str()) {
             workloads.push(&cell.workload);
         }
     }
+    workloads
+}
+
+/// A markdown table: one row per workload, one column per policy, `value` in each cell.
+fn grid(workloads: &[&str], policies: &[PolicyKind], value: impl Fn(&str, PolicyKind) -> String) -> String {
     let mut text = String::from("| workload |");
     for p in policies {
         text.push_str(&format!(" {} |", p.name()));
@@ -239,20 +244,26 @@ pub fn table(result: &SweepResult, policies: &[PolicyKind]) -> String {
         text.push_str(" ---: |");
     }
     text.push('\n');
-    for w in workloads {
+    for &w in workloads {
         text.push_str(&format!("| {w} |"));
-        for p in policies {
-            let cell = result.cells.iter().find(|c| c.workload == w && c.policy == p.name());
-            let value = match (cell, result.find.as_str()) {
-                (Some(c), "goodput") => c.goodput_rps.map_or("-".into(), |g| format!("{g:.0}")),
-                (Some(c), _) => c.gpus_needed.map_or("> limit".into(), |g| g.to_string()),
-                (None, _) => "-".into(),
-            };
-            text.push_str(&format!(" {value} |"));
+        for &p in policies {
+            text.push_str(&format!(" {} |", value(w, p)));
         }
         text.push('\n');
     }
     text
+}
+
+/// The result as a markdown table: one row per workload, one column per policy.
+pub fn table(result: &SweepResult, policies: &[PolicyKind]) -> String {
+    grid(&workload_names(&result.cells), policies, |w, p| {
+        let cell = result.cells.iter().find(|c| c.workload == w && c.policy == p.name());
+        match (cell, result.find.as_str()) {
+            (Some(c), "goodput") => c.goodput_rps.map_or("-".into(), |g| format!("{g:.0}")),
+            (Some(c), _) => c.gpus_needed.map_or("> limit".into(), |g| g.to_string()),
+            (None, _) => "-".into(),
+        }
+    })
 }
 
 /// At the base load: bad rate, GPUs used and GPU-seconds busy per policy.
@@ -287,53 +298,30 @@ pub fn median_table(results: &[(u64, SweepResult)], policies: &[PolicyKind]) -> 
     let Some((_, first)) = results.first() else {
         return String::new();
     };
-    let mut workloads: Vec<&str> = Vec::new();
-    for cell in &first.cells {
-        if !workloads.contains(&cell.workload.as_str()) {
-            workloads.push(&cell.workload);
-        }
-    }
     let goodput = first.find == "goodput";
-    let mut text = String::from("| workload |");
-    for p in policies {
-        text.push_str(&format!(" {} |", p.name()));
-    }
-    text.push_str("\n| --- |");
-    for _ in policies {
-        text.push_str(" ---: |");
-    }
-    text.push('\n');
-    for w in workloads {
-        text.push_str(&format!("| {w} |"));
-        for p in policies {
-            let mut values: Vec<f64> = results
-                .iter()
-                .filter_map(|(_, r)| r.cells.iter().find(|c| c.workload == w && c.policy == p.name()))
-                .filter_map(|c| {
-                    if goodput {
-                        c.goodput_rps
-                    } else {
-                        c.gpus_needed.map(f64::from)
-                    }
-                })
-                .collect();
-            values.sort_by(f64::total_cmp);
-            let value = if values.len() < results.len() || values.is_empty() {
-                "-".to_string()
-            } else {
-                let mid = values.len() / 2;
-                // An even count: the mean of the middle two.
-                let median = if values.len() % 2 == 0 {
-                    (values[mid - 1] + values[mid]) / 2.0
+    grid(&workload_names(&first.cells), policies, |w, p| {
+        let mut values: Vec<f64> = results
+            .iter()
+            .filter_map(|(_, r)| r.cells.iter().find(|c| c.workload == w && c.policy == p.name()))
+            .filter_map(|c| {
+                if goodput {
+                    c.goodput_rps
                 } else {
-                    values[mid]
-                };
-                let (lo, hi) = (values[0], values[values.len() - 1]);
-                format!("{median:.0} ({lo:.0} to {hi:.0})")
-            };
-            text.push_str(&format!(" {value} |"));
+                    c.gpus_needed.map(f64::from)
+                }
+            })
+            .collect();
+        if values.len() < results.len() {
+            return "-".to_string();
         }
-        text.push('\n');
-    }
-    text
+        values.sort_by(f64::total_cmp);
+        let mid = values.len() / 2;
+        // An even count: the mean of the middle two.
+        let median = if values.len() % 2 == 0 {
+            (values[mid - 1] + values[mid]) / 2.0
+        } else {
+            values[mid]
+        };
+        format!("{median:.0} ({:.0} to {:.0})", values[0], values[values.len() - 1])
+    })
 }

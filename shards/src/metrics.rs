@@ -318,6 +318,22 @@ fn per_model<T: Copy + Default + std::ops::AddAssign>(
     values
 }
 
+/// One value per model: `name{model="..."} value` after the series' header.
+fn per_model_series<T: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    catalog: &Catalog,
+    values: &[T],
+) {
+    header(out, name, kind, help);
+    for (config, value) in catalog.configs.iter().zip(values) {
+        let model = label(&config.name);
+        let _ = writeln!(out, "{name}{{model=\"{model}\"}} {value}");
+    }
+}
+
 /// A bucket bound as a label: microseconds as exact decimal seconds, or a plain count.
 fn bound_label(bound: u64, micros: bool) -> String {
     if !micros {
@@ -409,42 +425,30 @@ pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges
         let value: u64 = shards.iter().map(|s| read(&s.http_errors[at])).sum();
         let _ = writeln!(out, "symphony_http_errors_total{{code=\"{code}\"}} {value}");
     }
-    header(
+    per_model_series(
         &mut out,
         "symphony_profile_corrections_total",
         "counter",
         "Times a model's planned profile was corrected from measured batch times ([policy] correction; 0 while it is off).",
+        catalog,
+        &per_model(catalog, shards, |m| read(&m.corrections)),
     );
-    let corrections = per_model(catalog, shards, |m| read(&m.corrections));
-    let measured = per_model(catalog, shards, |m| read(&m.corrected_batches));
-    let factors = per_model(catalog, shards, |m| m.correction_factor());
-    for (config, value) in catalog.configs.iter().zip(&corrections) {
-        let model = label(&config.name);
-        let _ = writeln!(out, "symphony_profile_corrections_total{{model=\"{model}\"}} {value}");
-    }
-    header(
+    per_model_series(
         &mut out,
         "symphony_profile_corrected_batches_total",
         "counter",
         "Batches of a model whose measured time the online correction took in.",
+        catalog,
+        &per_model(catalog, shards, |m| read(&m.corrected_batches)),
     );
-    for (config, value) in catalog.configs.iter().zip(&measured) {
-        let model = label(&config.name);
-        let _ = writeln!(
-            out,
-            "symphony_profile_corrected_batches_total{{model=\"{model}\"}} {value}"
-        );
-    }
-    header(
+    per_model_series(
         &mut out,
         "symphony_profile_correction_factor",
         "gauge",
-        "The largest factor a model's profile is planned at now, over its batch-size ranges (1: as profiled).",
+        "The largest factor a model's profile is planned at now, over its batch-size ranges or idle gaps (1: as profiled).",
+        catalog,
+        &per_model(catalog, shards, |m| m.correction_factor()),
     );
-    for (config, value) in catalog.configs.iter().zip(&factors) {
-        let model = label(&config.name);
-        let _ = writeln!(out, "symphony_profile_correction_factor{{model=\"{model}\"}} {value}");
-    }
     histogram(
         &mut out,
         "symphony_queue_duration_seconds",

@@ -221,7 +221,7 @@ impl<G: GpuSource> Deferred<G> {
                 let (factor_min, factor_max) = c.range();
                 Some(CorrectionSummary {
                     model,
-                    measured: c.measured,
+                    measured: c.measured(),
                     updates: c.updates,
                     factor_min,
                     factor_max,
@@ -494,11 +494,7 @@ impl<G: GpuSource> Deferred<G> {
             if min_free_at_ns > window.exec_at_ns {
                 // No GPU frees in time: wait for the hand-off, and recompute when the batch
                 // can no longer start in time.
-                self.set_waiting(index, Some(window));
-                self.timers.set(
-                    index as u32,
-                    window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
-                );
+                self.wait_for_handoff(index, window, now_ns);
                 return;
             }
             self.set_waiting(index, None);
@@ -509,11 +505,7 @@ impl<G: GpuSource> Deferred<G> {
             }
             let Some(claim) = self.pool.claim(window.exec_at_ns, self.config.grant) else {
                 // Shared GPUs: another claimer was faster than the snapshot. Wait.
-                self.set_waiting(index, Some(window));
-                self.timers.set(
-                    index as u32,
-                    window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
-                );
+                self.wait_for_handoff(index, window, now_ns);
                 return;
             };
             self.grant(index, claim, now_ns, out);
@@ -605,12 +597,7 @@ impl<G: GpuSource> Deferred<G> {
             let Some((class, window)) = chosen else {
                 // No class frees a GPU in time: wait for the hand-off, and recompute when
                 // the batch can no longer start in time on any.
-                let lead_ns = self.knobs.lead_ns(wait_for.batch_size);
-                self.set_waiting(index, Some(wait_for));
-                self.timers.set(
-                    index as u32,
-                    wait_for.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
-                );
+                self.wait_for_handoff(index, wait_for, now_ns);
                 return;
             };
             let lead_ns = self.knobs.lead_ns(window.batch_size);
@@ -621,11 +608,7 @@ impl<G: GpuSource> Deferred<G> {
                 return;
             }
             let Some(claim) = self.pool.claim_in(class, window.exec_at_ns, self.config.grant) else {
-                self.set_waiting(index, Some(window));
-                self.timers.set(
-                    index as u32,
-                    window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
-                );
+                self.wait_for_handoff(index, window, now_ns);
                 return;
             };
             self.grant(index, claim, now_ns, out);
@@ -659,6 +642,17 @@ impl<G: GpuSource> Deferred<G> {
         let plan = out.push_plan(gpu, index as u32, exec_at_ns, finish_ns, model.queue.drain(..taken));
         debug_assert!(plan.exec_at_ns >= now_ns + self.knobs.lead_ns(b));
         self.pool.release(claim, finish_ns);
+    }
+
+    /// No GPU frees in time for model `index`'s candidate: it waits for a hand-off, and is
+    /// formed again when it can no longer start in time.
+    fn wait_for_handoff(&mut self, index: usize, window: Window, now_ns: u64) {
+        let lead_ns = self.knobs.lead_ns(window.batch_size);
+        self.set_waiting(index, Some(window));
+        self.timers.set(
+            index as u32,
+            window.invalid_after_ns.saturating_sub(lead_ns).max(now_ns + 1),
+        );
     }
 
     fn set_active(&mut self, index: usize, active: bool) {
