@@ -27,6 +27,21 @@ GRPC_WINDOW = 512
 BODY = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "UINT8", "shape": [1, 16], "data": list(range(16))}]})
 
 
+def started_addrs(log_path):
+    """Waits (up to 10 s) for `serve`'s start-up lines in its log; returns its native, HTTP
+    and gRPC addresses (plain or TLS)."""
+    text = ""
+    for _ in range(100):
+        text = open(log_path).read()
+        if "KServe v2 over gRPC at" in text:
+            break
+        time.sleep(0.1)
+    native = re.search(r" on (127\.0\.0\.1:\d+);", text).group(1)
+    http_addr = re.search(r"https?://(127\.0\.0\.1:\d+)/v2", text).group(1)
+    grpc_addr = re.search(r"grpcs?://(127\.0\.0\.1:\d+)", text).group(1)
+    return native, http_addr, grpc_addr
+
+
 def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -104,14 +119,7 @@ def main():
     )
     os.sched_setaffinity(0, {1})
     try:
-        for _ in range(100):
-            text = open(log.name).read()
-            if "KServe v2 over gRPC at" in text:
-                break
-            time.sleep(0.1)
-        native = re.search(r" on (127\.0\.0\.1:\d+);", text).group(1)
-        http_addr = re.search(r"http://(127\.0\.0\.1:\d+)/v2", text).group(1)
-        grpc_addr = re.search(r"grpc://(127\.0\.0\.1:\d+)", text).group(1)
+        native, http_addr, grpc_addr = started_addrs(log.name)
         print(f"frontends: 1 shard on CPU 0, clients on CPU 1; {seconds} s each; model {MODEL} of {workload}")
         # The shard's own cost with no load (its reactor's turns): subtracted below.
         hz = os.sysconf("SC_CLK_TCK")

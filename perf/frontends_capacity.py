@@ -27,7 +27,7 @@ import time
 import urllib.request
 
 # The infer body and /proc reading of perf/frontends.py (same folder).
-from frontends import BODY, cpu_ticks
+from frontends import BODY, cpu_ticks, started_addrs
 
 CONFIG = """listen = "127.0.0.1:0"
 shards = 1
@@ -90,14 +90,7 @@ def start(binary, scratch, name, tls):
         [binary, "serve", "--config", config, "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--metrics", "off"],
         stdout=subprocess.DEVNULL, stderr=log,
     )
-    for _ in range(100):
-        text = open(log.name).read()
-        if "KServe v2 over gRPC at" in text:
-            break
-        time.sleep(0.1)
-    native = re.search(r" on (127\.0\.0\.1:\d+);", text).group(1)
-    http_addr = re.search(r"https?://(127\.0\.0\.1:\d+)/v2", text).group(1)
-    grpc_addr = re.search(r"grpcs?://(127\.0\.0\.1:\d+)", text).group(1)
+    native, http_addr, grpc_addr = started_addrs(log.name)
     return serve, native, http_addr, grpc_addr
 
 

@@ -1256,11 +1256,7 @@ fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         "--rate-scale must be a finite number >= 0"
     );
     if let Some(signal) = args.autoscale {
-        anyhow::ensure!(
-            symphony_perf::autoscale::SCALABLE.contains(&config.policy),
-            "--autoscale: {} plans on a fixed set of GPUs; the autoscaled policies are symphony, symphony-ref, eager and triton",
-            config.policy
-        );
+        symphony_perf::autoscale::check(config.policy, signal).map_err(|e| anyhow::anyhow!("--autoscale: {e}"))?;
         config.autoscale = Some(args.scaling.autoscale(signal, config.gpu_count)?);
     }
     let report = sim::simulate(&workload, &config);

@@ -201,6 +201,10 @@ fn autoscale_writes_its_table_timeline_and_plot_and_sim_scales_too() {
         &["--autoscale", "nexus plans on a fixed set of GPUs"],
     );
     assert_clean_error(
+        &symphony(&["sim", path, "--policy", "triton", "--autoscale", "desired"]),
+        &["--autoscale", "triton estimates no demand"],
+    );
+    assert_clean_error(
         &symphony(&["sim", path, "--autoscale", "desired", "--initial-gpus", "9"]),
         &["initial GPUs (9)", "slots (8)"],
     );

@@ -45,14 +45,29 @@ impl FromStr for Run {
             "fixed" => None,
             other => Some(other.parse::<Signal>().map_err(|e| format!("{e} (or `fixed`)"))?),
         };
-        if signal.is_some() && !SCALABLE.contains(&policy) {
-            return Err(format!(
-                "run `{text}`: {policy} plans on a fixed set of GPUs; the autoscaled policies are {}",
-                SCALABLE.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
-            ));
+        if let Some(signal) = signal {
+            check(policy, signal).map_err(|e| format!("run `{text}`: {e}"))?;
         }
         Ok(Run { policy, signal })
     }
+}
+
+/// Whether `policy` can run on a cluster scaled on `signal`: it must plan on a changing set
+/// of GPUs ([`SCALABLE`]), and `desired` needs a policy that estimates its demand (the
+/// deferred family; Triton's dispatcher does not).
+pub fn check(policy: PolicyKind, signal: Signal) -> Result<(), String> {
+    if !SCALABLE.contains(&policy) {
+        return Err(format!(
+            "{policy} plans on a fixed set of GPUs; the autoscaled policies are {}",
+            SCALABLE.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if signal == Signal::Desired && policy == PolicyKind::Triton {
+        return Err(format!(
+            "{policy} estimates no demand for the `desired` signal; scale it on `utilization`"
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Display for Run {
@@ -194,6 +209,11 @@ mod tests {
             .parse::<Run>()
             .unwrap_err()
             .contains("desired, utilization"));
+        assert!("triton:desired"
+            .parse::<Run>()
+            .unwrap_err()
+            .contains("estimates no demand"));
+        assert!("triton:utilization".parse::<Run>().is_ok());
         for run in DEFAULT_RUNS.split(',') {
             run.parse::<Run>().unwrap();
         }

@@ -16,12 +16,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-
-def check(name, condition, detail=""):
-    if not condition:
-        print(f"FAIL {name}: {detail}", flush=True)
-        os._exit(1)
-    print(f"ok {name}", flush=True)
+from checks import check
 
 
 def requests(feed):

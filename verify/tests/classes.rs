@@ -94,3 +94,36 @@ fn one_class_plans_exactly_as_no_classes() {
         assert_eq!(a, b, "{policy}");
     }
 }
+
+#[test]
+fn a_cluster_of_one_slow_class_is_planned_at_its_speed() {
+    // Every GPU at half speed: one class, planned with its own factor, not the profile's.
+    let mut workload = shipped();
+    workload.gpu_classes = vec![symphony_core::workload::GpuClass {
+        name: "slow".into(),
+        count: 8,
+        speed: 0.5,
+    }];
+    let config = |class_planning| SimConfig {
+        rate_scale: 0.6,
+        knobs: Knobs {
+            class_planning,
+            ..Knobs::default()
+        },
+        ..SimConfig::of(&workload, PolicyKind::Symphony)
+    };
+    let summary = |planning| {
+        simulate_bounded(&workload, &config(planning), Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .summary
+    };
+    let per_class = summary(ClassPlanning::PerClass);
+    let as_profiled = summary(ClassPlanning::AsProfiled).bad_rate;
+    assert!(
+        per_class.bad_rate <= 1.0 && as_profiled >= 5.0,
+        "bad rate: per class {:.3} %, as profiled {as_profiled:.3} %",
+        per_class.bad_rate
+    );
+    // One class is the slowest: its windows and its grants are planned alike.
+    assert_eq!(per_class, summary(ClassPlanning::Slowest));
+}

@@ -513,11 +513,13 @@ impl<G: GpuSource> Deferred<G> {
     }
 
     /// The factor every GPU is planned with when classes are not planned apart: 1 (the
-    /// profile as given) or the slowest class's.
+    /// profile as given), the slowest class's, or, per class with a single class, its own.
     fn plan_factor(&self) -> f64 {
+        let factors = self.pool.class_factors();
         match self.knobs.class_planning {
-            ClassPlanning::Slowest => self.pool.class_factors().iter().copied().fold(1.0, f64::max),
-            ClassPlanning::PerClass | ClassPlanning::AsProfiled => 1.0,
+            ClassPlanning::AsProfiled => 1.0,
+            ClassPlanning::Slowest => factors.iter().copied().fold(f64::MIN, f64::max),
+            ClassPlanning::PerClass => factors[0],
         }
     }
 
