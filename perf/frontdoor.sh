@@ -38,6 +38,7 @@ for scale in $scales; do
   wait $serve 2>/dev/null || true
   echo "scale $scale: $(grep -m1 '^offered' "$dir/load.out" || tail -1 "$dir/load.out")"
   grep -m1 "arrival to decision" "$dir/serve.log" | sed 's/^symphony serve: /  /' || true
+  grep -m1 "shard work" "$dir/serve.log" | sed "s/^symphony serve: /  /" || true
   requests=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["requests"])' "$dir/load.json" 2>/dev/null || echo 0)
   awk -v s="$((after - before))" -v l="$load_cpu" -v hz="$tick" -v n="$requests" 'BEGIN {
     if (n > 0) printf "  %d requests; service CPU %.2f s, %.3f us a request; load generator CPU %.2f s, %.3f us a request\n",

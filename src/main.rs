@@ -958,6 +958,14 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             d.samples
         );
     }
+    let requests = stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    if requests > 0 {
+        let work_s = stats.shard_work_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
+        eprintln!(
+            "symphony serve: shard work (inputs handled and their effects, not the reactor, system calls or waits): {work_s:.2} s, {:.3} us a request over {requests} requests",
+            work_s * 1e6 / requests as f64
+        );
+    }
     eprintln!("symphony serve: stopped");
     Ok(())
 }

@@ -35,6 +35,36 @@ pub struct Profile {
     latency_ns: Vec<u64>,
     pre_ns: u64,
     post_ns: u64,
+    /// `l(b) = intercept + slope * b` for every `b` of the table, when that holds exactly
+    /// (checked when the profile is built): the hot paths compute `l(b)` instead of reading
+    /// a table that does not stay in cache (a kilobyte or more per model, read at whatever
+    /// batch size a queue has reached).
+    linear: Option<Linear>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Linear {
+    slope_ns: u64,
+    intercept_ns: u64,
+}
+
+impl Linear {
+    /// The line through the table's first two points, if every point lies on it.
+    fn of(latency_ns: &[u64]) -> Option<Linear> {
+        let first = *latency_ns.first()?;
+        let slope_ns = latency_ns.get(1).map_or(0, |&second| second - first);
+        let line = Linear {
+            slope_ns,
+            intercept_ns: first.checked_sub(slope_ns)?,
+        };
+        let on_line = (1u64..).zip(latency_ns).all(|(b, &l_ns)| {
+            line.slope_ns
+                .checked_mul(b)
+                .and_then(|x| x.checked_add(line.intercept_ns))
+                == Some(l_ns)
+        });
+        on_line.then_some(line)
+    }
 }
 
 impl fmt::Debug for Profile {
@@ -58,6 +88,7 @@ impl Profile {
             latency_ns[i] = latency_ns[i].max(latency_ns[i - 1]);
         }
         Profile {
+            linear: Linear::of(&latency_ns),
             latency_ns,
             pre_ns,
             post_ns,
@@ -233,7 +264,12 @@ impl Profile {
     #[inline]
     pub fn latency_ns(&self, batch_size: u32) -> u64 {
         assert!(batch_size >= 1);
-        self.latency_ns[batch_size as usize - 1]
+        match self.linear {
+            Some(line) if batch_size as usize <= self.latency_ns.len() => {
+                line.intercept_ns + line.slope_ns * u64::from(batch_size)
+            }
+            _ => self.latency_ns[batch_size as usize - 1],
+        }
     }
 
     /// `pre + l(b) + post`: the whole execution time of a batch of `b`.
@@ -245,8 +281,10 @@ impl Profile {
     /// `pre + l(b) + post`, or `None` when `b` is past the profile's largest batch.
     #[inline]
     pub fn exec_ns_checked(&self, batch_size: u32) -> Option<u64> {
-        let l_ns = self.latency_ns.get((batch_size as usize).checked_sub(1)?)?;
-        Some(self.pre_ns + l_ns + self.post_ns)
+        if batch_size == 0 || batch_size as usize > self.latency_ns.len() {
+            return None;
+        }
+        Some(self.exec_ns(batch_size))
     }
 
     pub fn pre_ns(&self) -> u64 {
@@ -293,6 +331,36 @@ impl Profile {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_line_is_computed_and_anything_else_read_from_the_table() {
+        let cases = [
+            (Profile::parse_linear("sleep#400,2000,0,0", 100_000_000).unwrap(), true),
+            (Profile::parse_linear("sleep#0.1,0.35,1,2", 1_000_000).unwrap(), true),
+            // 0.4 ns a request, rounded to whole nanoseconds: not a line any more.
+            (Profile::parse_linear("sleep#0.0004,1,0,0", 1_000_000).unwrap(), false),
+            (Profile::parse_linear("sleep#0,5,0,0", 1_000_000).unwrap(), true),
+            (Profile::from_latencies_ns(vec![7], 1, 1), true),
+            (Profile::from_latencies_ns(vec![10, 20, 30, 41], 0, 0), false),
+            // Forced monotone onto a line: 10, 20, 30.
+            (Profile::from_latencies_ns(vec![10, 20, 30], 0, 0), true),
+            (Profile::from_latencies_ns(vec![5, 20, 35], 0, 0), false),
+        ];
+        for (profile, linear) in cases {
+            assert_eq!(profile.linear.is_some(), linear, "{profile:?}");
+            let max = profile.batch_size_max();
+            for b in 1..=max {
+                assert_eq!(
+                    profile.latency_ns(b),
+                    profile.latency_ns[b as usize - 1],
+                    "{profile:?} at {b}"
+                );
+                assert_eq!(profile.exec_ns_checked(b), Some(profile.exec_ns(b)));
+            }
+            assert_eq!(profile.exec_ns_checked(0), None);
+            assert_eq!(profile.exec_ns_checked(max + 1), None);
+        }
+    }
 
     #[test]
     fn the_slowest_of_two_profiles_is_no_faster_than_either() {

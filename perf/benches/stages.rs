@@ -6,24 +6,24 @@
 //!
 //!     cargo bench -p symphony-perf --bench stages -- --warm-up-time 1 --measurement-time 3
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use symphony_core::policy::{GrantPolicy, ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
 use symphony_core::wire::executor::{self as exec, PlanMsg, PlanRequest};
-use symphony_core::wire::{self, Frame, FrameDecoder, Kind, ModelRef, ReplyRef, RequestRef, Status, Timings};
+use symphony_core::wire::{self, FrameDecoder, Kind, ModelRef, ReplyRef, RequestRef, Status, Timings};
 use symphony_perf::stress;
-use symphony_shards::buffers::ReadBuffer;
+use symphony_perf::virtual_door::VirtualDoor;
 use symphony_shards::config::Limits;
-use symphony_shards::shard::{Catalog, ConnectionKey, Effect, Effects, Input, Peer, ShardCore, ShardMsg};
+use symphony_shards::shard::{Catalog, ShardCore};
 use symphony_shards::sync::gpu_table::GpuTable;
 
 const MODELS: usize = 1000;
 const GPUS: u32 = 1024;
+/// Requests served before the front door's load is timed: a second of it, so the held
+/// requests and the models' queues are at their steady size.
+const HOT_WARMUP: u64 = 1_000_000;
 
 fn models() -> Vec<ModelConfig> {
     let profile = Profile::parse_linear("sleep#400,2000,0,0", 100_000_000).unwrap();
@@ -50,79 +50,6 @@ fn request_frame(model: &ModelRef) -> Vec<u8> {
 
 fn cores(shards: usize) -> Vec<ShardCore> {
     stress::embedded_cores(&models(), GPUS, shards, PolicyKind::Symphony, Limits::default())
-}
-
-/// Serves `count` requests through `shards` cores in virtual time (one every 10 us, models in
-/// turn, all entering shard 0), with every effect carried out; returns the wall time.
-fn serve(cores: &mut [ShardCore], clock: &mut u64, count: u64, payloads: &[Vec<u8>]) -> Duration {
-    let client = Peer::Client(ConnectionKey::new(0, 0));
-    let buffer = ReadBuffer::new(64, 64);
-    let mut fx = Effects::default();
-    let mut running: BinaryHeap<Reverse<(u64, usize, u64, u64)>> = BinaryHeap::new();
-    let mut mesh: VecDeque<(usize, ShardMsg)> = VecDeque::new();
-    let started = Instant::now();
-    let apply = |shard: usize, fx: &mut Effects, running: &mut BinaryHeap<_>, mesh: &mut VecDeque<_>| {
-        let mut list = std::mem::take(&mut fx.list);
-        for effect in list.drain(..) {
-            match effect {
-                Effect::RunEmbedded(plan) => {
-                    running.push(Reverse((plan.finish_ns, shard, plan.plan_id, plan.exec_at_ns)))
-                }
-                Effect::Send { shard: to, msg } => mesh.push_back((to, msg)),
-                _ => {}
-            }
-        }
-        fx.list = list;
-        fx.clear();
-    };
-    for n in 0..count {
-        *clock += 10_000;
-        let now = *clock;
-        let payload = &payloads[n as usize % payloads.len()];
-        let frame = Frame {
-            kind: Kind::Request,
-            payload,
-        };
-        cores[0].handle(
-            now,
-            Input::Frame {
-                from: client,
-                frame: Ok(frame),
-                buffer: &buffer,
-            },
-            &mut fx,
-        );
-        cores[0].handle(now, Input::ReadDone, &mut fx);
-        apply(0, &mut fx, &mut running, &mut mesh);
-        while let Some((to, msg)) = mesh.pop_front() {
-            cores[to].handle(now, Input::Shard(msg), &mut fx);
-            apply(to, &mut fx, &mut running, &mut mesh);
-        }
-        while let Some(&Reverse((finish, shard, plan_id, start))) = running.peek() {
-            if finish > now {
-                break;
-            }
-            running.pop();
-            let done = Input::EmbeddedDone {
-                plan_id,
-                started_ns: start,
-                finished_ns: finish,
-            };
-            cores[shard].handle(now, done, &mut fx);
-            apply(shard, &mut fx, &mut running, &mut mesh);
-        }
-        for (shard, core) in cores.iter_mut().enumerate() {
-            if core.next_wake_ns().is_some_and(|t| t <= now) {
-                core.handle(now, Input::Timer, &mut fx);
-                apply(shard, &mut fx, &mut running, &mut mesh);
-            }
-        }
-        while let Some((to, msg)) = mesh.pop_front() {
-            cores[to].handle(now, Input::Shard(msg), &mut fx);
-            apply(to, &mut fx, &mut running, &mut mesh);
-        }
-    }
-    started.elapsed()
 }
 
 fn stages(c: &mut Criterion) {
@@ -155,15 +82,21 @@ fn stages(c: &mut Criterion) {
         ("the shard's whole path for a request of its own model", 1, &own),
         ("the same, routed to a second shard and its reply back", 2, &remote),
     ] {
-        let mut group = cores(shards);
-        let mut fx = Effects::default();
-        group[0].handle(0, Input::Opened(Peer::Client(ConnectionKey::new(0, 0))), &mut fx);
-        let mut clock = 0;
-        let _ = serve(&mut group, &mut clock, 20_000, payloads);
-        c.bench_function(label, |b| {
-            b.iter_custom(|iters| serve(&mut group, &mut clock, iters, payloads))
-        });
+        let mut door = VirtualDoor::new(cores(shards));
+        let _ = door.serve(20_000, 10_000, 1, payloads);
+        c.bench_function(label, |b| b.iter_custom(|iters| door.serve(iters, 10_000, 1, payloads)));
     }
+    // The front door's load: a million requests a second by name, 64 frames to a read (about
+    // 55,000 requests held at once, most of them out of cache when they are answered).
+    let named: Vec<Vec<u8>> = (0..MODELS)
+        .map(|m| request_frame(&ModelRef::Name(format!("m{m}")))[wire::FRAME_HEADER_SIZE..].to_vec())
+        .collect();
+    let mut door = VirtualDoor::new(cores(1));
+    let _ = door.serve(HOT_WARMUP, 1_000, 64, &named);
+    c.bench_function(
+        "the shard's whole path at 1,000,000 req/s, by name, 64 frames a read",
+        |b| b.iter_custom(|iters| door.serve(iters, 1_000, 64, &named)),
+    );
     let table = GpuTable::new(GPUS as usize, 1);
     let mut finish = 0;
     c.bench_function("claim and release a GPU on the shared table (1024 GPUs)", |b| {

@@ -13,3 +13,4 @@ pub mod plot;
 pub mod stress;
 pub mod sweep;
 pub mod throughput;
+pub mod virtual_door;

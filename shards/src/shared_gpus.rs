@@ -123,7 +123,7 @@ impl GpuSource for SharedGpus {
     }
 
     fn claim(&mut self, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {
-        let token = self.table.claim(self.shard, exec_at_ns, policy)?;
+        let token = self.view.claim(&self.table, self.shard, exec_at_ns, policy)?;
         let claim = GpuClaim {
             gpu: token.gpu(),
             free_at_ns: token.free_at_ns(),
@@ -136,14 +136,14 @@ impl GpuSource for SharedGpus {
 
     fn release(&mut self, claim: GpuClaim, finish_ns: u64) {
         let token = self.take(claim);
-        if let Some(shard) = self.table.release(token, finish_ns) {
+        if let Some(shard) = self.view.release(&self.table, self.shard, token, finish_ns) {
             self.handoffs.push(shard);
         }
     }
 
     fn cancel(&mut self, claim: GpuClaim) {
         let token = self.take(claim);
-        if let Some(shard) = self.table.cancel(token) {
+        if let Some(shard) = self.view.cancel(&self.table, self.shard, token) {
             self.handoffs.push(shard);
         }
     }

@@ -51,6 +51,10 @@ pub struct Stats {
     pub tls_handshake_failures: std::sync::atomic::AtomicU64,
     /// Sampled arrival-to-decision times, merged from every shard as it stops.
     pub decision: DecisionLatency,
+    /// Nanoseconds the shards spent handling their inputs and carrying out the effects, added
+    /// by each shard as it stops: their own work, without the reactor's, the system calls'
+    /// or the waits (a shard's process time counts those too).
+    pub shard_work_ns: std::sync::atomic::AtomicU64,
 }
 
 /// The scheduling overhead a request sees: from the read that brought its frame to the end

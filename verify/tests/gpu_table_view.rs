@@ -1,5 +1,6 @@
-//! A shard's `TableView` (the look at the GPU table that rescans only after a change) agrees
-//! with a full scan after any sequence of table operations by any shard, one at a time. (The
+//! A shard's `TableView` (its tree of the open GPUs' `free_at`, rebuilt only after another
+//! shard's change) agrees with a full scan after any sequence of table operations by any
+//! shard, one at a time: the same earliest `free_at`, and the same GPU for every claim. (The
 //! concurrent side, a view racing a release, is the loom models' `loom_gpu_table.rs`.)
 
 use proptest::prelude::*;
@@ -67,57 +68,79 @@ fn op() -> impl Strategy<Value = Op> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4000))]
+    /// Two tables take the same operations: on `viewed` every claim, release and cancel of a
+    /// shard goes through its view (the tree of minimums), on `scanned` straight to the table
+    /// (a scan of every GPU). They stay the same table only if each view claims the GPU the
+    /// scan would, and a view's earliest `free_at` is the scan's whenever nothing is claimed
+    /// or reserved.
     #[test]
     fn a_view_agrees_with_a_scan_after_every_operation(ops in prop::collection::vec(op(), 1..60)) {
-        let table = GpuTable::new(GPUS as usize, SHARDS as usize);
+        let viewed = GpuTable::new(GPUS as usize, SHARDS as usize);
+        let scanned = GpuTable::new(GPUS as usize, SHARDS as usize);
         let views: Vec<TableView> = (0..SHARDS).map(|_| TableView::default()).collect();
-        let mut held: Vec<Claim> = Vec::new();
+        // (claiming shard, its claim on `viewed`, the same on `scanned`)
+        let mut held: Vec<(u16, Claim, Claim)> = Vec::new();
         for op in ops {
             match op {
                 Op::Claim { shard, exec_at_ns, policy } => {
-                    held.extend(table.claim(shard, exec_at_ns, policy));
+                    let by_view = views[shard as usize].claim(&viewed, shard, exec_at_ns, policy);
+                    let by_scan = scanned.claim(shard, exec_at_ns, policy);
+                    prop_assert_eq!(by_view.as_ref().map(Claim::gpu), by_scan.as_ref().map(Claim::gpu), "shard {}'s claim", shard);
+                    if let (Some(a), Some(b)) = (by_view, by_scan) {
+                        held.push((shard, a, b));
+                    }
                 }
                 Op::Release { nth, run_ns } if !held.is_empty() => {
-                    let claim = held.swap_remove(nth % held.len());
-                    let finish_ns = claim.free_at_ns() + run_ns;
-                    let _ = table.release(claim, finish_ns);
+                    let (shard, a, b) = held.swap_remove(nth % held.len());
+                    let finish_ns = a.free_at_ns() + run_ns;
+                    let to_a = views[shard as usize].release(&viewed, shard, a, finish_ns);
+                    prop_assert_eq!(to_a, scanned.release(b, finish_ns));
                 }
                 Op::Cancel { nth } if !held.is_empty() => {
-                    let _ = table.cancel(held.swap_remove(nth % held.len()));
+                    let (shard, a, b) = held.swap_remove(nth % held.len());
+                    prop_assert_eq!(views[shard as usize].cancel(&viewed, shard, a), scanned.cancel(b));
                 }
-                Op::Post { shard, invalid_after_ns } => table.post_waiter(shard, invalid_after_ns),
-                Op::Clear { shard } => table.clear_waiter(shard),
+                Op::Post { shard, invalid_after_ns } => {
+                    viewed.post_waiter(shard, invalid_after_ns);
+                    scanned.post_waiter(shard, invalid_after_ns);
+                }
+                Op::Clear { shard } => {
+                    viewed.clear_waiter(shard);
+                    scanned.clear_waiter(shard);
+                }
                 Op::Decline { shard } => {
-                    if let Some(gpu) = table.reservation_of(shard) {
-                        let _ = table.decline(shard, gpu);
+                    prop_assert_eq!(viewed.reservation_of(shard), scanned.reservation_of(shard));
+                    if let Some(gpu) = viewed.reservation_of(shard) {
+                        prop_assert_eq!(viewed.decline(shard, gpu), scanned.decline(shard, gpu));
                     }
                 }
                 // A claimed GPU goes offline only after its claimer's event (the table spins).
-                Op::Offline { gpu } if held.iter().all(|claim| claim.gpu() != gpu) => {
-                    table.set_offline(gpu);
+                Op::Offline { gpu } if held.iter().all(|(_, claim, _)| claim.gpu() != gpu) => {
+                    prop_assert_eq!(viewed.set_offline(gpu), scanned.set_offline(gpu));
                 }
                 Op::Online { gpu, free_at_ns } => {
-                    let _ = table.set_online(gpu, free_at_ns);
+                    prop_assert_eq!(viewed.set_online(gpu, free_at_ns), scanned.set_online(gpu, free_at_ns));
                 }
                 Op::Look { shard } => {
-                    views[shard as usize].min_free_at_ns(&table, shard);
+                    views[shard as usize].min_free_at_ns(&viewed, shard);
                 }
                 _ => {}
             }
             // Claims and reservations close a GPU to the other shards without telling their
             // views (documented: a claim then finds it taken); every other change is seen.
-            if held.is_empty() && (0..SHARDS).all(|shard| table.reservation_of(shard).is_none()) {
+            if held.is_empty() && (0..SHARDS).all(|shard| viewed.reservation_of(shard).is_none()) {
                 for shard in 0..SHARDS {
                     prop_assert_eq!(
-                        views[shard as usize].min_free_at_ns(&table, shard),
-                        table.min_free_at_ns(shard),
+                        views[shard as usize].min_free_at_ns(&viewed, shard),
+                        scanned.min_free_at_ns(shard),
                         "shard {}'s view", shard
                     );
                 }
             }
         }
-        for claim in held {
-            let _ = table.cancel(claim);
+        for (_, a, b) in held {
+            let _ = viewed.cancel(a);
+            let _ = scanned.cancel(b);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Loom models of the shards' GPU table (`shards/src/sync/gpu_table.rs`) on the path the
 //! service takes: a shard posts its waiting candidate (`post_waiter`), looks at the GPUs
 //! (`min_free_at_ns` through its `TableView`, which rescans only after a change) and claims by
-//! its grant policy (`claim`, pick then claim); a release
+//! its grant policy through the view (`TableView::claim`: pick from the view, claim, and
+//! look again if the GPU was taken); a release
 //! reserves the GPU it frees for the earliest waiter and tells that shard, which claims it or
 //! declines it on to the next (`decline`), under every interleaving loom explores, with two
 //! and three threads.
@@ -88,13 +89,14 @@ fn post_then_claim(
 }
 
 /// A shard's claim after a hand-off message (or its own timer): from the earliest `free_at`
-/// it may claim (free GPUs, and those reserved for it), as its view shows it.
+/// it may claim (free GPUs, and those reserved for it), as its view shows it, picked by the
+/// view.
 fn claim_as_told(table: &GpuTable, shard: u16, view: &TableView, policy: GrantPolicy) -> Option<gpu_table::Claim> {
     let free_at_ns = view.min_free_at_ns(table, shard);
     if free_at_ns == u64::MAX {
         return None;
     }
-    let claim = table.claim(shard, free_at_ns, policy)?;
+    let claim = view.claim(table, shard, free_at_ns, policy)?;
     table.clear_waiter(shard);
     Some(claim)
 }

@@ -98,6 +98,12 @@ struct Shard {
     decision: RefCell<hdrhistogram::Histogram<u64>>,
     /// Requests until the next sample.
     decision_countdown: Cell<u32>,
+    /// Nanoseconds spent in [`Shard::handle`] and [`Shard::handle_frames`] ([`Stats::shard_work_ns`],
+    /// added at the drain's end).
+    work_ns: Cell<u64>,
+    /// How many of those calls are running (one inside another's effects is not counted
+    /// again).
+    working: Cell<u32>,
     stop: Arc<AtomicBool>,
     /// The core was told to stop.
     stopped: Cell<bool>,
@@ -140,8 +146,9 @@ impl Shard {
     /// Gives the core one input now and carries out what it decided.
     fn handle(self: &Rc<Self>, input: Input<'_>) {
         let mut fx = self.spare_effects.borrow_mut().pop().unwrap_or_default();
+        let now_ns = self.now_ns();
+        self.working.set(self.working.get() + 1);
         {
-            let now_ns = self.now_ns();
             let mut core = self.core.borrow_mut();
             self.tell_stop(&mut core, now_ns, &mut fx);
             core.handle(now_ns, input, &mut fx);
@@ -151,6 +158,18 @@ impl Shard {
         self.apply(&mut fx);
         fx.clear();
         self.spare_effects.borrow_mut().push(fx);
+        self.add_work(now_ns);
+    }
+
+    /// Counts the time since `started_ns` as this shard's own work, unless inside another
+    /// call that counts it.
+    fn add_work(&self, started_ns: u64) {
+        let working = self.working.get() - 1;
+        self.working.set(working);
+        if working == 0 {
+            let work_ns = self.now_ns().saturating_sub(started_ns);
+            self.work_ns.set(self.work_ns.get() + work_ns);
+        }
     }
 
     /// The first input after the stop flag was set tells the core first.
@@ -179,8 +198,10 @@ impl Shard {
         use connection::TurnEnd;
         let mut fx = self.spare_effects.borrow_mut().pop().unwrap_or_default();
         let is_client = matches!(peer, Peer::Client(_));
+        let started_ns = self.now_ns();
+        self.working.set(self.working.get() + 1);
         let end = {
-            let mut now_ns = self.now_ns();
+            let mut now_ns = started_ns;
             let mut core = self.core.borrow_mut();
             self.tell_stop(&mut core, now_ns, &mut fx);
             let mut handled = 0;
@@ -227,6 +248,7 @@ impl Shard {
         self.apply(&mut fx);
         fx.clear();
         self.spare_effects.borrow_mut().push(fx);
+        self.add_work(started_ns);
         end
     }
 

@@ -430,6 +430,8 @@ async fn run_shard(setup: ShardSetup, ready: Ready) {
         embedded: RefCell::new(BinaryHeap::new()),
         decision: RefCell::new(crate::stats::DecisionLatency::histogram()),
         decision_countdown: Cell::new(crate::stats::DECISION_SAMPLE_EVERY),
+        work_ns: Cell::new(0),
+        working: Cell::new(0),
         stop: setup.stop,
         stopped: Cell::new(false),
         drained: setup.drained,
@@ -502,6 +504,10 @@ async fn drain(shard: &Rc<Shard>, shard_count: usize) {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     shard.stats.decision.merge(&shard.decision.borrow());
+    shard
+        .stats
+        .shard_work_ns
+        .fetch_add(shard.work_ns.get(), std::sync::atomic::Ordering::Relaxed);
     shard.drained.fetch_add(1, Ordering::AcqRel);
     // Every shard answers within its grace period: wait that long and a little more.
     let linger_until_ns = started_ns + grace_ns + SHUTDOWN_LINGER.as_nanos() as u64;

@@ -356,7 +356,6 @@ impl ShardCore {
                         for_log(result.message.as_str(), MESSAGE_LOG_LIMIT)
                     ));
                 }
-                self.pending.prefetch(&flight.ids);
                 self.record_plan(&flight, started_ns, finished_ns);
                 let mut refused = result.refused.iter().map(|i| i.to_native() as usize).peekable();
                 let mut offset = 0usize;
@@ -365,6 +364,7 @@ impl ShardCore {
                     let output = &section[offset..offset + len];
                     offset += len;
                     let is_refused = refused.next_if_eq(&index).is_some();
+                    self.pending.prefetch_ahead(&flight.ids, index);
                     let Some(pending) = self.pending.remove(RequestKey::of_id(id)) else {
                         continue;
                     };

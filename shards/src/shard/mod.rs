@@ -623,9 +623,9 @@ impl ShardCore {
             return;
         };
         self.inflight_requests -= flight.ids.len();
-        self.pending.prefetch(&flight.ids);
         self.record_plan(&flight, started_ns, finished_ns);
-        for &id in &flight.ids {
+        for (index, &id) in flight.ids.iter().enumerate() {
+            self.pending.prefetch_ahead(&flight.ids, index);
             if let Some(pending) = self.pending.remove(RequestKey::of_id(id)) {
                 self.record_ran(&pending, started_ns, finished_ns);
                 let timings = self.timings(pending.origin, Some((started_ns, finished_ns)));

@@ -14,6 +14,10 @@ use symphony_core::prefetch::prefetch;
 /// No slot (the end of a connection's list).
 const NONE: u32 = u32::MAX;
 
+/// How many requests ahead of the one being removed [`PendingTable::prefetch_ahead`] asks
+/// for: about what the CPU can have in flight, three lines each.
+const PREFETCH_AHEAD: usize = 8;
+
 /// A request the owner holds until it is answered.
 #[derive(Debug)]
 #[repr(align(64))]
@@ -114,11 +118,14 @@ impl PendingTable {
             }
             None => return None,
         };
-        let generation = self.generations[slot as usize];
-        // The next insert's slot, freed a while ago: its miss overlaps this request's work.
-        if let Some(&next) = self.free.last() {
+        // The next inserts' slots, freed a while ago: their misses overlap this request's
+        // work (the slot, its generation and its links are all written).
+        for &next in self.free.iter().rev().take(2) {
             prefetch(&self.slots[next as usize]);
+            prefetch(&self.generations[next as usize]);
+            prefetch(&self.links[next as usize]);
         }
+        let generation = self.generations[slot as usize];
         let list = self.head_mut(origin.shard, origin.connection);
         let head = std::mem::replace(&mut list.1, slot);
         if head != NONE {
@@ -143,17 +150,32 @@ impl PendingTable {
         self.slots[key.slot() as usize].as_ref()
     }
 
-    /// Asks the CPU to bring the slots of `ids` into cache: a plan's requests are answered
-    /// together, each slot long out of cache, so their misses overlap instead of queueing.
-    /// A hint only: no effect on what the table holds.
-    pub(crate) fn prefetch(&self, ids: &[u64]) {
-        for &id in ids {
+    /// Asks the CPU to bring into cache what removing `ids[index]` and the requests after it
+    /// will touch, to be called before each removal of a plan's requests in order: a plan's
+    /// requests are answered together, each slot long out of cache, so their misses overlap
+    /// instead of queueing. Two stages, [`PREFETCH_AHEAD`] and half of it ahead: the slot,
+    /// its generation and its links first, then (the links in cache by then) its neighbours'
+    /// links. (Prefetching a whole plan at once asks for more lines than the CPU can have in
+    /// flight: most are dropped.) A hint only: no effect on what the table holds.
+    pub(crate) fn prefetch_ahead(&self, ids: &[u64], index: usize) {
+        let first = if index == 0 { 0 } else { index + PREFETCH_AHEAD };
+        for &id in ids.iter().take(index + PREFETCH_AHEAD + 1).skip(first) {
             let slot = RequestKey::of_id(id).slot() as usize;
-            if let Some(cell) = self.slots.get(slot) {
+            if let (Some(cell), Some(generation), Some(link)) =
+                (self.slots.get(slot), self.generations.get(slot), self.links.get(slot))
+            {
                 prefetch(cell);
-            }
-            if let Some(generation) = self.generations.get(slot) {
                 prefetch(generation);
+                prefetch(link);
+            }
+        }
+        if let Some(&id) = ids.get(index + PREFETCH_AHEAD / 2) {
+            if let Some(link) = self.links.get(RequestKey::of_id(id).slot() as usize) {
+                for neighbour in [link.prev, link.next] {
+                    if let Some(link) = self.links.get(neighbour as usize) {
+                        prefetch(link);
+                    }
+                }
             }
         }
     }

@@ -63,8 +63,10 @@
 //! while the GPUs change once per plan. Every change that can make a GPU open to a shard that
 //! was not, or change an open GPU's `free_at` (release, cancel, reserve, decline, online,
 //! offline), bumps the table's `changes` counter after its state store and before the
-//! hand-off's fence; a shard's [`TableView`] rescans only when the counter moved since its
-//! last scan. The counter takes part in the Dekker pair: a shard loads it after its post's
+//! hand-off's fence; a shard's [`TableView`] (a tree of minimums over the `free_at` of the
+//! GPUs open to it, which also picks its lowest-index and earliest-free claims) rescans only
+//! when the counter moved past the shard's own changes since its last scan (its own release
+//! or cancel updates one leaf). The counter takes part in the Dekker pair: a shard loads it after its post's
 //! fence, so if the releaser's fence came first the shard sees the bump and rescans. A claim
 //! and a reservation do not bump: they only close a GPU to the other shards (a reserved GPU
 //! stays open, with the same `free_at`, to the shard it is reserved for). Until the next bump
@@ -166,35 +168,157 @@ pub struct GpuTable {
 #[repr(align(128))]
 struct Padded(AtomicU64);
 
-/// One shard's last look at the table: `min_free_at_ns` rescans only after a change.
+/// One shard's last look at the table: which GPUs are open to it (free, or reserved for it)
+/// and when each frees, as a tree of minimums over the GPUs' `free_at`, so the earliest
+/// `free_at` and the claims of the lowest-index and earliest-free grants are answered in
+/// O(log n) instead of a scan of every GPU. The view rescans the table only when its
+/// `changes` moved past what this shard did itself: a change of its own (a release, a
+/// cancel) updates one leaf when nobody else changed the table since the view was current.
+/// A snapshot either way: a claim re-checks the GPU, and a claim that finds it taken rescans.
 #[derive(Debug)]
 pub struct TableView {
-    /// The table's `changes` when `min_free_at_ns` was computed (`u64::MAX`: never).
+    /// The table's `changes` the tree is current with (`u64::MAX`: never, or out of date).
     seen: std::cell::Cell<u64>,
-    min_free_at_ns: std::cell::Cell<u64>,
+    /// Leaves at `[size, size + gpus)`: a GPU's `free_at` while it is open to this shard,
+    /// `u64::MAX` while it is not (claimed, reserved for another shard, offline, or no GPU);
+    /// node `i` holds the minimum of nodes `2i` and `2i + 1`.
+    tree: std::cell::RefCell<Vec<u64>>,
 }
 
 impl Default for TableView {
     fn default() -> TableView {
         TableView {
             seen: std::cell::Cell::new(u64::MAX),
-            min_free_at_ns: std::cell::Cell::new(0),
+            tree: std::cell::RefCell::new(Vec::new()),
         }
     }
 }
 
+/// A leaf of a GPU that is not open to the viewing shard.
+const CLOSED: u64 = u64::MAX;
+
 impl TableView {
-    /// `table.min_free_at_ns(shard)`, rescanned only when the table changed since the last
-    /// call (a snapshot either way: a claim re-checks).
+    /// `table.min_free_at_ns(shard)`: the earliest `free_at` of the GPUs open to `shard`,
+    /// from the tree (a scan only when none is open).
     pub fn min_free_at_ns(&self, table: &GpuTable, shard: u16) -> u64 {
+        self.sync(table, shard);
+        let root = self.tree.borrow().get(1).copied().unwrap_or(CLOSED);
+        if root == CLOSED {
+            // None open: the table's answer for that case (the earliest of any online GPU).
+            return table.min_free_at_ns(shard);
+        }
+        root
+    }
+
+    /// `table.claim(shard, exec_at_ns, policy)`, picked from the tree for the lowest-index
+    /// and earliest-free grants (the same GPU a scan would pick); the best fit scans.
+    pub fn claim(&self, table: &GpuTable, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<Claim> {
+        if policy == GrantPolicy::BestFit {
+            return table.claim(shard, exec_at_ns, policy);
+        }
+        for _ in 0..2 {
+            self.sync(table, shard);
+            let gpu = self.pick(exec_at_ns, policy)?;
+            if let Some(claim) = table.try_claim(shard, gpu, exec_at_ns) {
+                self.set(gpu, CLOSED);
+                return Some(claim);
+            }
+            // Taken since the view was current (a claim or a reservation of another shard
+            // does not bump `changes`): look again.
+            self.seen.set(u64::MAX);
+        }
+        table.claim(shard, exec_at_ns, policy)
+    }
+
+    /// `table.release(claim, finish_ns)`, with the view kept current.
+    pub fn release(&self, table: &GpuTable, shard: u16, claim: Claim, finish_ns: u64) -> Option<u16> {
+        assert!(
+            finish_ns >= claim.free_at_ns,
+            "a plan on GPU {} ends at {finish_ns}, before the previous one ({})",
+            claim.gpu,
+            claim.free_at_ns
+        );
+        self.free(table, shard, claim, finish_ns)
+    }
+
+    /// `table.cancel(claim)`, with the view kept current.
+    pub fn cancel(&self, table: &GpuTable, shard: u16, claim: Claim) -> Option<u16> {
+        let free_at_ns = claim.free_at_ns;
+        self.free(table, shard, claim, free_at_ns)
+    }
+
+    fn free(&self, table: &GpuTable, shard: u16, claim: Claim, free_at_ns: u64) -> Option<u16> {
+        let gpu = claim.gpu;
+        let (before, handed_to) = table.free_counted(claim, free_at_ns);
+        if before == self.seen.get() {
+            // Nobody else changed the table since the view was current: only this leaf did
+            // (closed again if the GPU went to another shard's waiting candidate).
+            self.seen.set(before + 1);
+            let open = handed_to.is_none_or(|to| to == shard);
+            self.set(gpu, if open { free_at_ns } else { CLOSED });
+        }
+        handed_to
+    }
+
+    /// Rebuilds the tree from the table if the table changed since it was current.
+    fn sync(&self, table: &GpuTable, shard: u16) {
         let changes = table.changes.0.load(Ordering::Acquire);
         if self.seen.get() == changes {
-            return self.min_free_at_ns.get();
+            return;
         }
-        let min_free_at_ns = table.min_free_at_ns(shard);
+        let mut tree = self.tree.borrow_mut();
+        let size = table.gpus.len().next_power_of_two();
+        tree.clear();
+        tree.resize(2 * size, CLOSED);
+        for (leaf, gpu) in tree[size..].iter_mut().zip(table.gpus.iter()) {
+            let state = State::unpack(gpu.state.load(Ordering::Acquire));
+            if state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard) {
+                *leaf = gpu.free_at_ns.load(Ordering::Relaxed);
+            }
+        }
+        for node in (1..size).rev() {
+            tree[node] = tree[2 * node].min(tree[2 * node + 1]);
+        }
         self.seen.set(changes);
-        self.min_free_at_ns.set(min_free_at_ns);
-        min_free_at_ns
+    }
+
+    /// Sets a GPU's leaf and the minimums above it (nothing when the tree was never built).
+    fn set(&self, gpu: u32, free_at_ns: u64) {
+        let mut tree = self.tree.borrow_mut();
+        let size = tree.len() / 2;
+        if gpu as usize >= size {
+            return;
+        }
+        let mut node = size + gpu as usize;
+        tree[node] = free_at_ns;
+        while node > 1 {
+            node /= 2;
+            let min = tree[2 * node].min(tree[2 * node + 1]);
+            if tree[node] == min {
+                break;
+            }
+            tree[node] = min;
+        }
+    }
+
+    /// The GPU the grant takes among the open ones free by `exec_at_ns`: the lowest index
+    /// (the leftmost qualifying leaf) or the earliest free (the leftmost minimum).
+    fn pick(&self, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
+        let tree = self.tree.borrow();
+        let size = tree.len() / 2;
+        if size == 0 || tree[1] > exec_at_ns {
+            return None;
+        }
+        let mut node = 1;
+        while node < size {
+            let left = 2 * node;
+            node = match policy {
+                GrantPolicy::LowestIndex if tree[left] <= exec_at_ns => left,
+                GrantPolicy::EarliestFree if tree[left] <= tree[left + 1] => left,
+                _ => left + 1,
+            };
+        }
+        Some((node - size) as u32)
     }
 }
 
@@ -225,8 +349,8 @@ impl GpuTable {
 
     /// Tells every [`TableView`] to rescan. Called after the state store of a change and
     /// before the hand-off's fence (module doc).
-    fn changed(&self) {
-        self.changes.0.fetch_add(1, Ordering::AcqRel);
+    fn changed(&self) -> u64 {
+        self.changes.0.fetch_add(1, Ordering::AcqRel)
     }
 
     /// Slots in the table, online or not.
@@ -411,14 +535,20 @@ impl GpuTable {
     }
 
     fn free(&self, claim: Claim, free_at_ns: u64) -> Option<u16> {
+        self.free_counted(claim, free_at_ns).1
+    }
+
+    /// [`GpuTable::free`], with the value of `changes` its bump replaced (a view that was
+    /// current with it is current again after this one change).
+    fn free_counted(&self, claim: Claim, free_at_ns: u64) -> (u64, Option<u16>) {
         let slot = &self.gpus[claim.gpu as usize];
         let word = slot.state.load(Ordering::Relaxed);
         assert_eq!(word, claim.word, "only the claimer changes a claimed GPU");
         slot.free_at_ns.store(free_at_ns, Ordering::Relaxed);
         let freed = State::unpack(word).next(TAG_FREE, 0);
         slot.state.store(freed, Ordering::Release);
-        self.changed();
-        self.hand_off(claim.gpu)
+        let before = self.changed();
+        (before, self.hand_off(claim.gpu))
     }
 
     /// Gives up a reservation made for `shard` (its candidate no longer waits): the GPU is
