@@ -975,7 +975,7 @@ fn serve_says_where_each_shard_runs() {
 }
 
 #[test]
-fn serve_reports_its_arrival_to_decision_times_when_it_stops() {
+fn serve_reports_its_arrival_to_decision_times_and_its_work_when_it_stops() {
     let _serial = serial();
     let mut serve = Serve::start(&example_config("gpus = 2\nshards = 1"), &[]);
     let mut client = serve.client();
@@ -1010,6 +1010,27 @@ fn serve_reports_its_arrival_to_decision_times_when_it_stops() {
     assert_eq!(samples, (requests / 16) as f64, "one request in 16: {line}");
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{line}");
     assert!(max < 1_000_000.0, "under a second from read to decision: {line}");
+    // "... shard work (...): W s, U us a request over N requests"
+    let work = log
+        .lines()
+        .find(|l| l.contains("shard work"))
+        .unwrap_or_else(|| panic!("no shard-work line:\n{log}"));
+    let tail = &work[work.rfind("): ").expect("the figures after the parenthesis") + 3..];
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    let seconds: f64 = fields[0].parse().unwrap();
+    let per_request_us: f64 = fields[2].parse().unwrap();
+    assert_eq!(fields.last(), Some(&"requests"), "{work}");
+    assert_eq!(
+        fields[fields.len() - 2],
+        requests.to_string(),
+        "every request counted: {work}"
+    );
+    assert!(seconds < 10.0 && per_request_us > 0.0, "{work}");
+    let total_us = per_request_us * requests as f64;
+    assert!(
+        (total_us / 1e6 - seconds).abs() < 0.01,
+        "the total is the per-request figure's sum: {work}"
+    );
 }
 
 #[test]
