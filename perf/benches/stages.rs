@@ -27,13 +27,7 @@ const HOT_WARMUP: u64 = 1_000_000;
 
 fn models() -> Vec<ModelConfig> {
     let profile = Profile::parse_linear("sleep#400,2000,0,0", 100_000_000).unwrap();
-    (0..MODELS)
-        .map(|i| ModelConfig {
-            name: format!("m{i}"),
-            profile: profile.clone(),
-            slo_ns: 100_000_000,
-        })
-        .collect()
+    stress::uniform_models(MODELS, &profile, 100_000_000)
 }
 
 fn request_frame(model: &ModelRef) -> Vec<u8> {
@@ -72,11 +66,11 @@ fn stages(c: &mut Criterion) {
     // A shard's own models (1 shard) and models of the other shard (2 shards, every request
     // entering shard 0 for a model shard 1 owns).
     let own: Vec<Vec<u8>> = (0..MODELS)
-        .map(|m| request_frame(&ModelRef::Id(m as u32))[wire::FRAME_HEADER_SIZE..].to_vec())
+        .map(|m| stress::request_payload(7, &ModelRef::Id(m as u32)))
         .collect();
     let remote: Vec<Vec<u8>> = (0..MODELS)
         .filter(|m| m % 2 == 1)
-        .map(|m| request_frame(&ModelRef::Id(m as u32))[wire::FRAME_HEADER_SIZE..].to_vec())
+        .map(|m| stress::request_payload(7, &ModelRef::Id(m as u32)))
         .collect();
     for (label, shards, payloads) in [
         ("the shard's whole path for a request of its own model", 1, &own),
@@ -89,7 +83,7 @@ fn stages(c: &mut Criterion) {
     // The front door's load: a million requests a second by name, 64 frames to a read (about
     // 55,000 requests held at once, most of them out of cache when they are answered).
     let named: Vec<Vec<u8>> = (0..MODELS)
-        .map(|m| request_frame(&ModelRef::Name(format!("m{m}")))[wire::FRAME_HEADER_SIZE..].to_vec())
+        .map(|m| stress::request_payload(7, &ModelRef::Name(format!("m{m}"))))
         .collect();
     let mut door = VirtualDoor::new(cores(1));
     let _ = door.serve(HOT_WARMUP, 1_000, 64, &named);

@@ -5,9 +5,9 @@
 //!
 //!     cargo run --release -p symphony-perf --example hotpath -- [RATE] [SECONDS] [FRAMES_PER_READ]
 
-use symphony_core::policy::{ModelConfig, PolicyKind};
+use symphony_core::policy::PolicyKind;
 use symphony_core::profile::Profile;
-use symphony_core::wire::{self, ModelRef, RequestRef};
+use symphony_core::wire::ModelRef;
 use symphony_perf::stress;
 use symphony_perf::virtual_door::VirtualDoor;
 use symphony_shards::config::Limits;
@@ -20,27 +20,10 @@ fn main() {
     let turn = arg(2, 64.0) as usize;
     let slo_ns = 100_000_000;
     let profile = Profile::parse_linear("sleep#400,2000,0,0", slo_ns).expect("a valid profile");
-    let models: Vec<ModelConfig> = (0..1000)
-        .map(|i| ModelConfig {
-            name: format!("m{i}"),
-            profile: profile.clone(),
-            slo_ns,
-        })
-        .collect();
+    let models = stress::uniform_models(1000, &profile, slo_ns);
     let payloads: Vec<Vec<u8>> = models
         .iter()
-        .map(|m| {
-            let mut frame = Vec::new();
-            let model = ModelRef::Name(m.name.clone());
-            let request = RequestRef {
-                client_request_id: 7,
-                model: &model,
-                slo_us: None,
-                input: &[],
-            };
-            wire::encode_request(&mut frame, &request).expect("a small frame");
-            frame[wire::FRAME_HEADER_SIZE..].to_vec()
-        })
+        .map(|m| stress::request_payload(7, &ModelRef::Name(m.name.clone())))
         .collect();
     let cores = stress::embedded_cores(&models, 1024, 1, PolicyKind::Symphony, Limits::default());
     let mut door = VirtualDoor::new(cores);

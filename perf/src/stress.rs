@@ -107,18 +107,38 @@ impl StressReport {
     }
 }
 
-/// Runs `config` once.
-pub fn run(config: &StressConfig) -> Result<StressReport, String> {
-    let shard_count = config.shards.max(1);
-    let slo_ns = config.slo_ms * 1_000_000;
-    let profile = Profile::parse_linear(&config.profile, slo_ns).map_err(|e| e.to_string())?;
-    let models: Vec<ModelConfig> = (0..config.models.max(1))
+/// `count` models named `m0`, `m1`, ... with one profile and SLO (the stress's, the
+/// benchmarks' and the allocation counts' model sets).
+pub fn uniform_models(count: usize, profile: &Profile, slo_ns: u64) -> Vec<ModelConfig> {
+    (0..count)
         .map(|i| ModelConfig {
             name: format!("m{i}"),
             profile: profile.clone(),
             slo_ns,
         })
-        .collect();
+        .collect()
+}
+
+/// A REQUEST frame's payload (the frame without its header) for `model`, with no input and
+/// the model's own SLO.
+pub fn request_payload(client_request_id: u64, model: &ModelRef) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let request = RequestRef {
+        client_request_id,
+        model,
+        slo_us: None,
+        input: &[],
+    };
+    wire::encode_request(&mut frame, &request).expect("a request with no input fits a frame");
+    frame.split_off(wire::FRAME_HEADER_SIZE)
+}
+
+/// Runs `config` once.
+pub fn run(config: &StressConfig) -> Result<StressReport, String> {
+    let shard_count = config.shards.max(1);
+    let slo_ns = config.slo_ms * 1_000_000;
+    let profile = Profile::parse_linear(&config.profile, slo_ns).map_err(|e| e.to_string())?;
+    let models = uniform_models(config.models.max(1), &profile, slo_ns);
     let limits = Limits {
         requests_per_connection: usize::MAX / 2,
         request_bytes_per_connection: usize::MAX / 2,
@@ -298,22 +318,9 @@ impl<'a> ShardRun<'a> {
         let arrivals = duration_ns / interval_ns.max(1);
         // The prepared frames: one per model this shard's client asks for, round robin.
         let models = self.config.models.max(1);
-        let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(models);
-        for m in 0..models {
-            let mut frame = Vec::new();
-            let model = ModelRef::Id(m as u32);
-            wire::encode_request(
-                &mut frame,
-                &RequestRef {
-                    client_request_id: m as u64,
-                    model: &model,
-                    slo_us: None,
-                    input: &[],
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            payloads.push(frame[wire::FRAME_HEADER_SIZE..].to_vec());
-        }
+        let payloads: Vec<Vec<u8>> = (0..models)
+            .map(|m| request_payload(m as u64, &ModelRef::Id(m as u32)))
+            .collect();
         let buffer = ReadBuffer::new(64, 64);
         let mut next = 0u64;
         let slo_ns = self.config.slo_ms * 1_000_000;

@@ -11,9 +11,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::Ordering;
 
-use symphony_core::policy::{ModelConfig, PolicyKind};
+use symphony_core::policy::PolicyKind;
 use symphony_core::profile::Profile;
-use symphony_core::wire::{self, Frame, FrameDecoder, Kind, ModelRef, RequestRef, Status};
+use symphony_core::wire::{self, Frame, FrameDecoder, Kind, ModelRef, Status};
 use symphony_perf::stress;
 use symphony_shards::buffers::ReadBuffer;
 use symphony_shards::config::Limits;
@@ -39,28 +39,11 @@ struct Counted {
 fn serve(shards: usize, gap_ns: u64, end_ns: u64, count_from_ns: u64) -> Counted {
     let slo_ns = 100 * MS;
     let profile = Profile::parse_linear("sleep#400,2000,0,0", slo_ns).unwrap();
-    let models: Vec<ModelConfig> = (0..50)
-        .map(|i| ModelConfig {
-            name: format!("m{i}"),
-            profile: profile.clone(),
-            slo_ns,
-        })
-        .collect();
+    let models = stress::uniform_models(50, &profile, slo_ns);
     let mut cores = stress::embedded_cores(&models, 64, shards, PolicyKind::Symphony, Limits::default());
     // The prepared request frames (payloads), one per model.
     let payloads: Vec<Vec<u8>> = (0..models.len())
-        .map(|m| {
-            let mut frame = Vec::new();
-            let model = ModelRef::Id(m as u32);
-            let request = RequestRef {
-                client_request_id: m as u64,
-                model: &model,
-                slo_us: None,
-                input: &[],
-            };
-            wire::encode_request(&mut frame, &request).unwrap();
-            frame[wire::FRAME_HEADER_SIZE..].to_vec()
-        })
+        .map(|m| stress::request_payload(m as u64, &ModelRef::Id(m as u32)))
         .collect();
     let buffer = ReadBuffer::new(64, 64);
     let client = Peer::Client(ConnectionKey::new(0, 0));
