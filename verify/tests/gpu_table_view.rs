@@ -144,3 +144,28 @@ proptest! {
         }
     }
 }
+
+/// With no GPU open to the shard (it holds every one), its view answers as the table does:
+/// the earliest `free_at` of any online GPU, and no GPU online at all is `u64::MAX`.
+#[test]
+fn a_view_with_no_gpu_open_answers_with_the_online_ones() {
+    let table = GpuTable::new(2, 1);
+    let view = TableView::default();
+    let a = view
+        .claim(&table, 0, 0, GrantPolicy::LowestIndex)
+        .expect("GPU 0 is free");
+    let _ = view.release(&table, 0, a, 700);
+    let a = view
+        .claim(&table, 0, 700, GrantPolicy::LowestIndex)
+        .expect("GPU 0 frees at 700");
+    let b = view
+        .claim(&table, 0, 700, GrantPolicy::LowestIndex)
+        .expect("GPU 1 is free");
+    assert_eq!((a.gpu(), b.gpu()), (0, 1));
+    assert_eq!(view.min_free_at_ns(&table, 0), table.min_free_at_ns(0));
+    assert_eq!(view.min_free_at_ns(&table, 0), 0, "GPU 1's free_at, held or not");
+    let _ = view.cancel(&table, 0, a);
+    let _ = view.cancel(&table, 0, b);
+    assert!(table.set_offline(0) && table.set_offline(1));
+    assert_eq!(view.min_free_at_ns(&table, 0), u64::MAX);
+}

@@ -183,6 +183,9 @@ pub struct TableView {
     /// `u64::MAX` while it is not (claimed, reserved for another shard, offline, or no GPU);
     /// node `i` holds the minimum of nodes `2i` and `2i + 1`.
     tree: std::cell::RefCell<Vec<u64>>,
+    /// The earliest `free_at` of any online GPU when the tree was built: the answer when
+    /// none is open (every one claimed or reserved for another shard).
+    online_min_ns: std::cell::Cell<u64>,
 }
 
 impl Default for TableView {
@@ -190,6 +193,7 @@ impl Default for TableView {
         TableView {
             seen: std::cell::Cell::new(u64::MAX),
             tree: std::cell::RefCell::new(Vec::new()),
+            online_min_ns: std::cell::Cell::new(CLOSED),
         }
     }
 }
@@ -198,16 +202,14 @@ impl Default for TableView {
 const CLOSED: u64 = u64::MAX;
 
 impl TableView {
-    /// `table.min_free_at_ns(shard)`: the earliest `free_at` of the GPUs open to `shard`,
-    /// from the tree (a scan only when none is open).
+    /// `table.min_free_at_ns(shard)`: the earliest `free_at` of the GPUs open to `shard`, or
+    /// with none open, of any online GPU, as of the tree.
     pub fn min_free_at_ns(&self, table: &GpuTable, shard: u16) -> u64 {
         self.sync(table, shard);
-        let root = self.tree.borrow().get(1).copied().unwrap_or(CLOSED);
-        if root == CLOSED {
-            // None open: the table's answer for that case (the earliest of any online GPU).
-            return table.min_free_at_ns(shard);
+        match self.tree.borrow().get(1).copied().unwrap_or(CLOSED) {
+            CLOSED => self.online_min_ns.get(),
+            open => open,
         }
-        root
     }
 
     /// `table.claim(shard, exec_at_ns, policy)`, picked from the tree for the lowest-index
@@ -232,30 +234,27 @@ impl TableView {
 
     /// `table.release(claim, finish_ns)`, with the view kept current.
     pub fn release(&self, table: &GpuTable, shard: u16, claim: Claim, finish_ns: u64) -> Option<u16> {
-        assert!(
-            finish_ns >= claim.free_at_ns,
-            "a plan on GPU {} ends at {finish_ns}, before the previous one ({})",
-            claim.gpu,
-            claim.free_at_ns
-        );
-        self.free(table, shard, claim, finish_ns)
+        let gpu = claim.gpu;
+        let freed = table.release_counted(claim, finish_ns);
+        self.freed(shard, gpu, finish_ns, freed)
     }
 
     /// `table.cancel(claim)`, with the view kept current.
     pub fn cancel(&self, table: &GpuTable, shard: u16, claim: Claim) -> Option<u16> {
-        let free_at_ns = claim.free_at_ns;
-        self.free(table, shard, claim, free_at_ns)
+        let (gpu, free_at_ns) = (claim.gpu, claim.free_at_ns);
+        let freed = table.cancel_counted(claim);
+        self.freed(shard, gpu, free_at_ns, freed)
     }
 
-    fn free(&self, table: &GpuTable, shard: u16, claim: Claim, free_at_ns: u64) -> Option<u16> {
-        let gpu = claim.gpu;
-        let (before, handed_to) = table.free_counted(claim, free_at_ns);
-        if before == self.seen.get() {
-            // Nobody else changed the table since the view was current: only this leaf did
-            // (closed again if the GPU went to another shard's waiting candidate).
+    /// After this shard freed `gpu` from `free_at_ns` (`before`: the `changes` its bump
+    /// replaced): if nobody else changed the table since the view was current and the GPU
+    /// stays open to this shard, only its leaf changed. (Handed to another shard's waiting
+    /// candidate, it is closed to this one: the next look rebuilds, as after any change of
+    /// another shard's.)
+    fn freed(&self, shard: u16, gpu: u32, free_at_ns: u64, (before, handed_to): (u64, Option<u16>)) -> Option<u16> {
+        if before == self.seen.get() && handed_to.is_none_or(|to| to == shard) {
             self.seen.set(before + 1);
-            let open = handed_to.is_none_or(|to| to == shard);
-            self.set(gpu, if open { free_at_ns } else { CLOSED });
+            self.set(gpu, free_at_ns);
         }
         handed_to
     }
@@ -270,12 +269,19 @@ impl TableView {
         let size = table.gpus.len().next_power_of_two();
         tree.clear();
         tree.resize(2 * size, CLOSED);
+        let mut online_min_ns = CLOSED;
         for (leaf, gpu) in tree[size..].iter_mut().zip(table.gpus.iter()) {
             let state = State::unpack(gpu.state.load(Ordering::Acquire));
+            if state.tag == TAG_OFFLINE {
+                continue;
+            }
+            let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
+            online_min_ns = online_min_ns.min(free_at_ns);
             if state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard) {
-                *leaf = gpu.free_at_ns.load(Ordering::Relaxed);
+                *leaf = free_at_ns;
             }
         }
+        self.online_min_ns.set(online_min_ns);
         for node in (1..size).rev() {
             tree[node] = tree[2 * node].min(tree[2 * node + 1]);
         }
@@ -519,6 +525,11 @@ impl GpuTable {
     /// planning from then on. Returns the shard the GPU was handed off to, if any: the caller
     /// must tell it.
     pub fn release(&self, claim: Claim, finish_ns: u64) -> Option<u16> {
+        self.release_counted(claim, finish_ns).1
+    }
+
+    /// [`GpuTable::release`], with the value of `changes` its bump replaced (see `free`).
+    fn release_counted(&self, claim: Claim, finish_ns: u64) -> (u64, Option<u16>) {
         assert!(
             finish_ns >= claim.free_at_ns,
             "a plan on GPU {} ends at {finish_ns}, before the previous one ({})",
@@ -530,17 +541,19 @@ impl GpuTable {
 
     /// Ends `claim` without a plan: the GPU keeps its `free_at`.
     pub fn cancel(&self, claim: Claim) -> Option<u16> {
+        self.cancel_counted(claim).1
+    }
+
+    /// [`GpuTable::cancel`], with the value of `changes` its bump replaced (see `free`).
+    fn cancel_counted(&self, claim: Claim) -> (u64, Option<u16>) {
         let free_at_ns = claim.free_at_ns;
         self.free(claim, free_at_ns)
     }
 
-    fn free(&self, claim: Claim, free_at_ns: u64) -> Option<u16> {
-        self.free_counted(claim, free_at_ns).1
-    }
-
-    /// [`GpuTable::free`], with the value of `changes` its bump replaced (a view that was
-    /// current with it is current again after this one change).
-    fn free_counted(&self, claim: Claim, free_at_ns: u64) -> (u64, Option<u16>) {
+    /// Frees a claimed GPU from `free_at_ns` and hands it off; returns the value of
+    /// `changes` its bump replaced (a view that was current with it is current again after
+    /// this one change) and the shard it was handed to.
+    fn free(&self, claim: Claim, free_at_ns: u64) -> (u64, Option<u16>) {
         let slot = &self.gpus[claim.gpu as usize];
         let word = slot.state.load(Ordering::Relaxed);
         assert_eq!(word, claim.word, "only the claimer changes a claimed GPU");
