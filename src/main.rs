@@ -251,6 +251,11 @@ struct ExecutorArgs {
     /// connected to).
     #[arg(long, value_name = "NAME", requires = "tls_ca")]
     tls_name: Option<String>,
+    /// The sim backend's GPUs run at this speed against the scheduler's profiles (0.5: every
+    /// batch takes twice its profile's time) and register those profiles, as a slower GPU
+    /// would: for trying GPUs of different speeds without them.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
     /// Testing only: run this executor's clock fast (> 0) or slow (< 0) by this many ppm.
     #[arg(long, default_value_t = 0.0, hide = true, allow_hyphen_values = true)]
     clock_skew_ppm: f64,
@@ -838,7 +843,16 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut config = match (&args.config, &args.workload) {
         (Some(path), _) => ServeConfig::load(path)?,
-        (None, Some(path)) => ServeConfig::from_workload(&Workload::load(path)?),
+        (None, Some(path)) => {
+            let workload = Workload::load(path)?;
+            anyhow::ensure!(
+                workload.gpu_classes.is_empty(),
+                "{}: the service's embedded GPUs run at one speed, so its `gpu_classes` cannot be served \
+                 (serve it with --gpus 0 --executor-token T and one `symphony executor --speed S` per class)",
+                path.display()
+            );
+            ServeConfig::from_workload(&workload)
+        }
         (None, None) => ServeConfig::example(),
     };
     if let Some(listen) = args.listen {
@@ -1019,6 +1033,16 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
         "--clock-skew-ppm must be within +-100000"
     );
     config.clock_skew_ppm = args.clock_skew_ppm;
+    anyhow::ensure!(
+        args.speed.is_finite() && (0.01..=100.0).contains(&args.speed),
+        "--speed must be 0.01 to 100"
+    );
+    anyhow::ensure!(
+        args.speed == 1.0 || backend == symphony_gpu_exec::backend::BackendKind::Sim,
+        "--speed is for the sim backend (the {} backend measures its GPUs' own speed)",
+        backend.name()
+    );
+    config.sim_speed = args.speed;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, std::sync::Arc::clone(&stop)).context("installing signal handlers")?;

@@ -33,6 +33,9 @@ fn assert_clean_error(output: &Output, needles: &[&str]) {
     }
 }
 
+/// `symphony executor` pointed at a port nobody serves (its argument errors come first).
+const EXECUTOR_NOWHERE: [&str; 5] = ["executor", "--scheduler", "127.0.0.1:1", "--token", "t"];
+
 const GOOD: &str = "seed: 1\ngpus: 2\nmodels:\n- {framework: \"sleep#1082,5204,0,0\", model: a, slo: 100, gap: exp,\n   warmup: [{duration: 0.5, rps: 300}], bench: [{duration: 1, rps: 300}], cooldown: [{duration: 0.5, rps: 300}]}\n";
 
 #[test]
@@ -256,6 +259,20 @@ fn bad_input_gets_clear_errors() {
         &["unknown class planning `fastest`", "per-class, as-profiled, slowest"],
     );
     assert_clean_error(
+        &symphony(&["serve", "--workload", classes, "--listen", "127.0.0.1:0"]),
+        &[
+            "resnet-8m-4fast-4slow.yaml",
+            "embedded GPUs run at one speed",
+            "--speed",
+        ],
+    );
+    let executor = |extra: &[&str]| symphony(&[&EXECUTOR_NOWHERE[..], extra].concat());
+    assert_clean_error(&executor(&["--speed", "0"]), &["--speed must be 0.01 to 100"]);
+    assert_clean_error(
+        &executor(&["--backend", "cpu", "--speed", "2"]),
+        &["--speed is for the sim backend"],
+    );
+    assert_clean_error(
         &symphony(&["sim", good.to_str().unwrap(), "--rate-scale=-1"]),
         &["--rate-scale"],
     );
@@ -291,15 +308,7 @@ fn cuda_without_a_driver_is_a_clear_error() {
     }
     println!("skipped: no CUDA driver (checking the error messages instead)");
     assert_clean_error(
-        &symphony(&[
-            "executor",
-            "--scheduler",
-            "127.0.0.1:1",
-            "--token",
-            "t",
-            "--backend",
-            "cuda",
-        ]),
+        &symphony(&[&EXECUTOR_NOWHERE[..], &["--backend", "cuda"]].concat()),
         &["no CUDA driver found"],
     );
     assert_clean_error(

@@ -1,8 +1,11 @@
 //! External executors end to end on loopback: `symphony serve` with no embedded GPU, executor
 //! processes (`symphony executor --backend sim`) or in-process executors, a client sending to
 //! several models. Covers replies and their timings, inputs reaching the executor (the sim
-//! backend echoes them), an executor killed mid-run, missed heartbeats, a wrong token, and
-//! broken link frames.
+//! backend echoes them), an executor killed mid-run, missed heartbeats, a wrong token, broken
+//! link frames, and executors of different speeds planned as GPU classes (against the spawned
+//! release binary).
+
+mod support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -48,9 +51,14 @@ struct ExecutorProcess(Child);
 
 impl ExecutorProcess {
     fn spawn(addr: &str, gpus: u32) -> ExecutorProcess {
+        ExecutorProcess::spawn_with(addr, gpus, &[])
+    }
+
+    fn spawn_with(addr: &str, gpus: u32, extra: &[&str]) -> ExecutorProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_symphony"))
             .args(["executor", "--scheduler", addr, "--token", TOKEN, "--backend", "sim"])
             .args(["--gpus", &gpus.to_string(), "--heartbeat-ms", "20"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -131,6 +139,68 @@ fn executor_processes_serve_several_models_with_their_inputs() {
     assert!(stats.executor_plans.load(Ordering::Relaxed) > 0);
     assert_eq!(stats.executors_lost.load(Ordering::Relaxed), 0);
     server.stop().unwrap();
+}
+
+/// Executors of different speeds (the sim backend's `--speed`: its GPU 4 times slower than
+/// the profile, and the profile it registers says so) make two GPU classes, and each batch is
+/// planned for the class of GPU it is granted: a model whose SLO only the fast GPU can meet
+/// (a batch of one takes 12 ms there, 48 ms on the slow one, and 38 ms are left after the
+/// reply's 2 ms) is served on it, where planning every GPU as the slowest drops all of it. A
+/// model with time to spare is served either way.
+#[test]
+fn a_model_only_the_fast_gpu_can_serve_in_time_is_served_on_it() {
+    let _serial = serial();
+    for (planning, tight_served) in [("slowest", false), ("per-class", true)] {
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\nshards = 1\ngpus = 0\nexecutor_token = \"{TOKEN}\"\n\
+             [[models]]\nname = \"tight\"\nprofile = \"sleep#2000,10000,0,0\"\nslo_ms = 40\n\
+             [[models]]\nname = \"loose\"\nprofile = \"sleep#2000,10000,0,0\"\nslo_ms = 2000\n\
+             [policy]\nclass_planning = \"{planning}\"\n"
+        );
+        let serve = support::Serve::start(&config, &[]);
+        let addr = serve.addr.to_string();
+        let _fast = ExecutorProcess::spawn(&addr, 1);
+        let _slow = ExecutorProcess::spawn_with(&addr, 1, &["--speed", "0.25"]);
+        // Whichever joins second sees both: the base is the fast one's profile.
+        assert!(
+            serve.wait_log("(2 GPU classes)", Duration::from_secs(20)),
+            "two classes: {}",
+            serve.log_text()
+        );
+        let mut client = serve.client();
+        let tight = ModelRef::Name("tight".to_string());
+        let loose = ModelRef::Name("loose".to_string());
+        // 40 of each at about 100 a second: well within the two GPUs.
+        let count = 80u64;
+        for id in 0..count {
+            let model = if id % 2 == 0 { &tight } else { &loose };
+            client.send(id, model, None, format!("in-{id}").as_bytes()).unwrap();
+            client.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (mut tight_ok, mut loose_ok) = (0, 0);
+        for _ in 0..count {
+            let reply = client.recv().unwrap();
+            let is_tight = reply.client_request_id % 2 == 0;
+            match reply.status {
+                Status::Ok if is_tight => {
+                    // In time: run on the fast GPU (the slow one takes 48 ms).
+                    assert!(reply.timings.total_us <= 40_000, "{planning}: {reply:?}");
+                    assert!(reply.timings.exec_us < 40_000, "{planning}: {reply:?}");
+                    tight_ok += 1;
+                }
+                Status::Ok => loose_ok += 1,
+                Status::Dropped if is_tight => {}
+                other => panic!("{planning}: request {} answered {other:?}", reply.client_request_id),
+            }
+        }
+        assert_eq!(loose_ok, count / 2, "{planning}: the loose model is served either way");
+        if tight_served {
+            assert_eq!(tight_ok, count / 2, "{planning}: the tight model on the fast GPU");
+        } else {
+            assert_eq!(tight_ok, 0, "{planning}: every GPU planned 4 times slower");
+        }
+    }
 }
 
 #[test]

@@ -294,17 +294,49 @@ impl Profile {
     /// A profile no faster than either: per batch size the larger latency, the larger `pre`
     /// and `post`, up to the smaller largest batch (a batch must run on either GPU).
     pub fn slowest_with(&self, other: &Profile) -> Profile {
+        self.combined(other, u64::max)
+    }
+
+    /// A profile no slower than either: per batch size the smaller latency, the smaller
+    /// `pre` and `post`, up to the smaller largest batch (a batch must run on either GPU).
+    pub fn fastest_with(&self, other: &Profile) -> Profile {
+        self.combined(other, u64::min)
+    }
+
+    fn combined(&self, other: &Profile, pick: fn(u64, u64) -> u64) -> Profile {
         let batch_size_max = self.latency_ns.len().min(other.latency_ns.len());
         let latency_ns = self.latency_ns[..batch_size_max]
             .iter()
             .zip(&other.latency_ns)
-            .map(|(&a, &b)| a.max(b))
+            .map(|(&a, &b)| pick(a, b))
             .collect();
         Profile::from_latencies_ns(
             latency_ns,
-            self.pre_ns.max(other.pre_ns),
-            self.post_ns.max(other.post_ns),
+            pick(self.pre_ns, other.pre_ns),
+            pick(self.post_ns, other.post_ns),
         )
+    }
+
+    /// This profile on a GPU that takes `factor` times as long: every latency, `pre` and
+    /// `post` times `factor`, rounded up to the nanosecond.
+    pub fn scaled(&self, factor: f64) -> Profile {
+        assert!(factor.is_finite() && factor > 0.0, "time factor {factor}");
+        let scale = |ns: u64| (ns as f64 * factor).ceil() as u64;
+        Profile::from_latencies_ns(
+            self.latency_ns.iter().map(|&ns| scale(ns)).collect(),
+            scale(self.pre_ns),
+            scale(self.post_ns),
+        )
+    }
+
+    /// How many times longer than `base` a batch takes with this profile, at worst: the
+    /// largest `exec(b) / base.exec(b)` over the batch sizes both describe. Planning with
+    /// `base` scaled by it never assumes a batch faster than this profile says.
+    pub fn time_factor_over(&self, base: &Profile) -> f64 {
+        let batch_size_max = self.batch_size_max().min(base.batch_size_max());
+        (1..=batch_size_max)
+            .map(|b| self.exec_ns(b) as f64 / base.exec_ns(b).max(1) as f64)
+            .fold(0.0, f64::max)
     }
 
     pub fn post_ns(&self) -> u64 {
@@ -375,6 +407,38 @@ mod tests {
             (s.latency_ns(1), s.latency_ns(2), s.pre_ns(), s.post_ns()),
             (15, 20, 5, 7)
         );
+    }
+
+    #[test]
+    fn the_fastest_of_two_profiles_and_the_factor_over_it() {
+        let a = Profile::from_latencies_ns(vec![10, 20, 30], 5, 0);
+        let b = Profile::from_latencies_ns(vec![15, 16], 0, 7);
+        let f = a.fastest_with(&b);
+        assert_eq!(
+            (
+                f.batch_size_max(),
+                f.latency_ns(1),
+                f.latency_ns(2),
+                f.pre_ns(),
+                f.post_ns()
+            ),
+            (2, 10, 16, 0, 0)
+        );
+        // exec: a 15, 25; b 22, 23; fastest 10, 16. a is 25 / 16 times slower at b = 2.
+        assert_eq!(a.time_factor_over(&f), 25.0 / 16.0);
+        assert_eq!(b.time_factor_over(&f), 22.0 / 10.0);
+        assert_eq!(f.time_factor_over(&f), 1.0);
+        let slow = a.scaled(2.5);
+        assert_eq!((slow.latency_ns(3), slow.pre_ns()), (75, 13));
+        // exec 38, 63, 88 against 15, 25, 35: the worst is the rounded-up pre at b = 1.
+        assert_eq!(slow.time_factor_over(&a), 38.0 / 15.0);
+        // Planning with the base scaled by the factor is never faster than the profile.
+        for p in [&a, &b] {
+            let factor = p.time_factor_over(&f);
+            for batch in 1..=f.batch_size_max() {
+                assert!(f.exec_ns(batch) as f64 * factor >= p.exec_ns(batch) as f64);
+            }
+        }
     }
 
     use super::*;

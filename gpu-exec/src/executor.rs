@@ -90,6 +90,9 @@ pub struct ExecutorConfig {
     /// TLS to the scheduler (its front door and links); `None`: plain text, the token
     /// readable on the network.
     pub tls: Option<symphony_shards::tls::ClientTls>,
+    /// The sim backend's GPUs run at this speed against the scheduler's profiles (0.5:
+    /// every batch takes twice its profile's time) and register the profiles they run.
+    pub sim_speed: f64,
 }
 
 impl ExecutorConfig {
@@ -107,6 +110,7 @@ impl ExecutorConfig {
             reconnect_backoff_max: Duration::from_secs(5),
             clock_skew_ppm: 0.0,
             tls: None,
+            sim_speed: 1.0,
         }
     }
 }
@@ -645,6 +649,11 @@ fn prepare(config: &ExecutorConfig, welcome: &Welcome, earlier: Option<Prepared>
             .profile
             .to_profile()
             .map_err(|e| ExecutorError::Protocol(format!("model `{}`: {e}", m.name)))?;
+        // The sim backend runs, and registers, the profile at its speed.
+        let profile = match config.backend {
+            BackendKind::Sim if config.sim_speed != 1.0 => profile.scaled(1.0 / config.sim_speed),
+            _ => profile,
+        };
         models.push(ModelSpec {
             id: m.id,
             name: m.name.clone(),

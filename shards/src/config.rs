@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::tensors::{ModelTensors, TensorSpec};
 use crate::tls::{ServerTls, TlsPorts};
 use serde::Deserialize;
-use symphony_core::policy::{Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, PolicyKind};
+use symphony_core::policy::{ClassPlanning, Condition, DropPolicy, GrantPolicy, Knobs, ModelConfig, PolicyKind};
 use symphony_core::profile::Profile;
 use symphony_core::sim::ExecModel;
 
@@ -223,6 +223,8 @@ struct RawPolicy {
     correction: Option<bool>,
     /// And by the GPU's idle gap before each batch (cold starts).
     correction_idle: Option<bool>,
+    /// Executors of different speeds: per-class, slowest or as-profiled.
+    class_planning: Option<String>,
 }
 
 /// `[embedded]`: how the embedded simulated GPUs run a batch against its profile (the
@@ -563,6 +565,11 @@ impl ServeConfig {
         if let Some(v) = knob(&p.grant) {
             knobs.grant = Some(v.parse::<GrantPolicy>().map_err(|e| invalid("policy.grant", e))?);
         }
+        if let Some(v) = knob(&p.class_planning) {
+            knobs.class_planning = v
+                .parse::<ClassPlanning>()
+                .map_err(|e| invalid("policy.class_planning", e))?;
+        }
         knobs.correction = p.correction.unwrap_or(false);
         knobs.correction_idle = p.correction_idle.unwrap_or(false);
         let e = &raw.embedded;
@@ -784,6 +791,13 @@ mod tests {
         let parse = |extra: &str| ServeConfig::parse(&format!("gpus = 2\n{models}{extra}"), Path::new("."), "t");
         let plain = parse("").unwrap();
         assert!(!plain.knobs.correction && plain.embedded_exec.is_exact());
+        assert_eq!(plain.knobs.class_planning, ClassPlanning::PerClass);
+        let slowest = parse("[policy]\nclass_planning = \"slowest\"\n").unwrap();
+        assert_eq!(slowest.knobs.class_planning, ClassPlanning::Slowest);
+        let e = parse("[policy]\nclass_planning = \"fastest\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("policy.class_planning"), "{e}");
         let set =
             parse("[policy]\ncorrection = true\ncorrection_idle = true\n[embedded]\nexec_noise = 0.1\ncold_factor = 2\ncold_gap_ms = 5\n")
                 .unwrap();

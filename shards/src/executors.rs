@@ -1,6 +1,6 @@
 //! The registry of external executors, shared by every shard: who is connected, which GPU
 //! slots of the table each one's GPUs occupy, the profiles it measured, its secret, and
-//! which shards it has joined.
+//! which shards it has joined, and the GPU classes the shards plan with.
 //!
 //! Read on the hot path (a plan's GPU slot to its executor: one atomic load in
 //! `slot_owner`), written only when executors come and go (`dashmap` for the entries, a
@@ -12,14 +12,15 @@
 //! `verify/tests/loom_lifecycle.rs`).
 //!
 //! A registration is bound to its executor: WELCOME gives it a random secret, and a JOIN
-//! must carry it; each shard takes one link per executor. The profiles the shards plan
-//! with are, per model, the slowest of every live executor's ([`Executors::planning_profiles`]):
-//! a plan never assumes a GPU is faster than the slowest one it may be granted.
+//! must carry it; each shard takes one link per executor. Executors of different speeds make
+//! GPU classes ([`Executors::planning`]): the shards plan each batch for the class of GPU it
+//! would be granted, and never assume a GPU faster than its executor measured.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use symphony_core::policy::ModelConfig;
 use symphony_core::profile::Profile;
 use symphony_core::wire::executor::SECRET_BYTES;
 
@@ -392,26 +393,93 @@ impl Executors {
         self.entries.iter().filter(|e| e.online && !e.lost).count()
     }
 
-    /// Per catalog model: the slowest profile of the registered executors that are not lost
-    /// (`None` when there is none). Until plans are made per GPU class, a batch is planned
-    /// as if it ran on the slowest GPU it may be granted.
-    pub fn planning_profiles(&self, models: usize) -> Option<Vec<Profile>> {
-        let mut slowest: Option<Vec<Profile>> = None;
-        for entry in self.entries.iter() {
-            if !entry.registered || entry.lost || entry.profiles.len() != models {
-                continue;
-            }
-            slowest = Some(match slowest {
-                None => entry.profiles.clone(),
-                Some(current) => current
-                    .iter()
-                    .zip(&entry.profiles)
-                    .map(|(a, b)| a.slowest_with(b))
-                    .collect(),
-            });
+    /// How the shards plan the table's GPUs from the executors' measured profiles: with none
+    /// registered, the catalog's profiles in one class (`None` when there are no embedded
+    /// GPUs either: nothing to plan, the last planning stands).
+    ///
+    /// Per catalog model the base profile is the fastest of every live executor's (and of the
+    /// catalog's, which the embedded GPUs run): per batch size the smallest latency. Each
+    /// executor's GPUs run at a time factor over the base, the largest ratio of its profile
+    /// to the base over every model and batch size, so planning a GPU with the base scaled by
+    /// its factor never assumes a batch faster than its executor measured. Executors whose
+    /// factors lie within [`CLASS_TOLERANCE`] of each other share a class (measured
+    /// profiles of one kind of GPU differ by a few percent), planned at the largest factor of
+    /// its members. The scheduler plans each batch for the class it would be granted
+    /// (`symphony_core::policy::ClassPlanning`).
+    pub fn planning(&self, catalog: &[ModelConfig]) -> Option<Planning> {
+        let mut members: Vec<(Vec<u32>, Vec<Profile>)> = self
+            .entries
+            .iter()
+            .filter(|e| e.registered && !e.lost && e.profiles.len() == catalog.len())
+            .map(|e| (e.slots.clone(), e.profiles.clone()))
+            .collect();
+        if members.is_empty() && self.first_slot == 0 {
+            return None;
         }
-        slowest
+        if self.first_slot > 0 {
+            // The embedded GPUs: the table's first slots, running the catalog's profiles.
+            members.push((
+                (0..self.first_slot).collect(),
+                catalog.iter().map(|m| m.profile.clone()).collect(),
+            ));
+        }
+        let mut profiles = members[0].1.clone();
+        for (_, theirs) in &members[1..] {
+            for (base, p) in profiles.iter_mut().zip(theirs) {
+                *base = base.fastest_with(p);
+            }
+        }
+        let mut factored: Vec<(f64, Vec<u32>)> = members
+            .into_iter()
+            .map(|(slots, theirs)| {
+                let factor = theirs
+                    .iter()
+                    .zip(&profiles)
+                    .map(|(p, base)| p.time_factor_over(base))
+                    .fold(1.0, f64::max);
+                (factor, slots)
+            })
+            .collect();
+        factored.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut class_factors: Vec<f64> = Vec::new();
+        let mut class_of_slot = vec![0u8; self.table.gpu_count()];
+        let mut class_floor = 0.0;
+        for (factor, slots) in factored {
+            let opens_class = class_factors.is_empty()
+                || (factor > class_floor * CLASS_TOLERANCE && class_factors.len() < CLASS_LIMIT);
+            if opens_class {
+                class_floor = factor;
+                class_factors.push(factor);
+            }
+            let class = class_factors.len() - 1;
+            class_factors[class] = class_factors[class].max(factor);
+            for slot in slots {
+                class_of_slot[slot as usize] = class as u8;
+            }
+        }
+        Some(Planning {
+            profiles,
+            class_factors,
+            class_of_slot,
+        })
     }
+}
+
+/// Executors whose time factors lie within this ratio of a class's fastest share that class.
+pub const CLASS_TOLERANCE: f64 = 1.05;
+/// GPU classes one table is planned with (a class index is a byte); executors past it join
+/// the slowest class.
+pub const CLASS_LIMIT: usize = 256;
+
+/// How the shards plan the table's GPUs (see [`Executors::planning`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planning {
+    /// Per catalog model: the base profile.
+    pub profiles: Vec<Profile>,
+    /// Per class, fastest first: its time factor over the base profiles (at least 1).
+    pub class_factors: Vec<f64>,
+    /// Per table slot: its class.
+    pub class_of_slot: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -504,17 +572,39 @@ mod tests {
     }
 
     #[test]
-    fn plans_use_the_slowest_live_profile() {
-        let table = Arc::new(GpuTable::with_offline(0, 4, 1));
-        let executors = Executors::new(Some("t".into()), Arc::clone(&table), 0, 4, 1);
-        assert_eq!(executors.planning_profiles(1), None);
+    fn executors_of_different_speeds_make_classes_over_the_fastest_profile() {
+        // Two embedded GPUs (slots 0, 1) running the catalog's profile, four executor slots.
+        let table = Arc::new(GpuTable::with_offline(2, 4, 1));
+        let executors = Executors::new(Some("t".into()), Arc::clone(&table), 2, 4, 1);
+        let catalog = [ModelConfig {
+            name: "m".to_string(),
+            profile: profile(2_000),
+            slo_ns: 100_000_000,
+        }];
+        let embedded_only = executors.planning(&catalog).unwrap();
+        assert_eq!(
+            (embedded_only.class_factors, embedded_only.class_of_slot),
+            (vec![1.0], vec![0; 6])
+        );
         let (fast, _) = executors.hello("fast", 1).unwrap();
         executors.register(fast, &[0], vec![profile(1_000)]).unwrap();
-        let (slow, _) = executors.hello("slow", 1).unwrap();
-        executors.register(slow, &[0], vec![profile(5_000)]).unwrap();
-        assert_eq!(executors.planning_profiles(1).unwrap()[0].exec_ns(1), 5_000);
-        executors.mark_lost(slow);
-        assert_eq!(executors.planning_profiles(1).unwrap()[0].exec_ns(1), 1_000);
+        let (slow, _) = executors.hello("slow", 2).unwrap();
+        executors.register(slow, &[0, 1], vec![profile(5_000)]).unwrap();
+        // Within 5 % of the fast one: the same class, planned at the larger factor.
+        let (close, _) = executors.hello("close", 1).unwrap();
+        executors.register(close, &[0], vec![profile(1_040)]).unwrap();
+        let planning = executors.planning(&catalog).unwrap();
+        assert_eq!(planning.profiles[0].exec_ns(1), 1_000);
+        assert_eq!(planning.class_factors, [1.04, 2.0, 5.0]);
+        // Slots: embedded 0, 1 (catalog: 2x); executors take free slots lowest first.
+        assert_eq!(planning.class_of_slot, [1, 1, 0, 2, 2, 0]);
+        executors.mark_lost(fast);
+        executors.mark_lost(close);
+        let planning = executors.planning(&catalog).unwrap();
+        assert_eq!(planning.profiles[0].exec_ns(1), 2_000);
+        assert_eq!(planning.class_factors, [1.0, 2.5]);
+        assert_eq!(planning.class_of_slot[..2], [0, 0]);
+        assert_eq!(planning.class_of_slot[3..5], [1, 1]);
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct SharedGpus {
     maybe_reserved: bool,
     /// The last look at the table, rescanned only after a change.
     view: TableView,
+    /// The GPUs' speed classes, each a time factor over the profiles planned with (one
+    /// class of 1 until executors of different speeds register: `set_classes`).
+    class_factors: Vec<f64>,
 }
 
 impl SharedGpus {
@@ -45,7 +48,23 @@ impl SharedGpus {
             posted: None,
             maybe_reserved: false,
             view: TableView::default(),
+            class_factors: vec![1.0],
         }
+    }
+
+    /// Plans the GPUs as `class_factors.len()` speed classes, each GPU of the table in
+    /// class `class_of[gpu]` (see `Executors::planning`).
+    pub fn set_classes(&mut self, class_factors: Vec<f64>, class_of: Vec<u8>) {
+        assert!(!class_factors.is_empty());
+        assert!(class_factors.iter().all(|f| f.is_finite() && *f > 0.0));
+        assert_eq!(class_of.len(), self.table.gpu_count(), "a class per GPU");
+        if class_factors == self.class_factors
+            && (0..class_of.len()).all(|g| self.view.class_of(g as u32) == class_of[g] as usize)
+        {
+            return;
+        }
+        self.view.set_classes(class_of, class_factors.len());
+        self.class_factors = class_factors;
     }
 
     pub fn table(&self) -> &GpuTable {
@@ -103,6 +122,18 @@ impl SharedGpus {
         }
     }
 
+    /// Keeps a claim's token until its release or cancel.
+    fn hold(&mut self, token: Claim) -> GpuClaim {
+        let claim = GpuClaim {
+            gpu: token.gpu(),
+            free_at_ns: token.free_at_ns(),
+        };
+        let slot = &mut self.claims[claim.gpu as usize];
+        assert!(slot.is_none(), "GPU {} claimed twice", claim.gpu);
+        *slot = Some(token);
+        claim
+    }
+
     fn take(&mut self, claim: GpuClaim) -> Claim {
         let token = self.claims[claim.gpu as usize]
             .take()
@@ -124,14 +155,7 @@ impl GpuSource for SharedGpus {
 
     fn claim(&mut self, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {
         let token = self.view.claim(&self.table, self.shard, exec_at_ns, policy)?;
-        let claim = GpuClaim {
-            gpu: token.gpu(),
-            free_at_ns: token.free_at_ns(),
-        };
-        let slot = &mut self.claims[claim.gpu as usize];
-        assert!(slot.is_none(), "GPU {} claimed twice", claim.gpu);
-        *slot = Some(token);
-        Some(claim)
+        Some(self.hold(token))
     }
 
     fn release(&mut self, claim: GpuClaim, finish_ns: u64) {
@@ -146,5 +170,36 @@ impl GpuSource for SharedGpus {
         if let Some(shard) = self.view.cancel(&self.table, self.shard, token) {
             self.handoffs.push(shard);
         }
+    }
+
+    fn class_factors(&self) -> &[f64] {
+        &self.class_factors
+    }
+
+    fn class_of(&self, gpu: u32) -> usize {
+        self.view.class_of(gpu)
+    }
+
+    fn min_free_at_in(&self, class: usize) -> u64 {
+        self.view.min_free_at_in(&self.table, self.shard, class)
+    }
+
+    fn claim_in(&mut self, class: usize, exec_at_ns: u64, policy: GrantPolicy) -> Option<GpuClaim> {
+        let token = self.view.claim_in(&self.table, self.shard, class, exec_at_ns, policy)?;
+        Some(self.hold(token))
+    }
+
+    /// Online GPUs over their classes' factors (GPUs of factor 1).
+    fn capacity(&self) -> f64 {
+        if let [factor] = self.class_factors[..] {
+            return f64::from(self.gpu_count()) / factor;
+        }
+        let capacity: f64 = self
+            .class_factors
+            .iter()
+            .enumerate()
+            .map(|(class, factor)| f64::from(self.view.online_in(&self.table, self.shard, class)) / factor)
+            .sum();
+        capacity.max(1e-9)
     }
 }

@@ -1,7 +1,8 @@
 //! A shard's `TableView` (its tree of the open GPUs' `free_at`, rebuilt only after another
 //! shard's change) agrees with a full scan after any sequence of table operations by any
-//! shard, one at a time: the same earliest `free_at`, and the same GPU for every claim. (The
-//! concurrent side, a view racing a release, is the loom models' `loom_gpu_table.rs`.)
+//! shard, one at a time: the same earliest `free_at`, and the same GPU for every claim, over
+//! all GPUs and within a speed class. (The concurrent side, a view racing a release, is the
+//! loom models' `loom_gpu_table.rs`.)
 
 use proptest::prelude::*;
 use symphony_core::policy::GrantPolicy;
@@ -9,11 +10,19 @@ use symphony_shards::sync::gpu_table::{Claim, GpuTable, TableView};
 
 const GPUS: u32 = 3;
 const SHARDS: u16 = 2;
+/// Speed classes the GPUs are sorted into (a case may use fewer).
+const CLASSES: usize = 2;
 
 #[derive(Debug, Clone)]
 enum Op {
     Claim {
         shard: u16,
+        exec_at_ns: u64,
+        policy: GrantPolicy,
+    },
+    ClaimIn {
+        shard: u16,
+        class: usize,
         exec_at_ns: u64,
         policy: GrantPolicy,
     },
@@ -54,7 +63,8 @@ fn op() -> impl Strategy<Value = Op> {
         Just(GrantPolicy::BestFit)
     ];
     prop_oneof![
-        3 => (shard.clone(), 0..2_000u64, policy).prop_map(|(shard, exec_at_ns, policy)| Op::Claim { shard, exec_at_ns, policy }),
+        3 => (shard.clone(), 0..2_000u64, policy.clone()).prop_map(|(shard, exec_at_ns, policy)| Op::Claim { shard, exec_at_ns, policy }),
+        2 => (shard.clone(), 0..CLASSES, 0..2_000u64, policy).prop_map(|(shard, class, exec_at_ns, policy)| Op::ClaimIn { shard, class, exec_at_ns, policy }),
         3 => (0..4usize, 0..500u64).prop_map(|(nth, run_ns)| Op::Release { nth, run_ns }),
         1 => (0..4usize).prop_map(|nth| Op::Cancel { nth }),
         2 => (shard.clone(), 0..1_000u64).prop_map(|(shard, invalid_after_ns)| Op::Post { shard, invalid_after_ns }),
@@ -74,10 +84,23 @@ proptest! {
     /// scan would, and a view's earliest `free_at` is the scan's whenever nothing is claimed
     /// or reserved.
     #[test]
-    fn a_view_agrees_with_a_scan_after_every_operation(ops in prop::collection::vec(op(), 1..60)) {
+    fn a_view_agrees_with_a_scan_after_every_operation(
+        ops in prop::collection::vec(op(), 1..60),
+        class_of in prop::collection::vec(0..CLASSES as u8, GPUS as usize),
+        classed in any::<bool>(),
+    ) {
         let viewed = GpuTable::new(GPUS as usize, SHARDS as usize);
         let scanned = GpuTable::new(GPUS as usize, SHARDS as usize);
-        let views: Vec<TableView> = (0..SHARDS).map(|_| TableView::default()).collect();
+        let class_of = if classed { class_of } else { vec![0; GPUS as usize] };
+        let views: Vec<TableView> = (0..SHARDS)
+            .map(|_| {
+                let mut view = TableView::default();
+                if classed {
+                    view.set_classes(class_of.clone(), CLASSES);
+                }
+                view
+            })
+            .collect();
         // (claiming shard, its claim on `viewed`, the same on `scanned`)
         let mut held: Vec<(u16, Claim, Claim)> = Vec::new();
         for op in ops {
@@ -86,6 +109,14 @@ proptest! {
                     let by_view = views[shard as usize].claim(&viewed, shard, exec_at_ns, policy);
                     let by_scan = scanned.claim(shard, exec_at_ns, policy);
                     prop_assert_eq!(by_view.as_ref().map(Claim::gpu), by_scan.as_ref().map(Claim::gpu), "shard {}'s claim", shard);
+                    if let (Some(a), Some(b)) = (by_view, by_scan) {
+                        held.push((shard, a, b));
+                    }
+                }
+                Op::ClaimIn { shard, class, exec_at_ns, policy } => {
+                    let by_view = views[shard as usize].claim_in(&viewed, shard, class, exec_at_ns, policy);
+                    let by_scan = scanned.claim_among(shard, exec_at_ns, policy, |gpu| class_of[gpu as usize] as usize == class);
+                    prop_assert_eq!(by_view.as_ref().map(Claim::gpu), by_scan.as_ref().map(Claim::gpu), "shard {}'s claim in class {}", shard, class);
                     if let (Some(a), Some(b)) = (by_view, by_scan) {
                         held.push((shard, a, b));
                     }
@@ -130,11 +161,20 @@ proptest! {
             // views (documented: a claim then finds it taken); every other change is seen.
             if held.is_empty() && (0..SHARDS).all(|shard| viewed.reservation_of(shard).is_none()) {
                 for shard in 0..SHARDS {
+                    let view = &views[shard as usize];
                     prop_assert_eq!(
-                        views[shard as usize].min_free_at_ns(&viewed, shard),
+                        view.min_free_at_ns(&viewed, shard),
                         scanned.min_free_at_ns(shard),
                         "shard {}'s view", shard
                     );
+                    // Nothing held or reserved: every online GPU is open.
+                    for class in 0..CLASSES {
+                        let in_class = (0..GPUS).filter(|&g| class_of[g as usize] as usize == class);
+                        let online: Vec<u32> = in_class.filter(|&g| scanned.is_online(g)).collect();
+                        let min = online.iter().map(|&g| scanned.free_at_ns(g)).min().unwrap_or(u64::MAX);
+                        prop_assert_eq!(view.min_free_at_in(&viewed, shard, class), min, "shard {}'s class {}", shard, class);
+                        prop_assert_eq!(view.online_in(&viewed, shard, class), online.len() as u32);
+                    }
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! Trust: HELLO and JOIN need the token, a JOIN the secret its executor got in WELCOME, and
 //! a shard takes one link per executor.
 
+use symphony_core::gpu_pool::GpuSource;
 use symphony_core::policy::Serving;
 use symphony_core::profile::Profile;
 use symphony_core::wire::executor::{
@@ -151,15 +152,19 @@ impl ShardCore {
         Ok(())
     }
 
-    /// Plans this shard's models with the slowest profile of the live executors.
+    /// Plans this shard's models with the live executors' profiles: the fastest as the base,
+    /// each executor's GPUs in the speed class of its time factor over it.
     pub(super) fn apply_planning_profiles(&mut self) {
-        let Some(profiles) = self.executors.planning_profiles(self.catalog.configs.len()) else {
+        let Some(planning) = self.executors.planning(&self.catalog.configs) else {
             return;
         };
         for (local, &global) in self.catalog.owned[self.id as usize].iter().enumerate() {
             self.scheduler
-                .set_profile(local as u32, profiles[global as usize].clone());
+                .set_profile(local as u32, planning.profiles[global as usize].clone());
         }
+        self.scheduler
+            .gpus_mut()
+            .set_classes(planning.class_factors, planning.class_of_slot);
     }
 
     /// JOIN: the first frame of a link.
@@ -192,11 +197,14 @@ impl ShardCore {
             for shard in handoffs {
                 self.scheduler.gpus_mut().push_handoff(shard);
             }
-            if !slots.is_empty() {
+            if let Some(&slot) = slots.first() {
+                let gpus = self.scheduler.gpus();
+                let factor = gpus.class_factors()[gpus.class_of(slot)];
                 fx.log(format!(
-                    "executor {executor} ({}) online with {} GPUs",
+                    "executor {executor} ({}) online with {} GPUs, planned at {factor:.2} times the base profiles ({} GPU classes)",
                     outcome.name,
-                    slots.len()
+                    slots.len(),
+                    gpus.class_factors().len()
                 ));
             }
         }

@@ -175,17 +175,26 @@ struct Padded(AtomicU64);
 /// `changes` moved past what this shard did itself: a change of its own (a release, a
 /// cancel) updates one leaf when nobody else changed the table since the view was current.
 /// A snapshot either way: a claim re-checks the GPU, and a claim that finds it taken rescans.
+///
+/// GPUs of several speed classes (`set_classes`) get a tree each, so a class's earliest
+/// `free_at` and claims are as cheap; the answers for all GPUs combine the classes' trees.
 #[derive(Debug)]
 pub struct TableView {
-    /// The table's `changes` the tree is current with (`u64::MAX`: never, or out of date).
+    /// The table's `changes` the trees are current with (`u64::MAX`: never, or out of date).
     seen: std::cell::Cell<u64>,
-    /// Leaves at `[size, size + gpus)`: a GPU's `free_at` while it is open to this shard,
-    /// `u64::MAX` while it is not (claimed, reserved for another shard, offline, or no GPU);
+    /// One tree per class, each `2 * size` nodes: leaves at `[size, size + gpus)` hold a
+    /// GPU's `free_at` while it is open to this shard and in that class, `u64::MAX` while
+    /// it is not (claimed, reserved for another shard, offline, another class, or no GPU);
     /// node `i` holds the minimum of nodes `2i` and `2i + 1`.
     tree: std::cell::RefCell<Vec<u64>>,
-    /// The earliest `free_at` of any online GPU when the tree was built: the answer when
-    /// none is open (every one claimed or reserved for another shard).
-    online_min_ns: std::cell::Cell<u64>,
+    /// Per class, the earliest `free_at` of any online GPU when the trees were built: the
+    /// answer when none is open (every one claimed or reserved for another shard).
+    online_min_ns: std::cell::RefCell<Vec<u64>>,
+    /// Per class, the online GPUs when the trees were built.
+    online_counts: std::cell::RefCell<Vec<u32>>,
+    /// Each GPU's class (empty: every GPU in class 0), and how many classes there are.
+    class_of: Vec<u8>,
+    class_count: usize,
 }
 
 impl Default for TableView {
@@ -193,7 +202,10 @@ impl Default for TableView {
         TableView {
             seen: std::cell::Cell::new(u64::MAX),
             tree: std::cell::RefCell::new(Vec::new()),
-            online_min_ns: std::cell::Cell::new(CLOSED),
+            online_min_ns: std::cell::RefCell::new(vec![CLOSED]),
+            online_counts: std::cell::RefCell::new(vec![0]),
+            class_of: Vec::new(),
+            class_count: 1,
         }
     }
 }
@@ -202,17 +214,54 @@ impl Default for TableView {
 const CLOSED: u64 = u64::MAX;
 
 impl TableView {
+    /// Sorts the GPUs into `class_count` classes by `class_of` (one entry per GPU of the
+    /// table; empty: one class). The next look rebuilds the trees.
+    pub fn set_classes(&mut self, class_of: Vec<u8>, class_count: usize) {
+        assert!(class_count >= 1);
+        assert!(
+            class_of.iter().all(|&c| (c as usize) < class_count),
+            "a class past the count"
+        );
+        self.class_of = class_of;
+        self.class_count = class_count;
+        self.seen.set(u64::MAX);
+    }
+
+    /// GPU `gpu`'s class.
+    pub fn class_of(&self, gpu: u32) -> usize {
+        self.class_of.get(gpu as usize).map_or(0, |&c| c as usize)
+    }
+
     /// `table.min_free_at_ns(shard)`: the earliest `free_at` of the GPUs open to `shard`, or
-    /// with none open, of any online GPU, as of the tree.
+    /// with none open, of any online GPU, as of the trees.
     pub fn min_free_at_ns(&self, table: &GpuTable, shard: u16) -> u64 {
         self.sync(table, shard);
-        match self.tree.borrow().get(1).copied().unwrap_or(CLOSED) {
-            CLOSED => self.online_min_ns.get(),
+        let open = match self.class_count {
+            1 => self.root(0),
+            classes => (0..classes).map(|c| self.root(c)).min().unwrap_or(CLOSED),
+        };
+        match open {
+            CLOSED => self.online_min_ns.borrow().iter().copied().min().unwrap_or(CLOSED),
             open => open,
         }
     }
 
-    /// `table.claim(shard, exec_at_ns, policy)`, picked from the tree for the lowest-index
+    /// As [`TableView::min_free_at_ns`], among the GPUs of `class`.
+    pub fn min_free_at_in(&self, table: &GpuTable, shard: u16, class: usize) -> u64 {
+        self.sync(table, shard);
+        match self.root(class) {
+            CLOSED => self.online_min_ns.borrow().get(class).copied().unwrap_or(CLOSED),
+            open => open,
+        }
+    }
+
+    /// The online GPUs of `class`, as of the trees.
+    pub fn online_in(&self, table: &GpuTable, shard: u16, class: usize) -> u32 {
+        self.sync(table, shard);
+        self.online_counts.borrow().get(class).copied().unwrap_or(0)
+    }
+
+    /// `table.claim(shard, exec_at_ns, policy)`, picked from the trees for the lowest-index
     /// and earliest-free grants (the same GPU a scan would pick); the best fit scans.
     pub fn claim(&self, table: &GpuTable, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<Claim> {
         if policy == GrantPolicy::BestFit {
@@ -221,15 +270,44 @@ impl TableView {
         for _ in 0..2 {
             self.sync(table, shard);
             let gpu = self.pick(exec_at_ns, policy)?;
-            if let Some(claim) = table.try_claim(shard, gpu, exec_at_ns) {
-                self.set(gpu, CLOSED);
+            if let Some(claim) = self.try_claim(table, shard, gpu, exec_at_ns) {
                 return Some(claim);
             }
-            // Taken since the view was current (a claim or a reservation of another shard
-            // does not bump `changes`): look again.
-            self.seen.set(u64::MAX);
         }
         table.claim(shard, exec_at_ns, policy)
+    }
+
+    /// As [`TableView::claim`], among the GPUs of `class`.
+    pub fn claim_in(
+        &self,
+        table: &GpuTable,
+        shard: u16,
+        class: usize,
+        exec_at_ns: u64,
+        policy: GrantPolicy,
+    ) -> Option<Claim> {
+        if policy != GrantPolicy::BestFit {
+            for _ in 0..2 {
+                self.sync(table, shard);
+                let gpu = self.pick_in(class, exec_at_ns, policy)?;
+                if let Some(claim) = self.try_claim(table, shard, gpu, exec_at_ns) {
+                    return Some(claim);
+                }
+            }
+        }
+        table.claim_among(shard, exec_at_ns, policy, |gpu| self.class_of(gpu) == class)
+    }
+
+    /// Claims `gpu` as picked from the trees, closing its leaf; when it was taken since the
+    /// view was current (a claim or a reservation of another shard does not bump
+    /// `changes`), the next look rebuilds.
+    fn try_claim(&self, table: &GpuTable, shard: u16, gpu: u32, exec_at_ns: u64) -> Option<Claim> {
+        let claim = table.try_claim(shard, gpu, exec_at_ns);
+        match claim {
+            Some(_) => self.set(gpu, CLOSED),
+            None => self.seen.set(u64::MAX),
+        }
+        claim
     }
 
     /// `table.release(claim, finish_ns)`, with the view kept current.
@@ -259,7 +337,7 @@ impl TableView {
         handed_to
     }
 
-    /// Rebuilds the tree from the table if the table changed since it was current.
+    /// Rebuilds the trees from the table if the table changed since they were current.
     fn sync(&self, table: &GpuTable, shard: u16) {
         let changes = table.changes.0.load(Ordering::Acquire);
         if self.seen.get() == changes {
@@ -268,33 +346,59 @@ impl TableView {
         let mut tree = self.tree.borrow_mut();
         let size = table.gpus.len().next_power_of_two();
         tree.clear();
-        tree.resize(2 * size, CLOSED);
-        let mut online_min_ns = CLOSED;
-        for (leaf, gpu) in tree[size..].iter_mut().zip(table.gpus.iter()) {
+        tree.resize(self.class_count * 2 * size, CLOSED);
+        let mut online_min_ns = self.online_min_ns.borrow_mut();
+        online_min_ns.clear();
+        online_min_ns.resize(self.class_count, CLOSED);
+        let mut online_counts = self.online_counts.borrow_mut();
+        online_counts.clear();
+        online_counts.resize(self.class_count, 0);
+        for (index, gpu) in table.gpus.iter().enumerate() {
             let state = State::unpack(gpu.state.load(Ordering::Acquire));
             if state.tag == TAG_OFFLINE {
                 continue;
             }
+            let class = self.class_of(index as u32);
             let free_at_ns = gpu.free_at_ns.load(Ordering::Relaxed);
-            online_min_ns = online_min_ns.min(free_at_ns);
+            online_min_ns[class] = online_min_ns[class].min(free_at_ns);
+            online_counts[class] += 1;
             if state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard) {
-                *leaf = free_at_ns;
+                tree[class * 2 * size + size + index] = free_at_ns;
             }
         }
-        self.online_min_ns.set(online_min_ns);
-        for node in (1..size).rev() {
-            tree[node] = tree[2 * node].min(tree[2 * node + 1]);
+        for class_tree in tree.chunks_exact_mut(2 * size) {
+            for node in (1..size).rev() {
+                class_tree[node] = class_tree[2 * node].min(class_tree[2 * node + 1]);
+            }
         }
         self.seen.set(changes);
     }
 
-    /// Sets a GPU's leaf and the minimums above it (nothing when the tree was never built).
+    /// The tree of `class` (empty when the trees were never built).
+    fn class_tree(tree: &[u64], class_count: usize, class: usize) -> &[u64] {
+        let len = tree.len() / class_count;
+        tree.get(class * len..(class + 1) * len).unwrap_or(&[])
+    }
+
+    /// The root of `class`'s tree: the earliest `free_at` of its GPUs open to this shard.
+    fn root(&self, class: usize) -> u64 {
+        let tree = self.tree.borrow();
+        Self::class_tree(&tree, self.class_count, class)
+            .get(1)
+            .copied()
+            .unwrap_or(CLOSED)
+    }
+
+    /// Sets a GPU's leaf and the minimums above it (nothing when the trees were never built).
     fn set(&self, gpu: u32, free_at_ns: u64) {
         let mut tree = self.tree.borrow_mut();
-        let size = tree.len() / 2;
+        let len = tree.len() / self.class_count;
+        let size = len / 2;
         if gpu as usize >= size {
             return;
         }
+        let class = self.class_of(gpu);
+        let tree = &mut tree[class * len..(class + 1) * len];
         let mut node = size + gpu as usize;
         tree[node] = free_at_ns;
         while node > 1 {
@@ -307,10 +411,31 @@ impl TableView {
         }
     }
 
-    /// The GPU the grant takes among the open ones free by `exec_at_ns`: the lowest index
-    /// (the leftmost qualifying leaf) or the earliest free (the leftmost minimum).
+    /// The GPU the grant takes among the open ones free by `exec_at_ns`: the lowest index or
+    /// the earliest free (ties: the lowest index), over every class.
     fn pick(&self, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
+        if self.class_count == 1 {
+            return self.pick_in(0, exec_at_ns, policy);
+        }
+        let picks = (0..self.class_count).filter_map(|c| self.pick_in(c, exec_at_ns, policy));
+        match policy {
+            GrantPolicy::EarliestFree => {
+                let tree = self.tree.borrow();
+                let size = tree.len() / self.class_count / 2;
+                picks.min_by_key(|&gpu| {
+                    let class_tree = Self::class_tree(&tree, self.class_count, self.class_of(gpu));
+                    (class_tree[size + gpu as usize], gpu)
+                })
+            }
+            _ => picks.min(),
+        }
+    }
+
+    /// [`TableView::pick`] among the GPUs of `class`: the leftmost qualifying leaf, or the
+    /// leftmost minimum.
+    fn pick_in(&self, class: usize, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
         let tree = self.tree.borrow();
+        let tree = Self::class_tree(&tree, self.class_count, class);
         let size = tree.len() / 2;
         if size == 0 || tree[1] > exec_at_ns {
             return None;
@@ -458,14 +583,25 @@ impl GpuTable {
     /// Claims a GPU with `free_at <= exec_at_ns` for `shard`, chosen by `policy` among those
     /// free or reserved for this shard. `None` when none qualifies right now.
     pub fn claim(&self, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<Claim> {
+        self.claim_among(shard, exec_at_ns, policy, |_| true)
+    }
+
+    /// As [`GpuTable::claim`], among the GPUs `among` accepts (a speed class).
+    pub fn claim_among(
+        &self,
+        shard: u16,
+        exec_at_ns: u64,
+        policy: GrantPolicy,
+        among: impl Fn(u32) -> bool,
+    ) -> Option<Claim> {
         match policy {
-            GrantPolicy::LowestIndex => {
-                (0..self.gpus.len() as u32).find_map(|gpu| self.try_claim(shard, gpu, exec_at_ns))
-            }
+            GrantPolicy::LowestIndex => (0..self.gpus.len() as u32)
+                .filter(|&gpu| among(gpu))
+                .find_map(|gpu| self.try_claim(shard, gpu, exec_at_ns)),
             GrantPolicy::EarliestFree | GrantPolicy::BestFit => {
                 // Pick by a snapshot, then claim; if another shard won the race, pick again.
                 for _ in 0..CAS_RETRY_LIMIT {
-                    let gpu = self.pick_by_free_at(shard, exec_at_ns, policy)?;
+                    let gpu = self.pick_by_free_at(shard, exec_at_ns, policy, &among)?;
                     if let Some(claim) = self.try_claim(shard, gpu, exec_at_ns) {
                         return Some(claim);
                     }
@@ -475,11 +611,17 @@ impl GpuTable {
         }
     }
 
-    fn pick_by_free_at(&self, shard: u16, exec_at_ns: u64, policy: GrantPolicy) -> Option<u32> {
+    fn pick_by_free_at(
+        &self,
+        shard: u16,
+        exec_at_ns: u64,
+        policy: GrantPolicy,
+        among: &impl Fn(u32) -> bool,
+    ) -> Option<u32> {
         let open = self.gpus.iter().enumerate().filter_map(|(index, gpu)| {
             let state = State::unpack(gpu.state.load(Ordering::Acquire));
             let open = state.tag == TAG_FREE || (state.tag == TAG_RESERVED && state.owner == shard);
-            open.then(|| (index as u32, gpu.free_at_ns.load(Ordering::Relaxed)))
+            (open && among(index as u32)).then(|| (index as u32, gpu.free_at_ns.load(Ordering::Relaxed)))
         });
         // The one grant selection, the single-owner pool's too.
         symphony_core::gpu_pool::pick(open, exec_at_ns, policy)
