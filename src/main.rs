@@ -503,6 +503,13 @@ struct KnobArgs {
     /// symphony: once saturated, window drop keeps this fraction of the target batch.
     #[arg(long, default_value_t = 0.6)]
     saturated_target_fraction: f64,
+    /// symphony: once saturated, a model whose SLO is --long-slo-ratio times the tightest
+    /// keeps no more than the smallest batch whose time per request is within this fraction
+    /// of its target batch's (0: off).
+    #[arg(long, default_value_t = 0.12)]
+    long_slo_keep_tolerance: f64,
+    #[arg(long, default_value_t = 4.0)]
+    long_slo_ratio: f64,
     /// nexus: plan once with the workload's true bench rates (as the reference did) instead
     /// of learning them online.
     #[arg(long)]
@@ -549,6 +556,8 @@ impl KnobArgs {
             saturation_threshold: self.saturation_threshold,
             saturated_drop: self.saturated_drop,
             saturated_target_fraction: self.saturated_target_fraction,
+            long_slo_keep_tolerance: self.long_slo_keep_tolerance,
+            long_slo_ratio: self.long_slo_ratio,
             contention_margin_factor: self.contention_margin,
             nexus_fill_gpus: !self.nexus_no_fill,
             correction: self.correct,

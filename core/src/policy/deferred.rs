@@ -111,6 +111,8 @@ struct ModelState {
     tail_key: (u64, u64),
     meter: RateMeter,
     target_batch_size: u32,
+    /// Ours, once saturated: the batch window drop keeps ([`saturated_kept`]).
+    saturated_kept: u32,
     last_exec_at_ns: u64,
     /// Waiting for a GPU: its window opened but no GPU frees in time.
     waiting: Option<Window>,
@@ -126,6 +128,14 @@ struct ModelState {
     corrector: Option<Box<Corrector>>,
     /// And by the GPU's idle gap before a batch (`Knobs::correction_idle`).
     idle_corrector: Option<Box<IdleCorrector>>,
+}
+
+impl ModelState {
+    /// Sets the target batch size (section 4) and what window drop keeps of it once saturated.
+    fn set_target(&mut self, target: u32, slo_min_ns: u64, knobs: &Knobs) {
+        self.target_batch_size = target;
+        self.saturated_kept = saturated_kept(&self.profile, self.slo_ns, target, slo_min_ns, knobs);
+    }
 }
 
 /// Symphony's deferred batch scheduler over one GPU source: the single-threaded pool in the
@@ -156,6 +166,8 @@ pub struct Deferred<G: GpuSource = GpuPool> {
     saturated: bool,
     /// With `correction_idle`: when each GPU's last measured batch finished (by GPU index).
     gpu_finished_ns: Vec<Option<u64>>,
+    /// The tightest SLO of any model ([`saturated_kept`]).
+    slo_min_ns: u64,
 }
 
 impl Deferred<GpuPool> {
@@ -170,12 +182,14 @@ impl<G: GpuSource> Deferred<G> {
     fn plan_with(&mut self, model: u32, profile: Profile) {
         let state = &mut self.models[model as usize];
         let rate_rps = state.meter.rate_rps();
-        state.target_batch_size = target_batch_size(&profile, state.slo_ns, rate_rps, &self.knobs);
         state.profile = profile;
+        let target = target_batch_size(&state.profile, state.slo_ns, rate_rps, &self.knobs);
+        state.set_target(target, self.slo_min_ns, &self.knobs);
     }
 
     /// Over the GPUs of `pool`.
     pub fn with_source(config: Config, models: &[ModelConfig], pool: G, knobs: &Knobs) -> Deferred<G> {
+        let slo_min_ns = models.iter().map(|m| m.slo_ns).min().unwrap_or(0);
         let models = models
             .iter()
             .map(|m| {
@@ -187,6 +201,7 @@ impl<G: GpuSource> Deferred<G> {
                     tail_key: UNKNOWN_TAIL,
                     meter: RateMeter::new(knobs.rate_sample_ns, knobs.rate_window_ns),
                     target_batch_size: 1,
+                    saturated_kept: 1,
                     last_exec_at_ns: 0,
                     waiting: None,
                     rated: false,
@@ -195,7 +210,7 @@ impl<G: GpuSource> Deferred<G> {
                     corrector: knobs.correction.then(|| Box::new(Corrector::new(m.profile.clone()))),
                     idle_corrector: knobs.correction_idle.then(Box::default),
                 };
-                state.target_batch_size = target_batch_size(&m.profile, m.slo_ns, None, knobs);
+                state.set_target(target_batch_size(&m.profile, m.slo_ns, None, knobs), slo_min_ns, knobs);
                 state
             })
             .collect::<Vec<_>>();
@@ -214,6 +229,7 @@ impl<G: GpuSource> Deferred<G> {
             demand_total: 0.0,
             saturated: false,
             gpu_finished_ns: Vec::new(),
+            slo_min_ns,
         }
     }
 
@@ -326,7 +342,8 @@ impl<G: GpuSource> Deferred<G> {
     fn on_rate_sample(&mut self, index: usize) {
         let model = &mut self.models[index];
         let rate_rps = model.meter.rate_rps();
-        model.target_batch_size = target_batch_size(&model.profile, model.slo_ns, rate_rps, &self.knobs);
+        let target = target_batch_size(&model.profile, model.slo_ns, rate_rps, &self.knobs);
+        model.set_target(target, self.slo_min_ns, &self.knobs);
         let rated = rate_rps.is_some_and(|r| r > 0.0);
         if rated != model.rated {
             model.rated = rated;
@@ -374,6 +391,7 @@ impl<G: GpuSource> Deferred<G> {
             queue,
             prefix_len,
             target_batch_size,
+            saturated_kept,
             ..
         } = &mut self.models[index];
         let batch_size_max = profile.batch_size_max() as usize;
@@ -388,16 +406,12 @@ impl<G: GpuSource> Deferred<G> {
         if queue.is_empty() {
             return None;
         }
+        // Ours, once saturated: keep less than the target, so a model that fell behind
+        // drops a few heads rather than spiralling into tiny batches.
         let target = match drop {
             DropPolicy::DropTimeout => 1,
+            DropPolicy::WindowDrop | DropPolicy::WindowFcfs if self.saturated => *saturated_kept as usize,
             DropPolicy::WindowDrop | DropPolicy::WindowFcfs => *target_batch_size as usize,
-        };
-        // Ours, once saturated: keep a fraction of the target, so a model that fell behind
-        // drops a few heads rather than spiralling into tiny batches.
-        let target = if self.saturated {
-            ((target as f64 * knobs.saturated_target_fraction).ceil() as usize).max(1)
-        } else {
-            target
         };
         let mut b;
         if drop == DropPolicy::WindowFcfs {
@@ -757,6 +771,27 @@ pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, 
     }
 }
 
+/// Ours: the batch window drop keeps once the GPUs saturate, for a model of `target`: a
+/// fraction of it (`saturated_target_fraction`), so a model that fell behind drops a few heads
+/// rather than spiralling into tiny batches; and for a model whose SLO is `long_slo_ratio`
+/// times the tightest or more, no more than the smallest batch whose time per request is
+/// within `long_slo_keep_tolerance` of the target's. Saturated, the earliest-`invalid_after`
+/// hand-off serves the tight models first and a long-SLO model's heads wait until a batch of
+/// the fraction no longer fits them; a batch nearly as cheap per request serves them instead
+/// of dropping them (`docs/internals/scheduling.md`, section 8.1).
+pub fn saturated_kept(profile: &Profile, slo_ns: u64, target: u32, slo_min_ns: u64, knobs: &Knobs) -> u32 {
+    let kept = ((f64::from(target) * knobs.saturated_target_fraction).ceil() as u32).max(1);
+    let long_slo = slo_ns as f64 >= knobs.long_slo_ratio * slo_min_ns as f64;
+    if knobs.long_slo_keep_tolerance <= 0.0 || !long_slo {
+        return kept;
+    }
+    let target = target.min(profile.batch_size_max());
+    let per_request = |b: u32| profile.exec_ns(b) as f64 / f64::from(b);
+    let bound = (1.0 + knobs.long_slo_keep_tolerance) * per_request(target);
+    let near = (1..target).find(|&b| per_request(b) <= bound).unwrap_or(target);
+    kept.min(near)
+}
+
 /// The largest `b` in `1..=max` with `fits(b)`, for a `fits` that holds up to some size and
 /// not past it; 1 when none fits.
 fn largest_fitting(max: u32, fits: impl Fn(u32) -> bool) -> u32 {
@@ -1072,6 +1107,24 @@ mod tests {
                 target_batch_size_by_scan(&profile, slo_ns, rate_rps, &knobs)
             );
         }
+    }
+
+    #[test]
+    fn a_long_slo_model_keeps_a_batch_nearly_as_cheap_once_saturated() {
+        let k = Knobs::default();
+        // l(b) = 2.5 ms * b + 12 ms; target 44: 2.773 ms a request. Within 12 %: 3.105 ms,
+        // first reached at b = 20 (2.5 + 12 / 20 = 3.1). The fraction keeps ceil(0.6 * 44) = 27.
+        let large = Profile::parse_linear("sleep#2500,12000,0,0", 250 * MS).unwrap();
+        assert_eq!(saturated_kept(&large, 250 * MS, 44, 30 * MS, &k), 20);
+        // Not 4 times the tightest SLO, or the tolerance off: the fraction.
+        assert_eq!(saturated_kept(&large, 250 * MS, 44, 100 * MS, &k), 27);
+        let off = Knobs {
+            long_slo_keep_tolerance: 0.0,
+            ..k.clone()
+        };
+        assert_eq!(saturated_kept(&large, 250 * MS, 44, 30 * MS, &off), 27);
+        // A small target: the fraction is the smaller.
+        assert_eq!(saturated_kept(&large, 250 * MS, 5, 30 * MS, &k), 3);
     }
 
     #[test]

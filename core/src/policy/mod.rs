@@ -291,6 +291,11 @@ pub struct Knobs {
     pub saturated_drop: DropPolicy,
     /// Once saturated, window drop keeps this fraction of the target batch size.
     pub saturated_target_fraction: f64,
+    /// ... and for a model whose SLO is at least `long_slo_ratio` times the tightest, no more
+    /// than the smallest batch whose time per request is within this fraction of the
+    /// target's (0 turns it off).
+    pub long_slo_keep_tolerance: f64,
+    pub long_slo_ratio: f64,
     /// The deferred family plans with profiles corrected online from measured batch times
     /// (`crate::correction`): off by default until the sweeps show it costs no workload.
     pub correction: bool,
@@ -340,6 +345,8 @@ impl Default for Knobs {
             saturation_threshold: 0.8,
             saturated_drop: DropPolicy::WindowDrop,
             saturated_target_fraction: 0.6,
+            long_slo_keep_tolerance: 0.12,
+            long_slo_ratio: 4.0,
             contention_margin_factor: 2.0,
             rate_sample_ns: 50 * MS,
             rate_window_ns: 5_000 * MS,
