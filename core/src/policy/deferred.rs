@@ -904,8 +904,10 @@ impl<G: GpuSource> Policy for Deferred<G> {
         }
         if position == model.queue.len() {
             model.tail_key = key;
+            model.queue.push_back(request);
+        } else {
+            model.queue.insert(position, request);
         }
-        model.queue.insert(position, request);
         // A waiting candidate is re-formed at its hand-off or when it goes stale; an arrival
         // behind its head changes neither, so it only joins the queue (the control plane
         // runs once per batch, not once per request).
