@@ -404,3 +404,32 @@ fn stress_prints_its_runs_and_a_knee_and_refuses_bad_rates() {
     assert_clean_error(&symphony(&["stress", "--rate", "0"]), &["--rate"]);
     assert_clean_error(&symphony(&["stress", "--shards", "0"]), &["--shards"]);
 }
+
+/// `perf/goodput_bound.py`, which docs/benchmarks.md cites for the goodput and fewest-GPU
+/// targets out of reach: it runs, and its bound for one model on 8 GPUs is near the
+/// single-model figure the reference's notes give (about 6,950 req/s), while 32 models on 5
+/// GPUs cannot reach 3,050 req/s.
+#[test]
+fn the_goodput_bound_script_runs_and_bounds() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("perf/goodput_bound.py");
+    let bound = |args: &[&str]| -> f64 {
+        let output = Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output()
+            .expect("python3 runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let figure = text
+            .split("at most ")
+            .nth(1)
+            .and_then(|rest| rest.split(" req/s").next())
+            .unwrap_or_else(|| panic!("no bound in {text}"));
+        figure.replace(',', "").parse().expect("a number")
+    };
+    let one = bound(&["1"]);
+    assert!((6_800.0..7_200.0).contains(&one), "one model on 8 GPUs: {one}");
+    let many = bound(&["--gpus", "5", "32"]);
+    assert!(many < 3_050.0 && many > 2_500.0, "32 models on 5 GPUs: {many}");
+    assert!(bound(&["8"]) < one, "more models batch less");
+}
