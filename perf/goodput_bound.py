@@ -13,6 +13,10 @@ rate r that is 1 + r * W(b) requests on average, so the mean batch b* solves b =
 0.99 * R * l(b*) / b* GPUs busy every moment. The bound is the largest R for which that is at
 most G: it assumes perfect packing and no idle GPU, so real schedulers stay below it.
 
+Whatever the arrivals (bursts included), no batch is larger than the largest b with
+W(b) >= 0, so no GPU serves more than b / l(b) requests a second at that b: the second bound,
+G * b / l(b) / 0.99, holds for the bursty workloads too.
+
 Usage: perf/goodput_bound.py [--gpus G] [MODELS...]   (default: 8 GPUs; 1, 8 and 32 models)
 """
 
@@ -50,6 +54,16 @@ def mean_batch(rate_per_ms):
     return low
 
 
+def largest_batch():
+    """The largest b whose requests can all arrive within their first one's deadline."""
+    return max(b for b in range(1, batch_max() + 1) if window_ms(b) >= 0)
+
+
+def any_arrivals_bound(gpus):
+    b = largest_batch()
+    return gpus * b / latency_ms(b) * 1000.0 / SERVED, b
+
+
 def bound(models, gpus):
     low, high = 1.0, 1e6
     for _ in range(100):
@@ -74,6 +88,8 @@ def main():
     for models in counts:
         total, b = bound(models, gpus)
         print(f"{models:>4} models: at most {total:,.0f} req/s (mean batch at most {b:.1f})")
+    total, b = any_arrivals_bound(gpus)
+    print(f"any arrivals, any number of models: at most {total:,.0f} req/s (no batch over {b})")
 
 
 if __name__ == "__main__":
