@@ -852,16 +852,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut config = match (&args.config, &args.workload) {
         (Some(path), _) => ServeConfig::load(path)?,
-        (None, Some(path)) => {
-            let workload = Workload::load(path)?;
-            anyhow::ensure!(
-                workload.gpu_classes.is_empty(),
-                "{}: the service's embedded GPUs run at one speed, so its `gpu_classes` cannot be served \
-                 (serve it with --gpus 0 --executor-token T and one `symphony executor --speed S` per class)",
-                path.display()
-            );
-            ServeConfig::from_workload(&workload)
-        }
+        (None, Some(path)) => ServeConfig::from_workload(&Workload::load(path)?),
         (None, None) => ServeConfig::example(),
     };
     if let Some(listen) = args.listen {
@@ -905,7 +896,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         bytes => format!("{} KiB", bytes >> 10),
     };
     eprintln!(
-        "symphony serve: {} model(s) from {} on {}; {} shard(s), io_memory {} KiB and ring depth {} each (RLIMIT_MEMLOCK {limit}); {} embedded simulated GPU(s){}; policy {}. Ctrl-C stops.",
+        "symphony serve: {} model(s) from {} on {}; {} shard(s), io_memory {} KiB and ring depth {} each (RLIMIT_MEMLOCK {limit}); {} embedded simulated GPU(s){}{}; policy {}. Ctrl-C stops.",
         config.models.len(),
         config.source,
         server.local_addr(),
@@ -913,6 +904,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         memory.io_memory_bytes >> 10,
         memory.ring_depth,
         config.gpus,
+        speeds_of(&config.embedded_factors),
         if config.executor_gpus > 0 {
             format!(", room for {} executor GPU(s)", config.executor_gpus)
         } else {
@@ -991,6 +983,23 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("symphony serve: stopped");
     Ok(())
+}
+
+/// The embedded GPUs' speeds for the start-up line, in runs of GPU index order (` at speeds 1
+/// x4, 0.5 x4`); empty when they all run their profiles as given.
+fn speeds_of(factors: &[f64]) -> String {
+    let mut runs: Vec<(f64, usize)> = Vec::new();
+    for &factor in factors {
+        match runs.last_mut() {
+            Some((f, count)) if *f == factor => *count += 1,
+            _ => runs.push((factor, 1)),
+        }
+    }
+    if runs.is_empty() {
+        return String::new();
+    }
+    let runs: Vec<String> = runs.iter().map(|(f, n)| format!("{} x{n}", 1.0 / f)).collect();
+    format!(" at speeds {}", runs.join(", "))
 }
 
 fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {

@@ -259,11 +259,10 @@ fn bad_input_gets_clear_errors() {
         &["unknown class planning `fastest`", "per-class, as-profiled, slowest"],
     );
     assert_clean_error(
-        &symphony(&["serve", "--workload", classes, "--listen", "127.0.0.1:0"]),
+        &symphony(&["serve", "--workload", classes, "--listen", "127.0.0.1:0", "--gpus", "4"]),
         &[
-            "resnet-8m-4fast-4slow.yaml",
-            "embedded GPUs run at one speed",
-            "--speed",
+            "--gpus",
+            "the 8 GPUs that `[embedded] classes` (or the workload's gpu_classes) give",
         ],
     );
     let executor = |extra: &[&str]| symphony(&[&EXECUTOR_NOWHERE[..], extra].concat());

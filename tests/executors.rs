@@ -141,32 +141,23 @@ fn executor_processes_serve_several_models_with_their_inputs() {
     server.stop().unwrap();
 }
 
-/// Executors of different speeds (the sim backend's `--speed`: its GPU 4 times slower than
-/// the profile, and the profile it registers says so) make two GPU classes, and each batch is
-/// planned for the class of GPU it is granted: a model whose SLO only the fast GPU can meet
-/// (a batch of one takes 12 ms there, 48 ms on the slow one, and 38 ms are left after the
-/// reply's 2 ms) is served on it, where planning every GPU as the slowest drops all of it. A
-/// model with time to spare is served either way.
-#[test]
-fn a_model_only_the_fast_gpu_can_serve_in_time_is_served_on_it() {
-    let _serial = serial();
+/// GPUs of two speeds, one 4 times slower than the profile: each batch is planned for the
+/// class of GPU it is granted, so a model whose SLO only the fast GPU can meet (a batch of one
+/// takes 12 ms there, 48 ms on the slow one, and 38 ms are left after the reply's 2 ms) is
+/// served on it, where planning every GPU as the slowest drops all of it. A model with time
+/// to spare is served either way, some of it on the slow GPU, as slowly as it runs. `gpus` is
+/// the config's GPU part; `start` brings the slow
+/// GPU's executor up, if any, and waits until the service plans two classes.
+fn tight_model_served_per_class(gpus: &str, start: impl Fn(&support::Serve) -> Vec<ExecutorProcess>) {
     for (planning, tight_served) in [("slowest", false), ("per-class", true)] {
         let config = format!(
-            "listen = \"127.0.0.1:0\"\nshards = 1\ngpus = 0\nexecutor_token = \"{TOKEN}\"\n\
+            "listen = \"127.0.0.1:0\"\nshards = 1\n{gpus}\n\
              [[models]]\nname = \"tight\"\nprofile = \"sleep#2000,10000,0,0\"\nslo_ms = 40\n\
              [[models]]\nname = \"loose\"\nprofile = \"sleep#2000,10000,0,0\"\nslo_ms = 2000\n\
              [policy]\nclass_planning = \"{planning}\"\n"
         );
         let serve = support::Serve::start(&config, &[]);
-        let addr = serve.addr.to_string();
-        let _fast = ExecutorProcess::spawn(&addr, 1);
-        let _slow = ExecutorProcess::spawn_with(&addr, 1, &["--speed", "0.25"]);
-        // Whichever joins second sees both: the base is the fast one's profile.
-        assert!(
-            serve.wait_log("(2 GPU classes)", Duration::from_secs(20)),
-            "two classes: {}",
-            serve.log_text()
-        );
+        let _executors = start(&serve);
         let mut client = serve.client();
         let tight = ModelRef::Name("tight".to_string());
         let loose = ModelRef::Name("loose".to_string());
@@ -178,7 +169,7 @@ fn a_model_only_the_fast_gpu_can_serve_in_time_is_served_on_it() {
             client.flush().unwrap();
             std::thread::sleep(Duration::from_millis(10));
         }
-        let (mut tight_ok, mut loose_ok) = (0, 0);
+        let (mut tight_ok, mut loose_ok, mut loose_exec_us_max) = (0, 0, 0);
         for _ in 0..count {
             let reply = client.recv().unwrap();
             let is_tight = reply.client_request_id % 2 == 0;
@@ -189,18 +180,64 @@ fn a_model_only_the_fast_gpu_can_serve_in_time_is_served_on_it() {
                     assert!(reply.timings.exec_us < 40_000, "{planning}: {reply:?}");
                     tight_ok += 1;
                 }
-                Status::Ok => loose_ok += 1,
+                Status::Ok => {
+                    loose_ok += 1;
+                    loose_exec_us_max = loose_exec_us_max.max(reply.timings.exec_us);
+                }
                 Status::Dropped if is_tight => {}
                 other => panic!("{planning}: request {} answered {other:?}", reply.client_request_id),
             }
         }
         assert_eq!(loose_ok, count / 2, "{planning}: the loose model is served either way");
+        // The slow GPU takes its batches (a batch of one: 48 ms) and runs them 4 times as long.
+        assert!(
+            loose_exec_us_max >= 44_000,
+            "{planning}: loose batches ran {loose_exec_us_max} us at most"
+        );
         if tight_served {
             assert_eq!(tight_ok, count / 2, "{planning}: the tight model on the fast GPU");
         } else {
             assert_eq!(tight_ok, 0, "{planning}: every GPU planned 4 times slower");
         }
     }
+}
+
+/// Executors of different speeds (the sim backend's `--speed`, whose GPU runs and registers
+/// its profile at that speed) make two GPU classes.
+#[test]
+fn a_model_only_the_fast_executor_can_serve_in_time_is_served_on_it() {
+    let _serial = serial();
+    tight_model_served_per_class(&format!("gpus = 0\nexecutor_token = \"{TOKEN}\""), |serve| {
+        let addr = serve.addr.to_string();
+        let executors = vec![
+            ExecutorProcess::spawn(&addr, 1),
+            ExecutorProcess::spawn_with(&addr, 1, &["--speed", "0.25"]),
+        ];
+        // Whichever joins second sees both: the base is the fast one's profile.
+        assert!(
+            serve.wait_log("(2 GPU classes)", Duration::from_secs(20)),
+            "two classes: {}",
+            serve.log_text()
+        );
+        executors
+    });
+}
+
+/// Embedded GPUs of different speeds (`[embedded] classes`) are planned the same way.
+#[test]
+fn a_model_only_the_fast_embedded_gpu_can_serve_in_time_is_served_on_it() {
+    let _serial = serial();
+    tight_model_served_per_class(
+        "gpus = 2\n[embedded]\nclasses = [{ count = 1, speed = 1.0 }, { count = 1, speed = 0.25 }]",
+        |serve| {
+            assert!(
+                serve.wait_log("at speeds 1 x1, 0.25 x1", Duration::from_secs(5)),
+                "{}",
+                serve.log_text()
+            );
+            Vec::new()
+        },
+    );
 }
 
 #[test]

@@ -232,11 +232,22 @@ struct RawPolicy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEmbedded {
+    /// GPUs of different speeds, in GPU index order: their counts must add up to `gpus`.
+    classes: Option<Vec<RawGpuClass>>,
     exec_scale: Option<f64>,
     exec_noise: Option<f64>,
     cold_factor: Option<f64>,
     cold_gap_ms: Option<f64>,
     drift_per_s: Option<f64>,
+}
+
+/// One `[embedded] classes` entry: `count` embedded GPUs that run every batch in its
+/// profile's time / `speed`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpuClass {
+    count: u32,
+    speed: f64,
 }
 
 /// Named limits of one service; each produces an error reply, a refusal or backpressure,
@@ -377,6 +388,9 @@ pub struct ServeConfig {
     /// How the embedded GPUs run batches against their profile (`[embedded]`; exactly by
     /// default).
     pub embedded_exec: ExecModel,
+    /// Per embedded GPU, the time factor it runs the profiles at (`[embedded] classes`, a
+    /// workload's `gpu_classes`; empty: all 1).
+    pub embedded_factors: Vec<f64>,
 }
 
 impl ServeConfig {
@@ -413,6 +427,7 @@ impl ServeConfig {
         config.source = workload.source.clone();
         config.gpus = workload.gpu_count;
         config.models = symphony_core::sim::model_configs(workload);
+        config.embedded_factors = workload.gpu_factors();
         config.input_bytes = vec![None; config.models.len()];
         config.tensors = vec![ModelTensors::default_for(None); config.models.len()];
         config
@@ -585,6 +600,21 @@ impl ServeConfig {
             drift_per_s: e.drift_per_s.unwrap_or(0.0),
         };
         embedded_exec.check().map_err(|e| invalid("embedded", e))?;
+        let mut embedded_factors = Vec::new();
+        for class in e.classes.iter().flatten() {
+            let speeds = 1.0 / symphony_core::workload::GPU_SPEED_LIMIT..=symphony_core::workload::GPU_SPEED_LIMIT;
+            if class.count == 0 || !speeds.contains(&class.speed) {
+                return Err(invalid(
+                    "embedded.classes",
+                    format!(
+                        "classes of at least 1 GPU at a speed of {} to {}",
+                        speeds.start(),
+                        speeds.end()
+                    ),
+                ));
+            }
+            embedded_factors.extend(std::iter::repeat_n(1.0 / class.speed, class.count as usize));
+        }
         for (value, slot) in [
             (p.d_ctrl_us, &mut knobs.d_ctrl_ns),
             (p.d_data_us, &mut knobs.d_data_ns),
@@ -697,6 +727,7 @@ impl ServeConfig {
             executor_token,
             tls,
             embedded_exec,
+            embedded_factors,
         };
         config.check_gpus(source, "")?;
         Ok(config)
@@ -736,6 +767,15 @@ impl ServeConfig {
         }
         if self.executor_gpus > EMBEDDED_GPUS_LIMIT {
             return Err(invalid("executor_gpus", format!("at most {EMBEDDED_GPUS_LIMIT}")));
+        }
+        if !self.embedded_factors.is_empty() && self.embedded_factors.len() != self.gpus as usize {
+            return Err(invalid(
+                "gpus",
+                format!(
+                    "the {} GPUs that `[embedded] classes` (or the workload's gpu_classes) give",
+                    self.embedded_factors.len()
+                ),
+            ));
         }
         if self.gpus == 0 && self.executor_gpus == 0 {
             return Err(invalid(
@@ -821,6 +861,17 @@ mod tests {
         assert!(e.contains("embedded.cold_gap_ms"), "{e}");
         let e = parse("[embedded]\nwarp = 1\n").unwrap_err().to_string();
         assert!(e.contains("warp"), "{e}");
+        let classes =
+            parse("[embedded]\nclasses = [{ count = 1, speed = 1.0 }, { count = 1, speed = 0.25 }]\n").unwrap();
+        assert_eq!(classes.embedded_factors, [1.0, 4.0]);
+        let e = parse("[embedded]\nclasses = [{ count = 3, speed = 1.0 }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`gpus`") && e.contains("the 3 GPUs"), "{e}");
+        let e = parse("[embedded]\nclasses = [{ count = 2, speed = 0 }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("embedded.classes"), "{e}");
     }
 
     #[test]

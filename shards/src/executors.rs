@@ -106,6 +106,9 @@ pub struct Executors {
     free_slots: Mutex<Vec<u32>>,
     next_id: AtomicU32,
     entries: DashMap<u32, Entry>,
+    /// Per embedded GPU (table slots `0..first_slot`): the time factor it runs the catalog's
+    /// profiles at (empty: all 1).
+    embedded_factors: Vec<f64>,
 }
 
 /// `text` as it may appear in a log line: at most `limit` bytes (cut at a character), with
@@ -164,7 +167,25 @@ impl Executors {
             free_slots: Mutex::new((first_slot..first_slot + slots).rev().collect()),
             next_id: AtomicU32::new(1),
             entries: DashMap::new(),
+            embedded_factors: Vec::new(),
         }
+    }
+
+    /// The embedded GPUs run the catalog's profiles at these time factors, one per GPU (a
+    /// workload's `gpu_classes`, `[embedded] classes`).
+    pub fn with_embedded_factors(mut self, factors: Vec<f64>) -> Executors {
+        assert!(
+            factors.is_empty() || factors.len() == self.first_slot as usize,
+            "a factor per embedded GPU"
+        );
+        assert!(factors.iter().all(|f| f.is_finite() && *f > 0.0));
+        self.embedded_factors = factors;
+        self
+    }
+
+    /// The time factor embedded GPU `gpu` runs the catalog's profiles at (`None`: exactly).
+    pub fn embedded_factor(&self, gpu: u32) -> Option<f64> {
+        self.embedded_factors.get(gpu as usize).copied()
     }
 
     pub fn accepts_executors(&self) -> bool {
@@ -416,12 +437,19 @@ impl Executors {
         if members.is_empty() && self.first_slot == 0 {
             return None;
         }
-        if self.first_slot > 0 {
-            // The embedded GPUs: the table's first slots, running the catalog's profiles.
-            members.push((
-                (0..self.first_slot).collect(),
-                catalog.iter().map(|m| m.profile.clone()).collect(),
-            ));
+        // The embedded GPUs: the table's first slots, running the catalog's profiles at their
+        // factors.
+        let mut embedded: Vec<(f64, Vec<u32>)> = Vec::new();
+        for slot in 0..self.first_slot {
+            let factor = self.embedded_factor(slot).unwrap_or(1.0);
+            match embedded.iter_mut().find(|(f, _)| *f == factor) {
+                Some((_, slots)) => slots.push(slot),
+                None => embedded.push((factor, vec![slot])),
+            }
+        }
+        for (factor, slots) in embedded {
+            let profiles = catalog.iter().map(|m| m.profile.scaled(factor)).collect();
+            members.push((slots, profiles));
         }
         let mut profiles = members[0].1.clone();
         for (_, theirs) in &members[1..] {
@@ -605,6 +633,22 @@ mod tests {
         assert_eq!(planning.class_factors, [1.0, 2.5]);
         assert_eq!(planning.class_of_slot[..2], [0, 0]);
         assert_eq!(planning.class_of_slot[3..5], [1, 1]);
+    }
+
+    #[test]
+    fn embedded_gpus_of_two_speeds_are_two_classes() {
+        let table = Arc::new(GpuTable::new(3, 1));
+        let executors = Executors::new(None, Arc::clone(&table), 3, 0, 1).with_embedded_factors(vec![1.0, 3.0, 1.0]);
+        let catalog = [ModelConfig {
+            name: "m".to_string(),
+            profile: profile(2_000),
+            slo_ns: 100_000_000,
+        }];
+        let planning = executors.planning(&catalog).unwrap();
+        assert_eq!(planning.profiles[0].exec_ns(1), 2_000);
+        assert_eq!(planning.class_factors, [1.0, 3.0]);
+        assert_eq!(planning.class_of_slot, [0, 1, 0]);
+        assert_eq!(executors.embedded_factor(1), Some(3.0));
     }
 
     #[test]

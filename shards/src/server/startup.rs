@@ -163,13 +163,16 @@ pub fn start(config: &ServeConfig) -> Result<ServerHandle, ServeError> {
         config.executor_gpus as usize,
         shard_count,
     ));
-    let executors = Arc::new(Executors::new(
-        config.executor_token.clone(),
-        Arc::clone(&table),
-        config.gpus,
-        config.executor_gpus,
-        shard_count,
-    ));
+    let executors = Arc::new(
+        Executors::new(
+            config.executor_token.clone(),
+            Arc::clone(&table),
+            config.gpus,
+            config.executor_gpus,
+            shard_count,
+        )
+        .with_embedded_factors(config.embedded_factors.clone()),
+    );
     let link_addrs = Arc::new(std::sync::OnceLock::new());
     let mut shard_link_addrs = Vec::with_capacity(shard_count);
     let mesh = MeshBuilder::<ShardMsg, Full>::full(shard_count, config.limits.mesh_channel);

@@ -303,7 +303,7 @@ impl ShardCore {
             SharedGpus::new(params.table, params.id as u16),
             &params.knobs,
         );
-        ShardCore {
+        let mut core = ShardCore {
             id: params.id,
             shard_count: params.shard_count,
             d_resp_ns: params.knobs.d_resp_ns,
@@ -341,7 +341,13 @@ impl ShardCore {
                 gpu_count,
             )),
             catalog: params.catalog,
+        };
+        // Embedded GPUs of several speeds are planned by class from the start (executors
+        // that join later replan).
+        if core.executors.embedded_factor(0).is_some() {
+            core.apply_planning_profiles();
         }
+        core
     }
 
     /// This shard's values for `GET /metrics`.
@@ -591,14 +597,29 @@ impl ShardCore {
                     }
                     continue;
                 }
+                let batch_size = ids.len() as u32;
                 self.inflight_requests += ids.len();
                 self.embedded.insert(plan.plan_id, InFlight::of(plan, ids, u64::MAX));
                 let mut run = *plan;
-                if let Some(runner) = self.embedded_runner.as_mut() {
+                let factor = self.executors.embedded_factor(plan.gpu);
+                if self.embedded_runner.is_some() || factor.is_some() {
+                    // What the GPU takes: the catalog's profile at its speed (else the plan's
+                    // own time, planned for it), then the execution model's error.
+                    let true_ns = match factor {
+                        Some(factor) => {
+                            let global = self.catalog.owned[self.id as usize][plan.model as usize];
+                            let exec_ns = self.catalog.configs[global as usize].profile.exec_ns(batch_size);
+                            (exec_ns as f64 * factor).ceil() as u64
+                        }
+                        None => plan.finish_ns - plan.exec_at_ns,
+                    };
                     let busy_ns = &mut self.embedded_busy_until_ns[plan.gpu as usize];
                     let start_ns = plan.exec_at_ns.max(*busy_ns);
                     let idle_ns = start_ns - (*busy_ns).min(start_ns);
-                    let run_ns = runner.run_ns(plan.finish_ns - plan.exec_at_ns, start_ns, idle_ns);
+                    let run_ns = match self.embedded_runner.as_mut() {
+                        Some(runner) => runner.run_ns(true_ns, start_ns, idle_ns),
+                        None => true_ns,
+                    };
                     *busy_ns = start_ns + run_ns;
                     run.exec_at_ns = start_ns;
                     run.finish_ns = start_ns + run_ns;
