@@ -503,8 +503,8 @@ struct KnobArgs {
     /// symphony: once saturated, window drop keeps this fraction of the target batch.
     #[arg(long, default_value_t = 0.6)]
     saturated_target_fraction: f64,
-    /// symphony: once saturated, a model whose SLO is --long-slo-ratio times the tightest
-    /// keeps no more than the smallest batch whose time per request is within this fraction
+    /// symphony: a model whose SLO is --long-slo-ratio times the tightest keeps, in window
+    /// drop, no more than the smallest batch whose time per request is within this fraction
     /// of its target batch's (0: off).
     #[arg(long, default_value_t = 0.12)]
     long_slo_keep_tolerance: f64,

@@ -1,11 +1,12 @@
-//! What `symphony` does once the GPUs saturate, against a heterogeneous mix: 16 models in
-//! four SLO classes (30, 50, 100 and 250 ms; the shape of `mixed-16m`) at 5,760 req/s on 8
-//! GPUs, past the point where deferral stops.
+//! What `symphony` does where GPUs are contended, against a heterogeneous mix: 16 models in
+//! four SLO classes (30, 50, 100 and 250 ms; the shape of `mixed-16m`), at 5,760 req/s on 8
+//! GPUs (past the point where deferral stops), and at 3,440 req/s on 4 GPUs of full and 4 of
+//! half speed (busy, but under the saturation threshold: still deferring).
 //!
-//! Saturated, the earliest-`invalid_after` hand-off serves the tight models first, and the
-//! 250 ms models' heads wait until the batch window drop keeps (0.6 of their target) no longer
-//! fits them. Keeping instead a batch nearly as cheap per request (`long_slo_keep_tolerance`,
-//! within 12 % of the target's) serves them.
+//! The earliest-`invalid_after` hand-off serves the tight models first, and the 250 ms
+//! models' heads wait until the batch window drop keeps (their target, or 0.6 of it once
+//! saturated) no longer fits them. Keeping instead a batch nearly as cheap per request
+//! (`long_slo_keep_tolerance`, within 12 % of the target's) serves them.
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,32 +23,39 @@ const CLASSES: [(&str, &str, u32); 4] = [
     ("large", "sleep#2500,12000,0,0", 250),
 ];
 
-fn workload() -> Workload {
-    let mut yaml = String::from("seed: 16\ngpus: 8\nmodels:\n");
+/// The mix at `rps` a model, on 8 GPUs of one speed or (`two_speeds`) 4 of full and 4 of half.
+fn workload(rps: u32, two_speeds: bool) -> Workload {
+    let mut yaml = String::from("seed: 16\ngpus: 8\n");
+    if two_speeds {
+        yaml.push_str("gpu_classes: [{name: fast, count: 4, speed: 1.0}, {name: slow, count: 4, speed: 0.5}]\n");
+    }
+    yaml.push_str("models:\n");
     for i in 0..4 {
         for (name, profile, slo) in CLASSES {
             yaml.push_str(&format!(
                 "- {{framework: '{profile}', model: {name}_{i}, slo: {slo}, gap: 'gamma:1.0', \
-                 warmup: [{{duration: 3, rps: 360}}], bench: [{{duration: 4, rps: 360}}], \
-                 cooldown: [{{duration: 1, rps: 360}}]}}\n"
+                 warmup: [{{duration: 3, rps: {rps}}}], bench: [{{duration: 4, rps: {rps}}}], \
+                 cooldown: [{{duration: 1, rps: {rps}}}]}}\n"
             ));
         }
     }
     Workload::parse(&yaml, Path::new("."), "mixed.yaml").expect("the test workload parses")
 }
 
-fn run(seed: u64, long_slo_keep_tolerance: f64) -> SimReport {
-    let workload = workload();
+fn run(workload: &Workload, seed: u64, long_slo_keep_tolerance: f64) -> SimReport {
     let config = SimConfig {
         seed,
         knobs: Knobs {
             long_slo_keep_tolerance,
             ..Knobs::default()
         },
-        ..SimConfig::of(&workload, PolicyKind::Symphony)
+        ..SimConfig::of(workload, PolicyKind::Symphony)
     };
-    let report = simulate_bounded(&workload, &config, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
-    audit(&report, &workload, &config.knobs).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let report = simulate_bounded(workload, &config, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    // The auditor checks each plan against the profile: GPUs of one speed only.
+    if workload.gpu_classes.is_empty() {
+        audit(&report, workload, &config.knobs).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
     report
 }
 
@@ -63,14 +71,15 @@ fn large_bad_percent(report: &SimReport) -> f64 {
     large.iter().map(|m| m.bad_rate).sum::<f64>() / large.len() as f64
 }
 
-#[test]
-fn long_slo_models_keep_a_batch_they_can_still_make_once_saturated() {
+/// With and without the rule over three seeds: under 1 % bad with it and over `without_over`
+/// without, the 250 ms models under 0.6 of their bad rate without.
+fn keeping_a_near_batch_serves_the_long_slo_models(workload: &Workload, without_over: f64) {
     for seed in [1, 2, 3] {
-        let kept = run(seed, Knobs::default().long_slo_keep_tolerance);
-        let dropped = run(seed, 0.0);
+        let kept = run(workload, seed, Knobs::default().long_slo_keep_tolerance);
+        let dropped = run(workload, seed, 0.0);
         let (with, without) = (kept.summary.bad_rate, dropped.summary.bad_rate);
         assert!(
-            with < 1.0 && without > 1.5,
+            with < 1.0 && without > without_over,
             "seed {seed}: mean bad rate {with:.3} % keeping a near batch, {without:.3} % without"
         );
         let (with, without) = (large_bad_percent(&kept), large_bad_percent(&dropped));
@@ -79,4 +88,14 @@ fn long_slo_models_keep_a_batch_they_can_still_make_once_saturated() {
             "seed {seed}: the 250 ms models {with:.3} % bad keeping a near batch, {without:.3} % without"
         );
     }
+}
+
+#[test]
+fn long_slo_models_keep_a_batch_they_can_still_make_once_saturated() {
+    keeping_a_near_batch_serves_the_long_slo_models(&workload(360, false), 1.5);
+}
+
+#[test]
+fn long_slo_models_keep_a_batch_they_can_still_make_on_busy_gpus_of_two_speeds() {
+    keeping_a_near_batch_serves_the_long_slo_models(&workload(215, true), 1.2);
 }

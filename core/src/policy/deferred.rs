@@ -40,6 +40,9 @@ pub struct Config {
     /// batch takes (scaled by how many GPUs they could contend for), so that a GPU taken by
     /// another model's deferred batch still frees in time for this one.
     pub contention_margin: bool,
+    /// Ours: before the GPUs saturate, a model whose SLO is long beside the others keeps a
+    /// smaller batch in window drop ([`kept_batch_sizes`]).
+    pub long_slo_keep: bool,
 }
 
 impl Config {
@@ -53,6 +56,7 @@ impl Config {
                 saturation_threshold: Some(knobs.saturation_threshold),
                 saturated_drop: knobs.saturated_drop,
                 contention_margin: true,
+                long_slo_keep: true,
             },
             PolicyKind::SymphonyRef => Config {
                 drop: DropPolicy::WindowDrop,
@@ -61,6 +65,7 @@ impl Config {
                 saturation_threshold: None,
                 saturated_drop: DropPolicy::WindowDrop,
                 contention_margin: false,
+                long_slo_keep: false,
             },
             PolicyKind::Eager => Config {
                 drop: DropPolicy::DropTimeout,
@@ -69,6 +74,7 @@ impl Config {
                 saturation_threshold: None,
                 saturated_drop: DropPolicy::DropTimeout,
                 contention_margin: false,
+                long_slo_keep: false,
             },
             other => panic!("{other} is not of the deferred family"),
         };
@@ -79,6 +85,7 @@ impl Config {
             saturation_threshold: base.saturation_threshold,
             saturated_drop: base.saturated_drop,
             contention_margin: base.contention_margin,
+            long_slo_keep: base.long_slo_keep,
         }
     }
 }
@@ -111,7 +118,8 @@ struct ModelState {
     tail_key: (u64, u64),
     meter: RateMeter,
     target_batch_size: u32,
-    /// Ours, once saturated: the batch window drop keeps ([`saturated_kept`]).
+    /// Ours: the batch window drop keeps, before and once the GPUs saturate ([`kept_batch_sizes`]).
+    kept: u32,
     saturated_kept: u32,
     last_exec_at_ns: u64,
     /// Waiting for a GPU: its window opened but no GPU frees in time.
@@ -131,10 +139,11 @@ struct ModelState {
 }
 
 impl ModelState {
-    /// Sets the target batch size (section 4) and what window drop keeps of it once saturated.
+    /// Sets the target batch size (section 4) and what window drop keeps of it, before and
+    /// once the GPUs saturate.
     fn set_target(&mut self, target: u32, slo_min_ns: u64, knobs: &Knobs) {
         self.target_batch_size = target;
-        self.saturated_kept = saturated_kept(&self.profile, self.slo_ns, target, slo_min_ns, knobs);
+        (self.kept, self.saturated_kept) = kept_batch_sizes(&self.profile, self.slo_ns, target, slo_min_ns, knobs);
     }
 }
 
@@ -166,7 +175,7 @@ pub struct Deferred<G: GpuSource = GpuPool> {
     saturated: bool,
     /// With `correction_idle`: when each GPU's last measured batch finished (by GPU index).
     gpu_finished_ns: Vec<Option<u64>>,
-    /// The tightest SLO of any model ([`saturated_kept`]).
+    /// The tightest SLO of any model ([`kept_batch_sizes`]).
     slo_min_ns: u64,
 }
 
@@ -201,6 +210,7 @@ impl<G: GpuSource> Deferred<G> {
                     tail_key: UNKNOWN_TAIL,
                     meter: RateMeter::new(knobs.rate_sample_ns, knobs.rate_window_ns),
                     target_batch_size: 1,
+                    kept: 1,
                     saturated_kept: 1,
                     last_exec_at_ns: 0,
                     waiting: None,
@@ -391,6 +401,7 @@ impl<G: GpuSource> Deferred<G> {
             queue,
             prefix_len,
             target_batch_size,
+            kept,
             saturated_kept,
             ..
         } = &mut self.models[index];
@@ -406,11 +417,11 @@ impl<G: GpuSource> Deferred<G> {
         if queue.is_empty() {
             return None;
         }
-        // Ours, once saturated: keep less than the target, so a model that fell behind
-        // drops a few heads rather than spiralling into tiny batches.
+        // The target batch, or less ([`kept_batch_sizes`]).
         let target = match drop {
             DropPolicy::DropTimeout => 1,
             DropPolicy::WindowDrop | DropPolicy::WindowFcfs if self.saturated => *saturated_kept as usize,
+            DropPolicy::WindowDrop | DropPolicy::WindowFcfs if self.config.long_slo_keep => *kept as usize,
             DropPolicy::WindowDrop | DropPolicy::WindowFcfs => *target_batch_size as usize,
         };
         let mut b;
@@ -771,25 +782,26 @@ pub fn target_batch_size(profile: &Profile, slo_ns: u64, rate_rps: Option<f64>, 
     }
 }
 
-/// Ours: the batch window drop keeps once the GPUs saturate, for a model of `target`: a
-/// fraction of it (`saturated_target_fraction`), so a model that fell behind drops a few heads
-/// rather than spiralling into tiny batches; and for a model whose SLO is `long_slo_ratio`
-/// times the tightest or more, no more than the smallest batch whose time per request is
-/// within `long_slo_keep_tolerance` of the target's. Saturated, the earliest-`invalid_after`
-/// hand-off serves the tight models first and a long-SLO model's heads wait until a batch of
-/// the fraction no longer fits them; a batch nearly as cheap per request serves them instead
-/// of dropping them (`docs/internals/scheduling.md`, section 8.1).
-pub fn saturated_kept(profile: &Profile, slo_ns: u64, target: u32, slo_min_ns: u64, knobs: &Knobs) -> u32 {
-    let kept = ((f64::from(target) * knobs.saturated_target_fraction).ceil() as u32).max(1);
+/// The batches window drop keeps for a model of `target`, before and once the GPUs saturate
+/// (section 3 keeps the target itself; these are ours). Once saturated, a fraction of the
+/// target (`saturated_target_fraction`), so a model that fell behind drops a few heads rather
+/// than spiralling into tiny batches. And for a model whose SLO is `long_slo_ratio` times the
+/// tightest or more, in both, no more than the smallest batch whose time per request is within
+/// `long_slo_keep_tolerance` of the target's: where GPUs are contended, the
+/// earliest-`invalid_after` hand-off serves the tight models first and a long-SLO model's
+/// heads wait until the kept batch no longer fits them; a batch nearly as cheap per request
+/// serves them instead of dropping them (`docs/internals/scheduling.md`, section 8.1).
+pub fn kept_batch_sizes(profile: &Profile, slo_ns: u64, target: u32, slo_min_ns: u64, knobs: &Knobs) -> (u32, u32) {
+    let fraction = ((f64::from(target) * knobs.saturated_target_fraction).ceil() as u32).max(1);
     let long_slo = slo_ns as f64 >= knobs.long_slo_ratio * slo_min_ns as f64;
     if knobs.long_slo_keep_tolerance <= 0.0 || !long_slo {
-        return kept;
+        return (target, fraction);
     }
-    let target = target.min(profile.batch_size_max());
+    let capped = target.min(profile.batch_size_max());
     let per_request = |b: u32| profile.exec_ns(b) as f64 / f64::from(b);
-    let bound = (1.0 + knobs.long_slo_keep_tolerance) * per_request(target);
-    let near = (1..target).find(|&b| per_request(b) <= bound).unwrap_or(target);
-    kept.min(near)
+    let bound = (1.0 + knobs.long_slo_keep_tolerance) * per_request(capped);
+    let near = (1..capped).find(|&b| per_request(b) <= bound).unwrap_or(capped);
+    (target.min(near), fraction.min(near))
 }
 
 /// The largest `b` in `1..=max` with `fits(b)`, for a `fits` that holds up to some size and
@@ -1047,6 +1059,7 @@ mod tests {
             saturation_threshold: None,
             saturated_drop: DropPolicy::WindowDrop,
             contention_margin: false,
+            long_slo_keep: false,
         };
         Deferred::new(config, &[model()], gpus, &Knobs::default())
     }
@@ -1112,21 +1125,21 @@ mod tests {
     }
 
     #[test]
-    fn a_long_slo_model_keeps_a_batch_nearly_as_cheap_once_saturated() {
+    fn a_long_slo_model_keeps_a_batch_nearly_as_cheap() {
         let k = Knobs::default();
         // l(b) = 2.5 ms * b + 12 ms; target 44: 2.773 ms a request. Within 12 %: 3.105 ms,
         // first reached at b = 20 (2.5 + 12 / 20 = 3.1). The fraction keeps ceil(0.6 * 44) = 27.
         let large = Profile::parse_linear("sleep#2500,12000,0,0", 250 * MS).unwrap();
-        assert_eq!(saturated_kept(&large, 250 * MS, 44, 30 * MS, &k), 20);
-        // Not 4 times the tightest SLO, or the tolerance off: the fraction.
-        assert_eq!(saturated_kept(&large, 250 * MS, 44, 100 * MS, &k), 27);
+        assert_eq!(kept_batch_sizes(&large, 250 * MS, 44, 30 * MS, &k), (20, 20));
+        // Not 4 times the tightest SLO, or the tolerance off: the target, and the fraction.
+        assert_eq!(kept_batch_sizes(&large, 250 * MS, 44, 100 * MS, &k), (44, 27));
         let off = Knobs {
             long_slo_keep_tolerance: 0.0,
             ..k.clone()
         };
-        assert_eq!(saturated_kept(&large, 250 * MS, 44, 30 * MS, &off), 27);
-        // A small target: the fraction is the smaller.
-        assert_eq!(saturated_kept(&large, 250 * MS, 5, 30 * MS, &k), 3);
+        assert_eq!(kept_batch_sizes(&large, 250 * MS, 44, 30 * MS, &off), (44, 27));
+        // A small target: the fraction is the smaller once saturated.
+        assert_eq!(kept_batch_sizes(&large, 250 * MS, 5, 30 * MS, &k), (5, 3));
     }
 
     #[test]
@@ -1225,6 +1238,7 @@ mod tests {
             saturation_threshold: None,
             saturated_drop: DropPolicy::WindowDrop,
             contention_margin: false,
+            long_slo_keep: false,
         };
         let mut d = Deferred::with_source(config, &[model()], AlwaysTaken, &Knobs::default());
         let mut out = Output::new();
@@ -1359,6 +1373,7 @@ mod tests {
             saturation_threshold: None,
             saturated_drop: DropPolicy::DropTimeout,
             contention_margin: false,
+            long_slo_keep: false,
         };
         let mut d = Deferred::new(config, &models, 1, &Knobs::default());
         let mut out = Output::new();

@@ -291,9 +291,9 @@ pub struct Knobs {
     pub saturated_drop: DropPolicy,
     /// Once saturated, window drop keeps this fraction of the target batch size.
     pub saturated_target_fraction: f64,
-    /// ... and for a model whose SLO is at least `long_slo_ratio` times the tightest, no more
-    /// than the smallest batch whose time per request is within this fraction of the
-    /// target's (0 turns it off).
+    /// Ours: a model whose SLO is at least `long_slo_ratio` times the tightest keeps, in window
+    /// drop, no more than the smallest batch whose time per request is within this fraction
+    /// of the target's (0 turns it off).
     pub long_slo_keep_tolerance: f64,
     pub long_slo_ratio: f64,
     /// The deferred family plans with profiles corrected online from measured batch times
