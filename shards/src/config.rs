@@ -223,7 +223,7 @@ struct RawPolicy {
     correction: Option<bool>,
     /// And by the GPU's idle gap before each batch (cold starts).
     correction_idle: Option<bool>,
-    /// Executors of different speeds: per-class, slowest or as-profiled.
+    /// GPUs of different speeds (executors' or `[embedded] classes`): per-class, slowest or as-profiled.
     class_planning: Option<String>,
 }
 
