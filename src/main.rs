@@ -510,6 +510,10 @@ struct KnobArgs {
     long_slo_keep_tolerance: f64,
     #[arg(long, default_value_t = 4.0)]
     long_slo_ratio: f64,
+    /// symphony: once saturated, rank a waiting candidate by the batch it was formed with,
+    /// not by the batch its queue would form now.
+    #[arg(long)]
+    no_queue_rank: bool,
     /// nexus: plan once with the workload's true bench rates (as the reference did) instead
     /// of learning them online.
     #[arg(long)]
@@ -558,6 +562,7 @@ impl KnobArgs {
             saturated_target_fraction: self.saturated_target_fraction,
             long_slo_keep_tolerance: self.long_slo_keep_tolerance,
             long_slo_ratio: self.long_slo_ratio,
+            queue_rank: !self.no_queue_rank,
             contention_margin_factor: self.contention_margin,
             nexus_fill_gpus: !self.nexus_no_fill,
             correction: self.correct,

@@ -43,6 +43,9 @@ pub struct Config {
     /// Ours: before the GPUs saturate, a model whose SLO is long beside the others keeps a
     /// smaller batch in window drop ([`kept_batch_sizes`]).
     pub long_slo_keep: bool,
+    /// Ours: once saturated, arrivals that join a waiting candidate move its hand-off rank
+    /// earlier, to the `invalid_after` of the batch its queue would form (`Knobs::queue_rank`).
+    pub queue_rank: bool,
 }
 
 impl Config {
@@ -57,6 +60,7 @@ impl Config {
                 saturated_drop: knobs.saturated_drop,
                 contention_margin: true,
                 long_slo_keep: true,
+                queue_rank: knobs.queue_rank,
             },
             PolicyKind::SymphonyRef => Config {
                 drop: DropPolicy::WindowDrop,
@@ -66,6 +70,7 @@ impl Config {
                 saturated_drop: DropPolicy::WindowDrop,
                 contention_margin: false,
                 long_slo_keep: false,
+                queue_rank: false,
             },
             PolicyKind::Eager => Config {
                 drop: DropPolicy::DropTimeout,
@@ -75,6 +80,7 @@ impl Config {
                 saturated_drop: DropPolicy::DropTimeout,
                 contention_margin: false,
                 long_slo_keep: false,
+                queue_rank: false,
             },
             other => panic!("{other} is not of the deferred family"),
         };
@@ -86,6 +92,7 @@ impl Config {
             saturated_drop: base.saturated_drop,
             contention_margin: base.contention_margin,
             long_slo_keep: base.long_slo_keep,
+            queue_rank: base.queue_rank,
         }
     }
 }
@@ -156,7 +163,8 @@ pub struct Deferred<G: GpuSource = GpuPool> {
     models: Vec<ModelState>,
     pool: G,
     timers: TimerQueue,
-    /// Models waiting for a GPU, keyed by their candidate's `invalid_after`.
+    /// Models waiting for a GPU, keyed by their hand-off rank: their candidate's
+    /// `invalid_after`, or earlier once saturated ([`Deferred::rank_by_queue`]).
     waiting: TimerQueue,
     /// Ours (`contention_margin`): how many models have a measured rate above zero (they
     /// will want GPUs), and a decaying maximum of the execution time of granted batches.
@@ -699,6 +707,22 @@ impl<G: GpuSource> Deferred<G> {
         );
     }
 
+    /// Once saturated, waiting model `index`'s hand-off rank after an arrival joined it: the
+    /// `invalid_after` of a batch of its whole queue (as large as the profile allows), when
+    /// that is earlier than its rank. Its window, formed with a smaller batch, ranks it later
+    /// than its queue's deadline allows: every GPU then goes to the models whose queues are
+    /// short and dispatched at once in small batches, while the long ones wait until their
+    /// heads are dropped (`docs/internals/scheduling.md`, section 8.1).
+    fn rank_by_queue(&mut self, index: usize) {
+        let model = &self.models[index];
+        let batch_size = model.queue.len().min(model.profile.batch_size_max() as usize) as u32;
+        let exec_ns = scaled(model.profile.exec_ns(batch_size), self.plan_factor());
+        let rank_ns = model.queue[0].deadline_ns.saturating_sub(exec_ns);
+        if self.waiting.due_ns(index as u32).is_some_and(|due_ns| rank_ns < due_ns) {
+            self.waiting.set(index as u32, rank_ns);
+        }
+    }
+
     fn set_active(&mut self, index: usize, active: bool) {
         let model = &mut self.models[index];
         if model.active != active {
@@ -719,7 +743,7 @@ impl<G: GpuSource> Deferred<G> {
         }
     }
 
-    /// The waiting candidate a freed GPU goes to: the smallest `invalid_after`.
+    /// The waiting candidate a freed GPU goes to: the earliest rank.
     fn waiting_head(&mut self) -> Option<(u32, Window)> {
         let (_, model) = self.waiting.peek()?;
         Some((model, self.models[model as usize].waiting.expect("listed models wait")))
@@ -882,8 +906,9 @@ impl<G: GpuSource> Serving for Deferred<G> {
         state.queue.len() as f64 >= 2.0 * servable
     }
 
-    /// The smallest `invalid_after` of the candidates waiting for a GPU, if any (what a shard
-    /// posts to the shared GPU table so other shards' releases hand it a GPU).
+    /// The earliest hand-off rank of the candidates waiting for a GPU (their `invalid_after`,
+    /// or the earlier one their queues give once saturated: [`Deferred::rank_by_queue`]), if
+    /// any: what a shard posts to the shared GPU table so other shards' releases hand it a GPU.
     fn waiting_invalid_after_ns(&mut self) -> Option<u64> {
         self.waiting.peek().map(|(invalid_after_ns, _)| invalid_after_ns)
     }
@@ -927,6 +952,9 @@ impl<G: GpuSource> Policy for Deferred<G> {
         self.queued_count += 1;
         self.set_active(index, true);
         if joins_only {
+            if self.saturated && self.config.queue_rank {
+                self.rank_by_queue(index);
+            }
             return;
         }
         self.update(index, now_ns, out);
@@ -1060,6 +1088,7 @@ mod tests {
             saturated_drop: DropPolicy::WindowDrop,
             contention_margin: false,
             long_slo_keep: false,
+            queue_rank: false,
         };
         Deferred::new(config, &[model()], gpus, &Knobs::default())
     }
@@ -1239,6 +1268,7 @@ mod tests {
             saturated_drop: DropPolicy::WindowDrop,
             contention_margin: false,
             long_slo_keep: false,
+            queue_rank: false,
         };
         let mut d = Deferred::with_source(config, &[model()], AlwaysTaken, &Knobs::default());
         let mut out = Output::new();
@@ -1374,6 +1404,7 @@ mod tests {
             saturated_drop: DropPolicy::DropTimeout,
             contention_margin: false,
             long_slo_keep: false,
+            queue_rank: false,
         };
         let mut d = Deferred::new(config, &models, 1, &Knobs::default());
         let mut out = Output::new();
@@ -1401,6 +1432,71 @@ mod tests {
     }
 
     /// Feeds model `index` one arrival every `gap_ns` from 0 to `until_ns` (meter only).
+    #[test]
+    fn once_saturated_a_waiting_candidates_rank_follows_its_queue() {
+        // Ours: two models saturate one GPU (1,000 req/s each needs about 1.1 GPUs). Model 0
+        // waits with a batch of one due at 300 ms (invalid_after = 300 - 6 = 294 ms); model 1
+        // with one due at 250 ms (244 ms) ranks ahead of it. Then 60 arrivals join model 0
+        // behind its head: a batch of its queue, 61, runs 66 ms, so its rank is 300 - 66 =
+        // 234 ms, ahead of model 1, and the freed GPU goes to it. Ranked by the batch it was
+        // formed with (the reference), model 1 gets the GPU.
+        for (queue_rank, first) in [(true, 0), (false, 1)] {
+            let knobs = Knobs {
+                queue_rank,
+                ..Knobs::default()
+            };
+            let config = Config::of(PolicyKind::Symphony, &knobs);
+            let mut d = Deferred::new(config, &[model(), model()], 1, &knobs);
+            meter_steady_rate(&mut d, 0, MS, 2_000 * MS);
+            meter_steady_rate(&mut d, 1, MS, 2_000 * MS);
+            assert!(d.is_saturated());
+            let t0 = 2_100 * MS;
+            let mut out = Output::new();
+            d.on_arrival(
+                t0,
+                Request {
+                    model: 0,
+                    ..request(0, t0 + 90 * MS)
+                },
+                &mut out,
+            );
+            assert_eq!(out.plans.len(), 1, "saturated: dispatched at once");
+            let busy_until_ns = out.plans[0].finish_ns;
+            out.clear();
+            d.on_arrival(
+                t0 + MS,
+                Request {
+                    model: 0,
+                    ..request(1, t0 + 300 * MS)
+                },
+                &mut out,
+            );
+            d.on_arrival(
+                t0 + MS,
+                Request {
+                    model: 1,
+                    ..request(2, t0 + 250 * MS)
+                },
+                &mut out,
+            );
+            for id in 3..63 {
+                d.on_arrival(
+                    t0 + 2 * MS,
+                    Request {
+                        model: 0,
+                        ..request(id, t0 + 400 * MS)
+                    },
+                    &mut out,
+                );
+            }
+            assert!(out.plans.is_empty() && out.drops.is_empty(), "the only GPU is busy");
+            let hand_off_ns = d.next_timer_ns().unwrap();
+            assert!(hand_off_ns < busy_until_ns);
+            d.on_timer(hand_off_ns, &mut out);
+            assert_eq!(out.plans[0].model, first, "queue rank {queue_rank}");
+        }
+    }
+
     fn meter_steady_rate(d: &mut Deferred, index: usize, gap_ns: u64, until_ns: u64) {
         let mut t = 0;
         while t <= until_ns {

@@ -296,6 +296,10 @@ pub struct Knobs {
     /// of the target's (0 turns it off).
     pub long_slo_keep_tolerance: f64,
     pub long_slo_ratio: f64,
+    /// Ours: once saturated, a waiting candidate's hand-off rank follows its queue (the
+    /// `invalid_after` of the batch its queue would form now), not the batch it was formed
+    /// with (false: the rank it was formed with, as the reference).
+    pub queue_rank: bool,
     /// The deferred family plans with profiles corrected online from measured batch times
     /// (`crate::correction`): off by default until the sweeps show it costs no workload.
     pub correction: bool,
@@ -347,6 +351,7 @@ impl Default for Knobs {
             saturated_target_fraction: 0.6,
             long_slo_keep_tolerance: 0.12,
             long_slo_ratio: 4.0,
+            queue_rank: true,
             contention_margin_factor: 2.0,
             rate_sample_ns: 50 * MS,
             rate_window_ns: 5_000 * MS,
