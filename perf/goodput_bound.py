@@ -20,7 +20,7 @@ G * b / l(b) / 0.99, holds for the bursty workloads too.
 Usage: perf/goodput_bound.py [--gpus G] [MODELS...]   (default: 8 GPUs; 1, 8 and 32 models)
 """
 
-import sys
+import argparse
 
 SLOPE_MS, INTERCEPT_MS = 1.082, 5.204
 SLO_MS, D_RESP_MS, D_CTRL_MS, D_DATA_MS = 100.0, 2.0, 0.1, 0.05
@@ -78,14 +78,19 @@ def bound(models, gpus):
 
 
 def main():
-    args = sys.argv[1:]
-    gpus = 8
-    if args[:1] == ["--gpus"]:
-        gpus, args = int(args[1]), args[2:]
-    counts = [int(a) for a in args] or [1, 8, 32]
+    parser = argparse.ArgumentParser(
+        description="An upper bound on any scheduler's goodput: N identical Poisson models of the "
+        "shipped ResNet profile (1.082 ms x b + 5.204 ms, SLO 100 ms) on G GPUs, and one for any arrivals.")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs (default: 8)")
+    parser.add_argument("models", type=int, nargs="*", default=[1, 8, 32],
+                        help="model counts, one bound each (default: 1 8 32)")
+    args = parser.parse_args()
+    if args.gpus < 1 or any(m < 1 for m in args.models):
+        parser.error("GPUs and model counts are at least 1")
+    gpus = args.gpus
     print(f"goodput bound: N Poisson models of l(b) = {SLOPE_MS} ms * b + {INTERCEPT_MS} ms, SLO {SLO_MS:.0f} ms, "
           f"{gpus} GPUs, {SERVED:.0%} served, perfect packing")
-    for models in counts:
+    for models in args.models:
         total, b = bound(models, gpus)
         print(f"{models:>4} models: at most {total:,.0f} req/s (mean batch at most {b:.1f})")
     total, b = any_arrivals_bound(gpus)

@@ -1056,9 +1056,12 @@ fn run_executor(args: ExecutorArgs) -> anyhow::Result<()> {
         "--clock-skew-ppm must be within +-100000"
     );
     config.clock_skew_ppm = args.clock_skew_ppm;
+    let speeds = symphony_core::workload::gpu_speeds();
     anyhow::ensure!(
-        args.speed.is_finite() && (0.01..=100.0).contains(&args.speed),
-        "--speed must be 0.01 to 100"
+        speeds.contains(&args.speed),
+        "--speed must be {} to {}",
+        speeds.start(),
+        speeds.end()
     );
     anyhow::ensure!(
         args.speed == 1.0 || backend == symphony_gpu_exec::backend::BackendKind::Sim,

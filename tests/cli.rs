@@ -431,4 +431,20 @@ fn the_goodput_bound_script_runs_and_bounds() {
     let many = bound(&["--gpus", "5", "32"]);
     assert!(many < 3_050.0 && many > 2_500.0, "32 models on 5 GPUs: {many}");
     assert!(bound(&["8"]) < one, "more models batch less");
+    // Its usage on --help, a plain error (exit 2) on a bad argument, no traceback.
+    let run = |args: &[&str]| {
+        Command::new("python3")
+            .arg(&script)
+            .args(args)
+            .output()
+            .expect("python3 runs")
+    };
+    let help = run(&["--help"]);
+    assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("usage:"));
+    let bad = run(&["--gpus", "0"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        bad.status.code() == Some(2) && stderr.contains("at least 1") && !stderr.contains("Traceback"),
+        "{stderr}"
+    );
 }

@@ -394,6 +394,48 @@ fn embedded_gpus_that_run_slow_are_corrected_and_the_scrape_says_so() {
     }
 }
 
+/// Embedded GPUs of two speeds (`[embedded] classes`): the scrape shows each class's factor
+/// and GPUs, their capacity in GPUs of the base's speed, and the desired GPUs counted at the
+/// online GPUs' mean speed: 1 GPU at speed 1 and 3 at 1/8 do the work of 1.375 base GPUs, so
+/// a demand of more than 0.344 base GPUs needs more than one of these 4 (4 / 1.375 = 2.9
+/// each), where the base count says 1.
+#[test]
+fn a_scrape_shows_the_gpu_classes_and_counts_desired_gpus_at_their_speed() {
+    let config = kserve_config("shards = 1\ngpus = 4")
+        + "[embedded]\nclasses = [{ count = 1, speed = 1.0 }, { count = 3, speed = 0.125 }]\n";
+    let serve = Serve::start(&config, &["--metrics", "127.0.0.1:0"]);
+    let metrics = logged_addr(&serve, "Prometheus metrics at", "/metrics");
+    let mut client = serve.client();
+    let model = ModelRef::Name("steady".into());
+    // A steady load for the rate meter: 600 requests at about 2,000 a second (0.4 ms of the
+    // base GPU each: a demand near 0.8).
+    for id in 0..600 {
+        client.send(id, &model, None, &[0u8; 64]).unwrap();
+        if id % 2 == 1 {
+            client.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    client.flush().unwrap();
+    for _ in 0..600 {
+        assert_eq!(client.recv().unwrap().status, Status::Ok);
+    }
+    let m = scrape(metrics);
+    let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in the scrape"));
+    assert_eq!(get("symphony_gpu_class_factor{class=\"0\"}"), 1.0);
+    assert_eq!(get("symphony_gpu_class_factor{class=\"1\"}"), 8.0);
+    assert_eq!(get("symphony_gpu_class_online{class=\"0\"}"), 1.0);
+    assert_eq!(get("symphony_gpu_class_online{class=\"1\"}"), 3.0);
+    assert_eq!(get("symphony_gpu_capacity"), 1.375);
+    let demand = get("symphony_demand_gpus");
+    assert!(demand > 0.344, "the load was measured: {demand} base GPUs");
+    assert_eq!(
+        get("symphony_desired_gpus"),
+        (demand * 4.0 / 1.375 - 1e-9).ceil(),
+        "demand {demand} base GPUs"
+    );
+}
+
 #[test]
 fn a_scrape_of_metrics_counts_what_was_sent_by_outcome_model_and_batch() {
     let serve = Serve::start(

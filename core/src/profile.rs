@@ -321,7 +321,7 @@ impl Profile {
     /// `post` times `factor`, rounded up to the nanosecond.
     pub fn scaled(&self, factor: f64) -> Profile {
         assert!(factor.is_finite() && factor > 0.0, "time factor {factor}");
-        let scale = |ns: u64| (ns as f64 * factor).ceil() as u64;
+        let scale = |ns: u64| scale_ns(ns, factor);
         Profile::from_latencies_ns(
             self.latency_ns.iter().map(|&ns| scale(ns)).collect(),
             scale(self.pre_ns),
@@ -358,6 +358,17 @@ impl Profile {
             }
         }
         best
+    }
+}
+
+/// `ns` on a GPU whose time factor is `factor`, rounded up (exactly `ns` at 1): how every
+/// scaled time is computed (planned batches, scaled profiles, the embedded GPUs' runs).
+#[inline]
+pub fn scale_ns(ns: u64, factor: f64) -> u64 {
+    if factor == 1.0 {
+        ns
+    } else {
+        (ns as f64 * factor).ceil() as u64
     }
 }
 

@@ -751,10 +751,8 @@ impl<'a> Engine<'a> {
                 .max(arrive_ns)
                 .max(self.gpu_busy_until_ns[plan.gpu as usize]);
             let idle_ns = start_ns - self.gpu_busy_until_ns[plan.gpu as usize].min(start_ns);
-            let profiled_ns = match self.gpu_factors.get(plan.gpu as usize) {
-                Some(&factor) if factor != 1.0 => (profile.exec_ns(plan.batch_size) as f64 * factor).ceil() as u64,
-                _ => profile.exec_ns(plan.batch_size),
-            };
+            let factor = self.gpu_factors.get(plan.gpu as usize).copied().unwrap_or(1.0);
+            let profiled_ns = crate::profile::scale_ns(profile.exec_ns(plan.batch_size), factor);
             let run_ns = self.exec.run_ns(profiled_ns, start_ns, idle_ns, &mut self.exec_rng);
             let finish_ns = start_ns + run_ns;
             self.ledger.busy(start_ns, finish_ns);

@@ -111,6 +111,12 @@ pub struct GpuClass {
 /// The most a class's speed may differ from the profile's, either way.
 pub const GPU_SPEED_LIMIT: f64 = 100.0;
 
+/// The speeds a GPU class may have (a workload's `gpu_classes`, the service's `[embedded]
+/// classes`): within [`GPU_SPEED_LIMIT`] of the profile's either way.
+pub fn gpu_speeds() -> std::ops::RangeInclusive<f64> {
+    1.0 / GPU_SPEED_LIMIT..=GPU_SPEED_LIMIT
+}
+
 /// One model of a workload.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -502,10 +508,11 @@ impl Workload {
                     class.count.to_string(),
                 ));
             }
-            if !(class.speed.is_finite() && class.speed >= 1.0 / GPU_SPEED_LIMIT && class.speed <= GPU_SPEED_LIMIT) {
+            let speeds = gpu_speeds();
+            if !speeds.contains(&class.speed) {
                 return Err(invalid(
                     field("speed"),
-                    &format!("a factor in [{}, {GPU_SPEED_LIMIT}]", 1.0 / GPU_SPEED_LIMIT),
+                    &format!("a factor in [{}, {}]", speeds.start(), speeds.end()),
                     class.speed.to_string(),
                 ));
             }

@@ -602,7 +602,7 @@ impl ServeConfig {
         embedded_exec.check().map_err(|e| invalid("embedded", e))?;
         let mut embedded_factors = Vec::new();
         for class in e.classes.iter().flatten() {
-            let speeds = 1.0 / symphony_core::workload::GPU_SPEED_LIMIT..=symphony_core::workload::GPU_SPEED_LIMIT;
+            let speeds = symphony_core::workload::gpu_speeds();
             if class.count == 0 || !speeds.contains(&class.speed) {
                 return Err(invalid(
                     "embedded.classes",

@@ -200,12 +200,44 @@ impl ShardMetrics {
 }
 
 /// Service-wide values a scrape adds to the shards'.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
     pub gpus: usize,
     pub gpus_online: usize,
     pub executors_online: usize,
     pub shards: usize,
+    /// The speed classes the GPUs are planned in, fastest first (empty: no GPU at all).
+    pub classes: Vec<ClassGauge>,
+}
+
+/// One GPU speed class as a scrape shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClassGauge {
+    /// Its time factor over the base profiles (1: as fast as the base).
+    pub factor: f64,
+    /// Its GPUs online now.
+    pub online: usize,
+}
+
+impl Gauges {
+    /// The online GPUs in GPUs of the base profiles' speed: each over its class's factor.
+    pub fn capacity(&self) -> f64 {
+        self.classes.iter().map(|c| c.online as f64 / c.factor).sum()
+    }
+}
+
+/// The GPUs of this cluster that `demand` (GPU-seconds a second at the base profiles' speed)
+/// needs, rounded up: on GPUs slower than the base a GPU does less than one base GPU's work,
+/// so the count is taken at the online GPUs' mean speed (`online / capacity` base GPUs' time
+/// for each), or as is while none is online.
+pub fn desired_gpus(demand: f64, online: usize, capacity: f64) -> u32 {
+    let scale = if online > 0 && capacity > 0.0 {
+        online as f64 / capacity
+    } else {
+        1.0
+    };
+    // The simulator's autoscaler reads the same function (with its target busy fraction).
+    symphony_core::autoscale::desired_gpus(demand * scale, 1.0)
 }
 
 /// Every shard's values and what the gauges read, for a scrape on any shard.
@@ -230,13 +262,31 @@ impl Registry {
                     .unwrap_or_else(|| std::sync::Arc::new(ShardMetrics::new(0, 0)))
             })
             .collect();
+        let classes = self
+            .executors
+            .planning(&self.catalog.configs)
+            .map(|planning| {
+                let mut classes: Vec<ClassGauge> = planning
+                    .class_factors
+                    .iter()
+                    .map(|&factor| ClassGauge { factor, online: 0 })
+                    .collect();
+                for (gpu, &class) in planning.class_of_slot.iter().enumerate() {
+                    if self.table.is_online(gpu as u32) {
+                        classes[class as usize].online += 1;
+                    }
+                }
+                classes
+            })
+            .unwrap_or_default();
         let gauges = Gauges {
             gpus: self.table.gpu_count(),
             gpus_online: self.table.online_count(),
             executors_online: self.executors.online_count(),
             shards: self.shards.len(),
+            classes,
         };
-        render(&self.catalog, &shards, gauges)
+        render(&self.catalog, &shards, &gauges)
     }
 }
 
@@ -387,7 +437,7 @@ fn histogram<const N: usize>(
 }
 
 /// The Prometheus text exposition of every shard's values and the service's gauges.
-pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges: Gauges) -> String {
+pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges: &Gauges) -> String {
     let mut out = String::with_capacity(4096 + catalog.models.len() * 4096);
     header(
         &mut out,
@@ -512,17 +562,47 @@ pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges
             ns as f64 / 1e9
         );
     }
+    header(
+        &mut out,
+        "symphony_gpu_class_factor",
+        "gauge",
+        "Each GPU speed class's time factor over the base profiles (the fastest per model; 1: as fast), fastest class first.",
+    );
+    for (class, c) in gauges.classes.iter().enumerate() {
+        let _ = writeln!(out, "symphony_gpu_class_factor{{class=\"{class}\"}} {}", c.factor);
+    }
+    header(
+        &mut out,
+        "symphony_gpu_class_online",
+        "gauge",
+        "GPUs online in each speed class.",
+    );
+    for (class, c) in gauges.classes.iter().enumerate() {
+        let _ = writeln!(out, "symphony_gpu_class_online{{class=\"{class}\"}} {}", c.online);
+    }
+    let capacity = gauges.capacity();
+    header(
+        &mut out,
+        "symphony_gpu_capacity",
+        "gauge",
+        "The online GPUs in GPUs of the base profiles' speed (each over its class's factor): what symphony_demand_gpus is measured against.",
+    );
+    let _ = writeln!(out, "symphony_gpu_capacity {capacity}");
     let demand: f64 = shards.iter().map(|s| s.demand_gpus()).sum();
     header(
         &mut out,
         "symphony_desired_gpus",
         "gauge",
-        "GPUs the current load needs with deferral (each model's rate x its target batch's run time / that batch's size, summed, rounded up): the signal for an autoscaler.",
+        "GPUs the current load needs with deferral, at the online GPUs' mean speed, rounded up (symphony_demand_gpus x symphony_gpus_online / symphony_gpu_capacity): the signal for an autoscaler.",
     );
-    // The simulator's autoscaler reads the same function (with its target busy fraction).
-    let desired = symphony_core::autoscale::desired_gpus(demand, 1.0);
+    let desired = desired_gpus(demand, gauges.gpus_online, capacity);
     let _ = writeln!(out, "symphony_desired_gpus {desired}");
-    header(&mut out, "symphony_demand_gpus", "gauge", "The same, unrounded.");
+    header(
+        &mut out,
+        "symphony_demand_gpus",
+        "gauge",
+        "GPU-seconds a second the current load needs with deferral, at the base profiles' speed: each model's rate x its target batch's run time / that batch's size, summed.",
+    );
     let _ = writeln!(out, "symphony_demand_gpus {demand}");
     out
 }
@@ -530,6 +610,26 @@ pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn desired_gpus_are_counted_at_the_online_gpus_mean_speed() {
+        // 4 GPUs at the base's speed and 4 at half of it: 6 base GPUs of capacity. A demand
+        // of 4.5 base GPUs needs 4.5 x 8 / 6 = 6 of these GPUs, 4.6 needs 6.13: 7.
+        let gauges = Gauges {
+            gpus_online: 8,
+            classes: vec![
+                ClassGauge { factor: 1.0, online: 4 },
+                ClassGauge { factor: 2.0, online: 4 },
+            ],
+            ..Gauges::default()
+        };
+        assert_eq!(gauges.capacity(), 6.0);
+        assert_eq!(desired_gpus(4.5, 8, gauges.capacity()), 6);
+        assert_eq!(desired_gpus(4.6, 8, gauges.capacity()), 7);
+        // One speed: as the demand says; none online: as the demand says.
+        assert_eq!(desired_gpus(4.6, 8, 8.0), 5);
+        assert_eq!(desired_gpus(4.6, 0, 0.0), 5);
+    }
 
     #[test]
     fn bounds_are_exact_decimal_labels() {

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::correction::{CorrectionSummary, Corrector, IdleCorrector};
 use crate::gpu_pool::{GpuClaim, GpuPool, GpuSource};
-use crate::profile::Profile;
+use crate::profile::{scale_ns, Profile};
 use crate::rate::RateMeter;
 use crate::request::Request;
 use crate::timers::TimerQueue;
@@ -420,7 +420,7 @@ impl<G: GpuSource> Deferred<G> {
             // Saturating: a source with no GPU at all says `u64::MAX` (nothing can be served).
             (now_ns + knobs.lead_ns(b))
                 .max(gpu_free_at_ns)
-                .saturating_add(scaled(profile.exec_ns(b), factor))
+                .saturating_add(scale_ns(profile.exec_ns(b), factor))
         };
         if queue.is_empty() {
             return None;
@@ -477,14 +477,14 @@ impl<G: GpuSource> Deferred<G> {
         let knobs = &self.knobs;
         let model = &self.models[index];
         let profile = &model.profile;
-        let exec_ns = scaled(profile.exec_ns(batch_size), factor);
+        let exec_ns = scale_ns(profile.exec_ns(batch_size), factor);
         let earliest_ns = now_ns + knobs.lead_ns(batch_size);
         let latest_ns = deadline_ns.saturating_sub(knobs.jitter_ns + exec_ns);
         // No larger batch exists: nothing to wait for.
         let frontrun_ns = profile
             .exec_ns_checked(batch_size + 1)
             .map_or(earliest_ns, |exec_next_ns| {
-                deadline_ns.saturating_sub(knobs.jitter_ns + scaled(exec_next_ns, factor) + knobs.d_data_ns)
+                deadline_ns.saturating_sub(knobs.jitter_ns + scale_ns(exec_next_ns, factor) + knobs.d_data_ns)
             });
         let choice_ns = match self.condition() {
             Condition::Frontrun => frontrun_ns,
@@ -609,7 +609,7 @@ impl<G: GpuSource> Deferred<G> {
                 .map(|c| (c, self.pool.min_free_at_in(c)))
                 .min_by_key(|&(c, free_ns)| {
                     let factor = self.pool.class_factors()[c] * idle;
-                    (now_ns + lead_1).max(free_ns).saturating_add(scaled(exec_1, factor))
+                    (now_ns + lead_1).max(free_ns).saturating_add(scale_ns(exec_1, factor))
                 })
                 .expect("at least one class");
             let best_factor = self.pool.class_factors()[best] * idle;
@@ -634,7 +634,7 @@ impl<G: GpuSource> Deferred<G> {
                 };
                 let Some((b_c, deadline_c)) = formed else { continue };
                 let window = self.window(index, now_ns, b_c, deadline_c, factor);
-                let exec_ns = scaled(self.models[index].profile.exec_ns(b_c), factor);
+                let exec_ns = scale_ns(self.models[index].profile.exec_ns(b_c), factor);
                 let finish_ns = window.exec_at_ns.max(free_ns).saturating_add(exec_ns);
                 if free_ns > window.exec_at_ns || finish_ns > deadline_c {
                     if window.invalid_after_ns > wait_for.invalid_after_ns {
@@ -681,7 +681,7 @@ impl<G: GpuSource> Deferred<G> {
             return;
         };
         let window = self.window(index, now_ns, b, deadline_ns, factor);
-        let exec_ns = scaled(self.models[index].profile.exec_ns(b), factor);
+        let exec_ns = scale_ns(self.models[index].profile.exec_ns(b), factor);
         let exec_at_ns = window.exec_at_ns.max(gpu_free_at_ns);
         let finish_ns = exec_at_ns + exec_ns;
         // A decaying maximum: the long batches of the last few dozen are what can block.
@@ -716,7 +716,7 @@ impl<G: GpuSource> Deferred<G> {
     fn rank_by_queue(&mut self, index: usize) {
         let model = &self.models[index];
         let batch_size = model.queue.len().min(model.profile.batch_size_max() as usize) as u32;
-        let exec_ns = scaled(model.profile.exec_ns(batch_size), self.plan_factor());
+        let exec_ns = scale_ns(model.profile.exec_ns(batch_size), self.plan_factor());
         let rank_ns = model.queue[0].deadline_ns.saturating_sub(exec_ns);
         if self.waiting.due_ns(index as u32).is_some_and(|due_ns| rank_ns < due_ns) {
             self.waiting.set(index as u32, rank_ns);
@@ -766,16 +766,6 @@ impl<G: GpuSource> Deferred<G> {
                 .min_free_at_ns()
                 .saturating_sub(self.knobs.lead_ns(batch_size)),
         )
-    }
-}
-
-/// `exec_ns` on a GPU whose time factor is `factor` (exactly `exec_ns` at 1).
-#[inline]
-fn scaled(exec_ns: u64, factor: f64) -> u64 {
-    if factor == 1.0 {
-        exec_ns
-    } else {
-        (exec_ns as f64 * factor).ceil() as u64
     }
 }
 

@@ -90,13 +90,7 @@ impl Triton {
             let Some(index) = ready else { return };
             let profile = &self.profiles[index];
             let factor = self.pool.factor(gpu);
-            let scaled = |exec_ns: u64| {
-                if factor == 1.0 {
-                    exec_ns
-                } else {
-                    (exec_ns as f64 * factor).ceil() as u64
-                }
-            };
+            let scaled = |exec_ns: u64| crate::profile::scale_ns(exec_ns, factor);
             let queue = &mut self.queues[index];
             // The queue policy's timeout: reject what cannot finish even alone.
             while let Some(head) = queue.front() {

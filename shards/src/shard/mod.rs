@@ -609,7 +609,7 @@ impl ShardCore {
                         Some(factor) => {
                             let global = self.catalog.owned[self.id as usize][plan.model as usize];
                             let exec_ns = self.catalog.configs[global as usize].profile.exec_ns(batch_size);
-                            (exec_ns as f64 * factor).ceil() as u64
+                            symphony_core::profile::scale_ns(exec_ns, factor)
                         }
                         None => plan.finish_ns - plan.exec_at_ns,
                     };
