@@ -510,7 +510,7 @@ struct KnobArgs {
     long_slo_keep_tolerance: f64,
     #[arg(long, default_value_t = 4.0)]
     long_slo_ratio: f64,
-    /// symphony: once saturated, rank a waiting candidate by the batch it was formed with,
+    /// symphony: rank a candidate waiting for a GPU by the batch it was formed with,
     /// not by the batch its queue would form now.
     #[arg(long)]
     no_queue_rank: bool,

@@ -8,11 +8,12 @@
 //! saturated) no longer fits them. Keeping instead a batch nearly as cheap per request
 //! (`long_slo_keep_tolerance`, within 12 % of the target's) serves them.
 //!
-//! Once saturated, a waiting model's hand-off rank follows its queue (`queue_rank`): ranked
+//! A waiting model's hand-off rank follows its queue (`queue_rank`): ranked
 //! by the batch each was formed with, the long queues wait behind models formed again with a
-//! single request, and their heads are dropped. Each rule is shown with the other as shipped
-//! where it decides the outcome: the long-SLO keep with the queue rank off (with it on, the
-//! mix at 5,760 req/s drops nothing either way), the queue rank at 6,400 req/s.
+//! single request, and their heads are dropped, saturated or not. Each rule is shown where it
+//! decides the outcome: the long-SLO keep with the queue rank off (with it on, these loads
+//! drop nothing either way), the queue rank with the long-SLO keep as shipped, at 6,400 req/s
+//! on 8 GPUs and at 3,680 on the two speeds.
 
 use std::path::Path;
 use std::time::Duration;
@@ -104,21 +105,31 @@ fn long_slo_models_keep_a_batch_they_can_still_make_once_saturated() {
 
 #[test]
 fn long_slo_models_keep_a_batch_they_can_still_make_on_busy_gpus_of_two_speeds() {
-    keeping_a_near_batch_serves_the_long_slo_models(&workload(215, true), 1.2, true);
+    keeping_a_near_batch_serves_the_long_slo_models(&workload(215, true), 1.2, false);
+}
+
+/// With the long-SLO rule as shipped, over three seeds: under 1 % bad with the hand-off
+/// ranked by the queue, over `without_over` ranked by the formed batch.
+fn ranking_by_the_queue_serves_the_mix(workload: &Workload, without_over: f64) {
+    let tolerance = Knobs::default().long_slo_keep_tolerance;
+    for seed in [1, 2, 3] {
+        let ranked = run(workload, seed, tolerance, true);
+        let formed = run(workload, seed, tolerance, false);
+        let (with, without) = (ranked.summary.bad_rate, formed.summary.bad_rate);
+        eprintln!("seed {seed}: mean bad rate {with:.3} % ranked by the queue, {without:.3} % by the formed batch");
+        assert!(
+            with < 1.0 && without > without_over,
+            "seed {seed}: mean bad rate {with:.3} % ranked by the queue, {without:.3} % by the formed batch"
+        );
+    }
 }
 
 #[test]
 fn once_saturated_the_hand_off_follows_the_queues() {
-    let workload = workload(400, false);
-    let tolerance = Knobs::default().long_slo_keep_tolerance;
-    for seed in [1, 2, 3] {
-        let ranked = run(&workload, seed, tolerance, true);
-        let formed = run(&workload, seed, tolerance, false);
-        let (with, without) = (ranked.summary.bad_rate, formed.summary.bad_rate);
-        eprintln!("seed {seed}: mean bad rate {with:.3} % ranked by the queue, {without:.3} % by the formed batch");
-        assert!(
-            with < 1.0 && without > 2.0,
-            "seed {seed}: mean bad rate {with:.3} % ranked by the queue, {without:.3} % by the formed batch"
-        );
-    }
+    ranking_by_the_queue_serves_the_mix(&workload(400, false), 2.0);
+}
+
+#[test]
+fn on_busy_gpus_of_two_speeds_the_hand_off_follows_the_queues() {
+    ranking_by_the_queue_serves_the_mix(&workload(230, true), 1.0);
 }

@@ -43,8 +43,8 @@ pub struct Config {
     /// Ours: before the GPUs saturate, a model whose SLO is long beside the others keeps a
     /// smaller batch in window drop ([`kept_batch_sizes`]).
     pub long_slo_keep: bool,
-    /// Ours: once saturated, arrivals that join a waiting candidate move its hand-off rank
-    /// earlier, to the `invalid_after` of the batch its queue would form (`Knobs::queue_rank`).
+    /// Ours: arrivals that join a waiting candidate move its hand-off rank earlier, to the
+    /// `invalid_after` of the batch its queue would form (`Knobs::queue_rank`).
     pub queue_rank: bool,
 }
 
@@ -164,7 +164,7 @@ pub struct Deferred<G: GpuSource = GpuPool> {
     pool: G,
     timers: TimerQueue,
     /// Models waiting for a GPU, keyed by their hand-off rank: their candidate's
-    /// `invalid_after`, or earlier once saturated ([`Deferred::rank_by_queue`]).
+    /// `invalid_after`, or the earlier one their queues give ([`Deferred::rank_by_queue`]).
     waiting: TimerQueue,
     /// Ours (`contention_margin`): how many models have a measured rate above zero (they
     /// will want GPUs), and a decaying maximum of the execution time of granted batches.
@@ -707,12 +707,12 @@ impl<G: GpuSource> Deferred<G> {
         );
     }
 
-    /// Once saturated, waiting model `index`'s hand-off rank after an arrival joined it: the
+    /// Waiting model `index`'s hand-off rank after an arrival joined it: the
     /// `invalid_after` of a batch of its whole queue (as large as the profile allows), when
     /// that is earlier than its rank. Its window, formed with a smaller batch, ranks it later
-    /// than its queue's deadline allows: every GPU then goes to the models whose queues are
-    /// short and dispatched at once in small batches, while the long ones wait until their
-    /// heads are dropped (`docs/internals/scheduling.md`, section 8.1).
+    /// than its queue's deadline allows: the GPUs then go first to the models formed again
+    /// moments ago with a request or two, in small batches, while the long queues wait until
+    /// their heads are dropped (`docs/internals/scheduling.md`, section 8.3).
     fn rank_by_queue(&mut self, index: usize) {
         let model = &self.models[index];
         let batch_size = model.queue.len().min(model.profile.batch_size_max() as usize) as u32;
@@ -897,7 +897,7 @@ impl<G: GpuSource> Serving for Deferred<G> {
     }
 
     /// The earliest hand-off rank of the candidates waiting for a GPU (their `invalid_after`,
-    /// or the earlier one their queues give once saturated: [`Deferred::rank_by_queue`]), if
+    /// or the earlier one their queues give: [`Deferred::rank_by_queue`]), if
     /// any: what a shard posts to the shared GPU table so other shards' releases hand it a GPU.
     fn waiting_invalid_after_ns(&mut self) -> Option<u64> {
         self.waiting.peek().map(|(invalid_after_ns, _)| invalid_after_ns)
@@ -942,7 +942,7 @@ impl<G: GpuSource> Policy for Deferred<G> {
         self.queued_count += 1;
         self.set_active(index, true);
         if joins_only {
-            if self.saturated && self.config.queue_rank {
+            if self.config.queue_rank {
                 self.rank_by_queue(index);
             }
             return;
@@ -1423,8 +1423,9 @@ mod tests {
 
     /// Feeds model `index` one arrival every `gap_ns` from 0 to `until_ns` (meter only).
     #[test]
-    fn once_saturated_a_waiting_candidates_rank_follows_its_queue() {
-        // Ours: two models saturate one GPU (1,000 req/s each needs about 1.1 GPUs). Model 0
+    fn a_waiting_candidates_rank_follows_its_queue() {
+        // Ours: two models on one GPU (saturated: 1,000 req/s each needs about 1.1 GPUs, so a
+        // request is dispatched at once and the next ones wait for the GPU). Model 0
         // waits with a batch of one due at 300 ms (invalid_after = 300 - 6 = 294 ms); model 1
         // with one due at 250 ms (244 ms) ranks ahead of it. Then 60 arrivals join model 0
         // behind its head: a batch of its queue, 61, runs 66 ms, so its rank is 300 - 66 =

@@ -296,7 +296,7 @@ pub struct Knobs {
     /// of the target's (0 turns it off).
     pub long_slo_keep_tolerance: f64,
     pub long_slo_ratio: f64,
-    /// Ours: once saturated, a waiting candidate's hand-off rank follows its queue (the
+    /// Ours: a waiting candidate's hand-off rank follows its queue (the
     /// `invalid_after` of the batch its queue would form now), not the batch it was formed
     /// with (false: the rank it was formed with, as the reference).
     pub queue_rank: bool,
