@@ -562,23 +562,24 @@ pub fn render(catalog: &Catalog, shards: &[std::sync::Arc<ShardMetrics>], gauges
             ns as f64 / 1e9
         );
     }
-    header(
-        &mut out,
-        "symphony_gpu_class_factor",
-        "gauge",
-        "Each GPU speed class's time factor over the base profiles (the fastest per model; 1: as fast), fastest class first.",
-    );
-    for (class, c) in gauges.classes.iter().enumerate() {
-        let _ = writeln!(out, "symphony_gpu_class_factor{{class=\"{class}\"}} {}", c.factor);
-    }
-    header(
-        &mut out,
-        "symphony_gpu_class_online",
-        "gauge",
-        "GPUs online in each speed class.",
-    );
-    for (class, c) in gauges.classes.iter().enumerate() {
-        let _ = writeln!(out, "symphony_gpu_class_online{{class=\"{class}\"}} {}", c.online);
+    type ClassValue = fn(&ClassGauge) -> f64;
+    let per_class: [(&str, &str, ClassValue); 2] = [
+        (
+            "symphony_gpu_class_factor",
+            "Each GPU speed class's time factor over the base profiles (the fastest per model; 1: as fast), fastest class first.",
+            |c| c.factor,
+        ),
+        (
+            "symphony_gpu_class_online",
+            "GPUs online in each speed class.",
+            |c| c.online as f64,
+        ),
+    ];
+    for (name, help, value) in per_class {
+        header(&mut out, name, "gauge", help);
+        for (class, c) in gauges.classes.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{class=\"{class}\"}} {}", value(c));
+        }
     }
     let capacity = gauges.capacity();
     header(
